@@ -1,0 +1,36 @@
+//! # Layout
+//!
+//! What happened, and where it is kept.
+//!
+//! - [`envelope`]: the event envelope of SPEC §8 ([`RecordedEvent`]), what a command appends
+//!   ([`NewEvent`], [`AppendRequest`]) and who did it ([`Actor`], [`ClientContext`]).
+//! - [`store`]: the [`EventStore`] trait every backend implements: atomic multi-stream appends
+//!   with expected versions and unique claims, stream and log reads, snapshots.
+//! - [`subscription`]: catch-up-then-live subscriptions built on any [`EventStore`].
+//! - [`postgres`] and [`sqlite`]: the two backends, each with its own migrations
+//!   (`migrations/postgres`, `migrations/sqlite`) applied when the store opens.
+//! - [`aggregate`]: typed domain events with schema versions and upcasters, and the small
+//!   [`Aggregate`] trait with loading (and optional snapshots) from a store.
+//! - [`retry`]: the bounded retry for commands that lose an optimistic-concurrency race.
+//!
+//! This crate never decides anything about identities: it records and returns facts.
+#![forbid(unsafe_code)]
+
+pub mod aggregate;
+pub mod envelope;
+pub mod error;
+pub mod postgres;
+pub mod retry;
+pub mod sqlite;
+pub mod store;
+pub mod subscription;
+pub mod testing;
+
+pub use aggregate::{Aggregate, DomainEvent, Loaded, Upcasters};
+pub use envelope::{
+    Actor, AppendRequest, ClaimKey, ClientContext, ExpectedVersion, Metadata, NewEvent,
+    Position, RecordedEvent, StreamId,
+};
+pub use error::StoreError;
+pub use store::{AppendOutcome, EventFilter, EventStore, ReadBatch, connect};
+pub use subscription::subscribe;

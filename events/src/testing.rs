@@ -1,0 +1,81 @@
+//! Stores for tests: SQLite always, PostgreSQL when `GATEHOUSE_TEST_DATABASE_URL` is set
+//! (each call creates a fresh database on that server). With `CI=true` a missing
+//! PostgreSQL URL is an error, not a silent skip.
+
+use crate::error::StoreError;
+use crate::store::EventStore;
+use sqlx::Connection;
+use std::sync::Arc;
+use tempfile::TempDir;
+
+/// A store under test and how to reach it again (to reopen it, or from another process).
+pub struct TestStore {
+    /// The store.
+    pub store: Arc<dyn EventStore>,
+    /// `sqlite://PATH` or `postgres://…/DB`.
+    pub url: String,
+    /// Keeps the SQLite directory alive.
+    pub dir: Option<TempDir>,
+}
+
+impl TestStore {
+    /// The backend's name.
+    pub fn backend(&self) -> &'static str {
+        self.store.backend()
+    }
+
+    /// Opens the same database again (as a restarted process would).
+    pub async fn reopen(&self) -> Result<Arc<dyn EventStore>, StoreError> {
+        crate::store::connect(&self.url).await
+    }
+}
+
+/// A fresh SQLite store in a temporary directory.
+pub async fn sqlite() -> Result<TestStore, StoreError> {
+    let dir = tempfile::tempdir().map_err(|e| StoreError::Backend(e.to_string()))?;
+    let url = format!("sqlite://{}", dir.path().join("events.db").display());
+    Ok(TestStore { store: crate::store::connect(&url).await?, url, dir: Some(dir) })
+}
+
+/// A fresh database on the test PostgreSQL server, if one is configured.
+pub async fn fresh_postgres_url() -> Result<Option<String>, StoreError> {
+    let base = match std::env::var("GATEHOUSE_TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            return Err(StoreError::Backend(
+                "CI=true but GATEHOUSE_TEST_DATABASE_URL is not set: PostgreSQL tests cannot be skipped in CI".into(),
+            ));
+        }
+        _ => return Ok(None),
+    };
+    let name = format!("gh_test_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(&base).await?;
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await?;
+    admin.close().await?;
+    let (without_query, query) = match base.split_once('?') {
+        Some((url, query)) => (url, format!("?{query}")),
+        None => (base.as_str(), String::new()),
+    };
+    let server = match without_query.rsplit_once('/') {
+        Some((server, _db)) if server.contains("://") && !server.ends_with('/') => server,
+        _ => without_query.trim_end_matches('/'),
+    };
+    Ok(Some(format!("{server}/{name}{query}")))
+}
+
+/// A fresh PostgreSQL store, if the test server is configured.
+pub async fn postgres() -> Result<Option<TestStore>, StoreError> {
+    let Some(url) = fresh_postgres_url().await? else {
+        return Ok(None);
+    };
+    Ok(Some(TestStore { store: crate::store::connect(&url).await?, url, dir: None }))
+}
+
+/// Every backend available to this test run: SQLite, then PostgreSQL when configured.
+pub async fn all() -> Result<Vec<TestStore>, StoreError> {
+    let mut stores = vec![sqlite().await?];
+    if let Some(pg) = postgres().await? {
+        stores.push(pg);
+    }
+    Ok(stores)
+}
