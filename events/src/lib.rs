@@ -11,6 +11,7 @@
 //!   (`migrations/postgres`, `migrations/sqlite`) applied when the store opens.
 //! - [`aggregate`]: typed domain events with schema versions and upcasters, and the small
 //!   [`Aggregate`] trait with loading (and optional snapshots) from a store.
+//! - [`view`]: in-memory folds of the log kept current by a subscription.
 //! - [`retry`]: the bounded retry for commands that lose an optimistic-concurrency race.
 //!
 //! This crate never decides anything about identities: it records and returns facts.
@@ -25,6 +26,7 @@ pub mod sqlite;
 pub mod store;
 pub mod subscription;
 pub mod testing;
+pub mod view;
 
 pub use aggregate::{Aggregate, DomainEvent, Loaded, Upcasters};
 pub use envelope::{

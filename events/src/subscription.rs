@@ -9,8 +9,8 @@
 
 use crate::envelope::{Position, RecordedEvent};
 use crate::error::StoreError;
-use crate::store::{EventFilter, EventStore};
-use futures::Stream;
+use crate::store::{EventFilter, EventStore, ReadBatch};
+use futures::{Stream, StreamExt};
 use std::sync::Arc;
 
 /// Events read per round trip.
@@ -23,6 +23,23 @@ pub fn subscribe(
     after: Position,
     filter: EventFilter,
 ) -> impl Stream<Item = Result<RecordedEvent, StoreError>> + Send + 'static {
+    subscribe_batches(store, after, filter).flat_map(|batch| {
+        let items: Vec<Result<RecordedEvent, StoreError>> = match batch {
+            Ok(batch) => batch.events.into_iter().map(Ok).collect(),
+            Err(error) => vec![Err(error)],
+        };
+        futures::stream::iter(items)
+    })
+}
+
+/// The same subscription as batches, each with the position it is safe to resume from
+/// ([`ReadBatch::next`], which also moves past events the filter skipped). Empty batches
+/// are not yielded.
+pub fn subscribe_batches(
+    store: Arc<dyn EventStore>,
+    after: Position,
+    filter: EventFilter,
+) -> impl Stream<Item = Result<ReadBatch, StoreError>> + Send + 'static {
     async_stream::try_stream! {
         let mut changes = store.changes();
         let poll = store.poll_interval();
@@ -33,9 +50,10 @@ pub fn subscribe(
             changes.borrow_and_update();
             let batch = store.read_all(cursor, &filter, BATCH).await?;
             let caught_up = batch.events.len() < BATCH;
+            let moved = batch.next > cursor;
             cursor = batch.next;
-            for event in batch.events {
-                yield event;
+            if moved {
+                yield batch;
             }
             if caught_up {
                 let _ = tokio::time::timeout(poll, changes.changed()).await;

@@ -49,18 +49,42 @@ pub async fn fresh_postgres_url() -> Result<Option<String>, StoreError> {
         _ => return Ok(None),
     };
     let name = format!("gh_test_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = sqlx::PgConnection::connect(&base).await?;
+    create_database(&base, &name).await.map(Some)
+}
+
+/// Creates database `name` (letters, digits, `_`) on the server of `base` and returns its URL.
+pub async fn create_database(base: &str, name: &str) -> Result<String, StoreError> {
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(StoreError::Invalid(format!("bad database name {name}")));
+    }
+    let mut admin = sqlx::PgConnection::connect(base).await?;
     sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await?;
     admin.close().await?;
+    Ok(database_url(base, name))
+}
+
+/// Drops database `name` on the server of `base` (closing its connections).
+pub async fn drop_database(base: &str, name: &str) -> Result<(), StoreError> {
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(StoreError::Invalid(format!("bad database name {name}")));
+    }
+    let mut admin = sqlx::PgConnection::connect(base).await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut admin).await?;
+    admin.close().await?;
+    Ok(())
+}
+
+/// The URL of database `name` on the server of `base`.
+pub fn database_url(base: &str, name: &str) -> String {
     let (without_query, query) = match base.split_once('?') {
         Some((url, query)) => (url, format!("?{query}")),
-        None => (base.as_str(), String::new()),
+        None => (base, String::new()),
     };
     let server = match without_query.rsplit_once('/') {
         Some((server, _db)) if server.contains("://") && !server.ends_with('/') => server,
         _ => without_query.trim_end_matches('/'),
     };
-    Ok(Some(format!("{server}/{name}{query}")))
+    format!("{server}/{name}{query}")
 }
 
 /// A fresh PostgreSQL store, if the test server is configured.

@@ -21,9 +21,10 @@ async fn an_earlier_transaction_committing_late_is_delivered_before_later_ones()
     let mut slow = sqlx::PgConnection::connect(&test_store.url).await?;
     let mut slow_tx = slow.begin().await?;
     let row = sqlx::query(
-        "SELECT out_position FROM gatehouse_append(ARRAY['slow'], ARRAY[$1::uuid], ARRAY[-1::bigint], \
-         ARRAY[1], ARRAY[$2::uuid], ARRAY[$3::uuid], ARRAY['Counted'], ARRAY[1], ARRAY['{\"n\":0}'], \
-         now(), $4, NULL, 'system', NULL, '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}')",
+        "SELECT (gatehouse_append(ARRAY[1], ARRAY[1], ARRAY[0], ARRAY[0], ARRAY[now()], ARRAY[$4::uuid], \
+         ARRAY[NULL::uuid], ARRAY['system'], ARRAY[NULL::jsonb], ARRAY['slow'], ARRAY[$1::uuid], ARRAY[-1::bigint], \
+         ARRAY[1], ARRAY[1], ARRAY[$2::uuid], ARRAY[$3::uuid], ARRAY['Counted'], ARRAY[1], ARRAY['{\"n\":0}'], \
+         '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}'))[1]",
     )
     .bind(Uuid::now_v7())
     .bind(Uuid::now_v7())

@@ -9,10 +9,10 @@ CREATE TABLE events (
     position        bigint      PRIMARY KEY,
     event_id        uuid        NOT NULL,
     tenant_id       uuid        NOT NULL,
-    stream_type     text        NOT NULL,
+    stream_type     text        COLLATE "C" NOT NULL,
     stream_id       uuid        NOT NULL,
     version         bigint      NOT NULL,
-    event_type      text        NOT NULL,
+    event_type      text        COLLATE "C" NOT NULL,
     schema_version  integer     NOT NULL,
     recorded_at     timestamptz NOT NULL,
     correlation_id  uuid        NOT NULL,
@@ -40,56 +40,106 @@ CREATE TABLE snapshots (
     PRIMARY KEY (stream_type, stream_id)
 );
 
--- One append = one call = one transaction. Streams are checked against their expected
--- version (-1 = any), claims released then taken, events inserted with contiguous positions.
--- Errors: SQLSTATE GH001 (version conflict, DETAIL = "<stream index>:<actual version>"),
--- 23505 on events_stream_version (a concurrent append won the race) or unique_claims_key.
+-- Appends a group of commands in one transaction (group commit: one WAL flush for many
+-- commands). Each command is all-or-nothing on its own: its streams are checked against their
+-- expected versions (-1 = any) and its claims against unique_claims before anything of it is
+-- written; a command that fails a check is skipped and reported, the others are appended.
+-- Arrays list the commands' streams, events, claims and releases one command after another;
+-- cmd_* give each command's counts. Stream indexes (e_stream, c_stream, r_stream) are 1-based
+-- positions in s_*; e_offset is an event's 1-based index among its command's events of that
+-- stream. Event i (1-based, across the group) lands at position base + i - 1.
+-- Returns [base, then per command: status, detail, current version of each of its streams]:
+-- status 0 = appended; 1 = version conflict (detail = stream index); 2 = claim taken
+-- (detail = claim index). A concurrent transaction winning a race raises 23505 (constraint
+-- events_stream_version or unique_claims_key) and rolls back the whole group.
 CREATE FUNCTION gatehouse_append(
+    cmd_streams integer[], cmd_events integer[], cmd_claims integer[], cmd_releases integer[],
+    m_recorded timestamptz[], m_correlation uuid[], m_causation uuid[], m_actor text[], m_context jsonb[],
     s_types text[], s_ids uuid[], s_expected bigint[],
-    e_stream integer[], e_ids uuid[], e_tenants uuid[], e_types text[], e_schemas integer[], e_payloads text[],
-    m_recorded timestamptz, m_correlation uuid, m_causation uuid, m_actor text, m_context jsonb,
-    c_tenants uuid[], c_scopes text[], c_values text[], c_streams integer[],
-    r_tenants uuid[], r_scopes text[], r_values text[], r_streams integer[]
-) RETURNS TABLE (out_position bigint, out_version bigint)
+    e_stream integer[], e_offset integer[], e_ids uuid[], e_tenants uuid[], e_types text[],
+    e_schemas integer[], e_payloads text[],
+    c_stream integer[], c_tenants uuid[], c_scopes text[], c_values text[],
+    r_stream integer[], r_tenants uuid[], r_scopes text[], r_values text[]
+) RETURNS bigint[]
 LANGUAGE plpgsql AS $$
 DECLARE
     base bigint := (pg_current_xact_id()::text::bigint) << 20;
-    current_versions bigint[] := '{}';
+    result bigint[] := ARRAY[base];
+    s0 integer := 0;
+    e0 integer := 0;
+    c0 integer := 0;
+    r0 integer := 0;
+    status bigint;
+    detail bigint;
+    versions bigint[];
     v bigint;
 BEGIN
     IF cardinality(e_ids) >= 1048576 THEN
-        RAISE EXCEPTION 'an append holds at most 1048575 events';
+        RAISE EXCEPTION 'a group holds at most 1048575 events';
     END IF;
-    FOR i IN 1 .. coalesce(cardinality(s_ids), 0) LOOP
-        SELECT max(version) INTO v FROM events WHERE stream_type = s_types[i] AND stream_id = s_ids[i];
-        v := coalesce(v, 0);
-        IF s_expected[i] >= 0 AND v <> s_expected[i] THEN
-            RAISE EXCEPTION USING ERRCODE = 'GH001', MESSAGE = 'stream version conflict', DETAIL = i::text || ':' || v::text;
+    FOR k IN 1 .. cardinality(cmd_streams) LOOP
+        status := 0;
+        detail := 0;
+        versions := '{}';
+        FOR i IN s0 + 1 .. s0 + cmd_streams[k] LOOP
+            -- ORDER BY … LIMIT 1 rather than max(): the plan is cached while the table is still
+            -- small, and this form keeps it on the index as the table grows.
+            v := coalesce((SELECT version FROM events WHERE stream_type = s_types[i] AND stream_id = s_ids[i]
+                           ORDER BY version DESC LIMIT 1), 0);
+            versions := versions || v;
+            IF status = 0 AND s_expected[i] >= 0 AND v <> s_expected[i] THEN
+                status := 1;
+                detail := i;
+            END IF;
+        END LOOP;
+
+        IF status = 0 AND cmd_claims[k] > 0 THEN
+            SELECT c0 + c.idx INTO detail
+            FROM unnest(c_tenants[c0 + 1 : c0 + cmd_claims[k]], c_scopes[c0 + 1 : c0 + cmd_claims[k]],
+                        c_values[c0 + 1 : c0 + cmd_claims[k]]) WITH ORDINALITY AS c(tenant_id, scope, value, idx)
+            JOIN unique_claims u ON u.tenant_id = c.tenant_id AND u.scope = c.scope AND u.value = c.value
+            ORDER BY c.idx LIMIT 1;
+            IF FOUND THEN
+                status := 2;
+            ELSE
+                detail := 0;
+            END IF;
         END IF;
-        current_versions := current_versions || v;
+
+        IF status = 0 THEN
+            IF cmd_releases[k] > 0 THEN
+                DELETE FROM unique_claims u
+                USING unnest(r_stream[r0 + 1 : r0 + cmd_releases[k]], r_tenants[r0 + 1 : r0 + cmd_releases[k]],
+                             r_scopes[r0 + 1 : r0 + cmd_releases[k]], r_values[r0 + 1 : r0 + cmd_releases[k]])
+                     AS r(s, tenant_id, scope, value)
+                WHERE u.tenant_id = r.tenant_id AND u.scope = r.scope AND u.value = r.value
+                  AND u.stream_type = s_types[r.s] AND u.stream_id = s_ids[r.s];
+            END IF;
+            IF cmd_claims[k] > 0 THEN
+                INSERT INTO unique_claims (tenant_id, scope, value, stream_type, stream_id)
+                SELECT c.tenant_id, c.scope, c.value, s_types[c.s], s_ids[c.s]
+                FROM unnest(c_stream[c0 + 1 : c0 + cmd_claims[k]], c_tenants[c0 + 1 : c0 + cmd_claims[k]],
+                            c_scopes[c0 + 1 : c0 + cmd_claims[k]], c_values[c0 + 1 : c0 + cmd_claims[k]])
+                     AS c(s, tenant_id, scope, value);
+            END IF;
+            INSERT INTO events (position, event_id, tenant_id, stream_type, stream_id, version, event_type,
+                                schema_version, recorded_at, correlation_id, causation_id, actor, context, payload)
+            SELECT base + e0 + e.ord - 1, e.id, e.tenant_id, s_types[e.s], s_ids[e.s],
+                   versions[e.s - s0] + e.nth, e.event_type, e.schema_version, m_recorded[k],
+                   m_correlation[k], m_causation[k], m_actor[k], m_context[k], e.payload::jsonb
+            FROM unnest(e_stream[e0 + 1 : e0 + cmd_events[k]], e_offset[e0 + 1 : e0 + cmd_events[k]],
+                        e_ids[e0 + 1 : e0 + cmd_events[k]], e_tenants[e0 + 1 : e0 + cmd_events[k]],
+                        e_types[e0 + 1 : e0 + cmd_events[k]], e_schemas[e0 + 1 : e0 + cmd_events[k]],
+                        e_payloads[e0 + 1 : e0 + cmd_events[k]])
+                 WITH ORDINALITY AS e(s, nth, id, tenant_id, event_type, schema_version, payload, ord);
+        END IF;
+
+        result := result || status || detail || versions;
+        s0 := s0 + cmd_streams[k];
+        e0 := e0 + cmd_events[k];
+        c0 := c0 + cmd_claims[k];
+        r0 := r0 + cmd_releases[k];
     END LOOP;
-
-    IF cardinality(r_scopes) > 0 THEN
-        DELETE FROM unique_claims u
-        USING unnest(r_tenants, r_scopes, r_values, r_streams) AS r(tenant_id, scope, value, s)
-        WHERE u.tenant_id = r.tenant_id AND u.scope = r.scope AND u.value = r.value
-          AND u.stream_type = s_types[r.s] AND u.stream_id = s_ids[r.s];
-    END IF;
-    IF cardinality(c_scopes) > 0 THEN
-        INSERT INTO unique_claims (tenant_id, scope, value, stream_type, stream_id)
-        SELECT c.tenant_id, c.scope, c.value, s_types[c.s], s_ids[c.s]
-        FROM unnest(c_tenants, c_scopes, c_values, c_streams) AS c(tenant_id, scope, value, s);
-    END IF;
-
-    RETURN QUERY
-    INSERT INTO events (position, event_id, tenant_id, stream_type, stream_id, version, event_type,
-                        schema_version, recorded_at, correlation_id, causation_id, actor, context, payload)
-    SELECT base + e.ord - 1, e.id, e.tenant_id, s_types[e.s], s_ids[e.s],
-           current_versions[e.s] + row_number() OVER (PARTITION BY e.s ORDER BY e.ord),
-           e.event_type, e.schema_version, m_recorded, m_correlation, m_causation, m_actor, m_context,
-           e.payload::jsonb
-    FROM unnest(e_stream, e_ids, e_tenants, e_types, e_schemas, e_payloads)
-         WITH ORDINALITY AS e(s, id, tenant_id, event_type, schema_version, payload, ord)
-    RETURNING position, version;
+    RETURN result;
 END;
 $$;

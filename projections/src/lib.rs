@@ -1,0 +1,57 @@
+//! # Layout
+//!
+//! What we learned from the log: read models built by folding events.
+//!
+//! - [`Projection`]: the contract of a read model: which events it wants and how it folds one.
+//! - [`rebuild`]: replays the log from the start into a projection, up to the head at the
+//!   time the rebuild began.
+//! - [`event_counts`]: the smallest real projection (events per type), used by
+//!   `gatehouse bench replay` to measure what the replay machinery itself costs.
+//!
+//! Projections only read the log; they never call services.
+#![forbid(unsafe_code)]
+
+pub mod event_counts;
+
+use gatehouse_events::{EventFilter, EventStore, Position, RecordedEvent, StoreError};
+
+/// A read model folded from the log.
+pub trait Projection {
+    /// Which events it needs.
+    fn filter(&self) -> EventFilter {
+        EventFilter::default()
+    }
+
+    /// Folds one event.
+    fn apply(&mut self, event: &RecordedEvent);
+}
+
+/// Events read per round trip while rebuilding.
+pub const REBUILD_BATCH: usize = 10_000;
+
+/// What a rebuild did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rebuilt {
+    /// Events folded.
+    pub events: u64,
+    /// Position the projection has reached; resume live from here.
+    pub position: Position,
+}
+
+/// Replays every matching event from the start of the log into `projection`, until it has
+/// caught up with the log as it was when the rebuild started.
+pub async fn rebuild(store: &dyn EventStore, projection: &mut impl Projection) -> Result<Rebuilt, StoreError> {
+    let filter = projection.filter();
+    let mut rebuilt = Rebuilt { events: 0, position: 0 };
+    loop {
+        let batch = store.read_all(rebuilt.position, &filter, REBUILD_BATCH).await?;
+        for event in &batch.events {
+            projection.apply(event);
+        }
+        rebuilt.events += batch.events.len() as u64;
+        rebuilt.position = batch.next;
+        if batch.events.len() < REBUILD_BATCH {
+            return Ok(rebuilt);
+        }
+    }
+}

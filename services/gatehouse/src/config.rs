@@ -1,0 +1,178 @@
+//! One typed configuration, from flags, environment (`GATEHOUSE_*`) and an optional TOML
+//! file, in that order of precedence, with defaults that work out of the box.
+//! `deploy/gatehouse.example.toml` documents every option.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The `gatehouse` command line.
+#[derive(Debug, Parser)]
+#[command(name = "gatehouse", version, about = "Customer identity on an event log")]
+pub struct Cli {
+    /// TOML configuration file (flags and environment override it).
+    #[arg(long, env = "GATEHOUSE_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (embedded SQLite store by default).
+    Serve(ServeArgs),
+    /// Apply the event store's migrations and exit.
+    Migrate(StoreArgs),
+    /// Measure the event store (see README, Benchmarks).
+    Bench(BenchArgs),
+}
+
+/// Where the event store lives.
+#[derive(Debug, Args, Clone, Default)]
+pub struct StoreArgs {
+    /// Data directory: the SQLite store, `admin.key`, the outbox [default: ./data].
+    #[arg(long, env = "GATEHOUSE_DATA")]
+    pub data: Option<PathBuf>,
+    /// `postgres://…` to use PostgreSQL instead of the embedded SQLite store.
+    #[arg(long, env = "GATEHOUSE_DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+/// `gatehouse serve`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ServeArgs {
+    /// Store location.
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// gRPC listen address [default: 127.0.0.1:50051].
+    #[arg(long, env = "GATEHOUSE_GRPC")]
+    pub grpc: Option<SocketAddr>,
+    /// HTTP listen address (health, metrics, OIDC) [default: 127.0.0.1:8080].
+    #[arg(long, env = "GATEHOUSE_HTTP")]
+    pub http: Option<SocketAddr>,
+    /// Log format [default: text].
+    #[arg(long, env = "GATEHOUSE_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// `gatehouse bench`.
+#[derive(Debug, Args, Clone)]
+pub struct BenchArgs {
+    /// Which benchmark.
+    #[arg(value_enum)]
+    pub which: BenchKind,
+    /// PostgreSQL server to measure (a scratch database is created and dropped);
+    /// SQLite in a temporary directory otherwise.
+    #[arg(long, env = "GATEHOUSE_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Print a JSON object as the last line.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds per measured run (append).
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Events in the log (replay).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: u64,
+}
+
+/// The benchmarks.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum BenchKind {
+    /// Append throughput vs a raw multi-row INSERT.
+    Append,
+    /// Projection rebuild throughput vs a raw scan.
+    Replay,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The configuration file. Unknown keys are an error, so a typo does not pass silently.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// See [`StoreArgs::data`].
+    pub data: Option<PathBuf>,
+    /// See [`StoreArgs::database_url`].
+    pub database_url: Option<String>,
+    /// See [`ServeArgs::grpc`].
+    pub grpc: Option<SocketAddr>,
+    /// See [`ServeArgs::http`].
+    pub http: Option<SocketAddr>,
+    /// See [`ServeArgs::log_format`].
+    pub log_format: Option<LogFormat>,
+}
+
+impl FileConfig {
+    /// Reads the file, or the defaults when there is none.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        let Some(path) = path else {
+            return Ok(FileConfig::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+    }
+}
+
+/// The resolved configuration of `gatehouse serve`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// PostgreSQL URL, or `None` for the embedded SQLite store.
+    pub database_url: Option<String>,
+    /// gRPC listen address.
+    pub grpc: SocketAddr,
+    /// HTTP listen address.
+    pub http: SocketAddr,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Platform admin key from `GATEHOUSE_ADMIN_KEY` (never from a flag or file).
+    pub admin_key: Option<String>,
+}
+
+impl Config {
+    /// Flags and environment first, then the file, then defaults.
+    pub fn resolve(args: ServeArgs, file: FileConfig) -> anyhow::Result<Self> {
+        let admin_key = std::env::var("GATEHOUSE_ADMIN_KEY").ok().filter(|k| !k.is_empty());
+        if let Some(key) = &admin_key {
+            if key.len() < 32 || key.len() > 256 {
+                anyhow::bail!("GATEHOUSE_ADMIN_KEY must be 32 to 256 characters");
+            }
+        }
+        Ok(Config {
+            data_dir: args.store.data.or(file.data).unwrap_or_else(|| PathBuf::from("data")),
+            database_url: args.store.database_url.or(file.database_url).filter(|u| !u.is_empty()),
+            grpc: args.grpc.or(file.grpc).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
+            http: args.http.or(file.http).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            admin_key,
+        })
+    }
+
+    /// The event store URL: PostgreSQL when configured, else SQLite in the data directory.
+    pub fn store_url(&self) -> String {
+        store_url(self.database_url.as_deref(), &self.data_dir)
+    }
+}
+
+/// The event store URL for a data directory and an optional PostgreSQL URL.
+pub fn store_url(database_url: Option<&str>, data_dir: &Path) -> String {
+    match database_url {
+        Some(url) => url.to_string(),
+        None => format!("sqlite://{}", data_dir.join("events.db").display()),
+    }
+}
