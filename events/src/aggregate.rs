@@ -93,13 +93,19 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
 
     /// Reads a stored event as the current type, upcasting old payloads.
     fn decode(event: &RecordedEvent) -> Result<Self, StoreError> {
-        let decode_error = |reason: String| StoreError::Decode {
-            event_type: event.event_type.clone(),
-            schema_version: event.schema_version,
-            reason,
-        };
-        let payload = Self::upcasters()
-            .upcast(&event.event_type, event.schema_version, event.payload.clone())
+        let decode_error = |reason: String| event.decode_error(reason);
+        let upcasters = Self::upcasters();
+        if event.schema_version == upcasters.current_version(&event.event_type) {
+            // The common case: splice the tag into the stored text, no intermediate value.
+            let text = event.payload.get().trim_start();
+            let body = text.strip_prefix('{').ok_or_else(|| decode_error("payload is not an object".into()))?;
+            let tag = serde_json::to_string(&event.event_type).map_err(|e| decode_error(e.to_string()))?;
+            let separator = if body.trim_start().starts_with('}') { "" } else { "," };
+            let tagged = format!("{{\"type\":{tag}{separator}{body}");
+            return serde_json::from_str(&tagged).map_err(|e| decode_error(e.to_string()));
+        }
+        let payload = upcasters
+            .upcast(&event.event_type, event.schema_version, event.payload_value()?)
             .map_err(decode_error)?;
         let mut fields = match payload {
             Value::Object(fields) => fields,

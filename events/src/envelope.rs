@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use std::fmt;
 use uuid::Uuid;
 
@@ -258,7 +259,7 @@ impl AppendRequest {
 }
 
 /// An event as stored: the full envelope.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RecordedEvent {
     /// UUIDv7 event id.
     pub id: Uuid,
@@ -285,8 +286,29 @@ pub struct RecordedEvent {
     pub actor: Actor,
     /// Where the request came from.
     pub context: Option<ClientContext>,
-    /// The event's data.
-    pub payload: Value,
+    /// The event's data as stored JSON text (parsed only when it is read: replaying a log
+    /// mostly routes events, and parsing every payload would triple its cost).
+    pub payload: Box<RawValue>,
+}
+
+impl RecordedEvent {
+    /// The payload as a JSON value.
+    pub fn payload_value(&self) -> Result<Value, crate::StoreError> {
+        serde_json::from_str(self.payload.get()).map_err(|e| self.decode_error(e.to_string()))
+    }
+
+    /// The payload read as `T` (without upcasting; see [`crate::DomainEvent::decode`]).
+    pub fn payload_as<T: serde::de::DeserializeOwned>(&self) -> Result<T, crate::StoreError> {
+        serde_json::from_str(self.payload.get()).map_err(|e| self.decode_error(e.to_string()))
+    }
+
+    pub(crate) fn decode_error(&self, reason: String) -> crate::StoreError {
+        crate::StoreError::Decode {
+            event_type: self.event_type.clone(),
+            schema_version: self.schema_version,
+            reason,
+        }
+    }
 }
 
 mod actor_text {

@@ -31,6 +31,7 @@ use crate::envelope::{Actor, AppendRequest, ClaimKey, ClientContext, ExpectedVer
 use crate::error::StoreError;
 use crate::store::{AppendOutcome, EventFilter, EventStore, ReadBatch, StreamBounds};
 use async_trait::async_trait;
+use futures::StreamExt;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::postgres::{PgDatabaseError, PgListener, PgPool, PgPoolOptions, PgRow};
@@ -52,7 +53,7 @@ const GROUP_EVENTS: usize = 10_000;
 /// Longest delay before other processes hear of an append (besides their polling).
 const NOTIFY_EVERY: Duration = Duration::from_millis(2);
 const COLUMNS: &str = "position, event_id, tenant_id, stream_type, stream_id, version, event_type, \
-    schema_version, recorded_at, correlation_id, causation_id, actor, context, payload";
+    schema_version, recorded_at, correlation_id, causation_id, actor, client_ip, user_agent, payload";
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -200,7 +201,7 @@ async fn call(
     }
     let answer: Vec<i64> = sqlx::query_scalar(
         "SELECT gatehouse_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-         $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27)",
+         $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28)",
     )
     .bind(&a.cmd_streams)
     .bind(&a.cmd_events)
@@ -210,7 +211,8 @@ async fn call(
     .bind(&a.m_correlation)
     .bind(&a.m_causation)
     .bind(&a.m_actor)
-    .bind(&a.m_context)
+    .bind(&a.m_ip)
+    .bind(&a.m_user_agent)
     .bind(&a.s_types)
     .bind(&a.s_ids)
     .bind(&a.s_expected)
@@ -293,7 +295,8 @@ struct GroupArrays {
     m_correlation: Vec<Uuid>,
     m_causation: Vec<Option<Uuid>>,
     m_actor: Vec<String>,
-    m_context: Vec<Option<Value>>,
+    m_ip: Vec<Option<String>>,
+    m_user_agent: Vec<Option<String>>,
     s_types: Vec<String>,
     s_ids: Vec<Uuid>,
     s_expected: Vec<i64>,
@@ -329,7 +332,9 @@ impl GroupArrays {
         self.m_correlation.push(metadata.correlation_id);
         self.m_causation.push(metadata.causation_id);
         self.m_actor.push(metadata.actor.to_string());
-        self.m_context.push(metadata.context.as_ref().map(|c| serde_json::json!(c)));
+        let context = metadata.context.as_ref();
+        self.m_ip.push(context.and_then(|c| c.ip.clone()));
+        self.m_user_agent.push(context.and_then(|c| c.user_agent.clone()));
         for (stream, expected) in &request.streams {
             self.s_types.push(stream.kind.clone());
             self.s_ids.push(stream.id);
@@ -491,35 +496,58 @@ impl EventStore for PgStore {
         filter: &EventFilter,
         limit: usize,
     ) -> Result<ReadBatch, StoreError> {
-        // One statement, one snapshot: the horizon and the events below it.
+        // One statement, one snapshot: the horizon and the events below it. Only the filters
+        // in use appear in the SQL, the statement is planned with its actual values each time,
+        // and the horizon is applied outside the ordered scan: a bounded range whose upper end
+        // the planner cannot see is estimated tiny, and it would sort the whole range per batch.
+        // If the scan crosses the horizon, every event below it is in the batch (it is ordered),
+        // so resuming at the horizon stays exact.
+        let mut conditions = String::new();
+        let mut parameter = 2;
+        let mut condition = |sql: &str| {
+            parameter += 1;
+            conditions.push_str(" AND ");
+            conditions.push_str(&sql.replace('?', &format!("${parameter}")));
+        };
+        if filter.tenant_id.is_some() {
+            condition("tenant_id = ?");
+        }
+        if !filter.stream_types.is_empty() {
+            condition("stream_type = ANY(?)");
+        }
+        if !filter.event_types.is_empty() {
+            condition("event_type = ANY(?)");
+        }
         let sql = format!(
             "WITH h AS (SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20) AS horizon) \
-             SELECT h.horizon, e.* FROM h LEFT JOIN LATERAL ( \
-               SELECT {COLUMNS} FROM events \
-               WHERE position > $1 AND position < h.horizon \
-                 AND ($2::uuid IS NULL OR tenant_id = $2) \
-                 AND (cardinality($3::text[]) = 0 OR stream_type = ANY($3)) \
-                 AND (cardinality($4::text[]) = 0 OR event_type = ANY($4)) \
-               ORDER BY position LIMIT $5) e ON true"
+             SELECT h.horizon, e.* FROM h LEFT JOIN ( \
+               SELECT {COLUMNS} FROM events WHERE position > $1{conditions} \
+               ORDER BY position LIMIT $2) e ON e.position < h.horizon"
         );
-        let rows = sqlx::query(&sql)
-            .bind(after as i64)
-            .bind(filter.tenant_id)
-            .bind(&filter.stream_types)
-            .bind(&filter.event_types)
-            .bind(limit as i64)
-            .fetch_all(&self.pool)
-            .await?;
-        let horizon: i64 = match rows.first() {
-            Some(row) => row.try_get(0)?,
-            None => return Ok(ReadBatch { events: Vec::new(), next: after }),
-        };
-        let mut events = Vec::with_capacity(rows.len());
-        for row in &rows {
+        let mut query = sqlx::query(&sql).persistent(false).bind(after as i64).bind(limit as i64);
+        if let Some(tenant) = filter.tenant_id {
+            query = query.bind(tenant);
+        }
+        if !filter.stream_types.is_empty() {
+            query = query.bind(&filter.stream_types);
+        }
+        if !filter.event_types.is_empty() {
+            query = query.bind(&filter.event_types);
+        }
+        // Decode rows as they arrive, while the server is still sending the rest.
+        let mut rows = query.fetch(&self.pool);
+        let mut horizon: Option<i64> = None;
+        let mut events = Vec::with_capacity(limit.min(16_384));
+        while let Some(row) = rows.next().await {
+            let row = row?;
+            horizon.get_or_insert(row.try_get(0)?);
             if row.try_get::<Option<i64>, _>(1)?.is_some() {
-                events.push(decode(row, 1)?);
+                events.push(decode(&row, 1)?);
             }
         }
+        let Some(horizon) = horizon else {
+            return Ok(ReadBatch { events: Vec::new(), next: after });
+        };
         let next = if events.len() >= limit {
             events.last().map_or(after, |e| e.position)
         } else {
@@ -592,7 +620,8 @@ impl EventStore for PgStore {
 /// Decodes the event columns starting at `offset`.
 fn decode(row: &PgRow, offset: usize) -> Result<RecordedEvent, StoreError> {
     let actor: String = row.try_get(offset + 11)?;
-    let context: Option<sqlx::types::Json<ClientContext>> = row.try_get(offset + 12)?;
+    let ip: Option<String> = row.try_get(offset + 12)?;
+    let user_agent: Option<String> = row.try_get(offset + 13)?;
     let recorded_at: DateTime<Utc> = row.try_get(offset + 8)?;
     Ok(RecordedEvent {
         position: row.try_get::<i64, _>(offset)? as u64,
@@ -606,7 +635,7 @@ fn decode(row: &PgRow, offset: usize) -> Result<RecordedEvent, StoreError> {
         correlation_id: row.try_get(offset + 9)?,
         causation_id: row.try_get(offset + 10)?,
         actor: actor.parse::<Actor>().map_err(StoreError::Backend)?,
-        context: context.map(|c| c.0),
-        payload: row.try_get::<sqlx::types::Json<Value>, _>(offset + 13)?.0,
+        context: (ip.is_some() || user_agent.is_some()).then_some(ClientContext { ip, user_agent }),
+        payload: row.try_get::<sqlx::types::Json<Box<serde_json::value::RawValue>>, _>(offset + 14)?.0,
     })
 }

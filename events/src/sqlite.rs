@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 const MIGRATIONS: &[&str] = &[include_str!("../migrations/sqlite/0001_event_log.sql")];
 const COLUMNS: &str = "position, event_id, tenant_id, stream_type, stream_id, version, event_type, \
-    schema_version, recorded_at, correlation_id, causation_id, actor, context, payload";
+    schema_version, recorded_at, correlation_id, causation_id, actor, client_ip, user_agent, payload";
 /// Appends committed together at most.
 const GROUP_COMMIT: usize = 256;
 /// Read connections kept open.
@@ -287,12 +287,14 @@ fn append_in(connection: &Connection, request: &AppendRequest) -> Result<AppendO
     }
     let metadata = &request.metadata;
     let actor = metadata.actor.to_string();
-    let context = metadata.context.as_ref().map(|c| Value::from(serde_json::json!(c)).to_string());
+    let context = metadata.context.as_ref();
+    let ip = context.and_then(|c| c.ip.as_deref());
+    let user_agent = context.and_then(|c| c.user_agent.as_deref());
     let recorded_at = request.recorded_at.timestamp_micros();
     let mut insert = connection.prepare_cached(
         "INSERT INTO events (event_id, tenant_id, stream_type, stream_id, version, event_type, \
-         schema_version, recorded_at, correlation_id, causation_id, actor, context, payload) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+         schema_version, recorded_at, correlation_id, causation_id, actor, client_ip, user_agent, payload) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?;
     let mut events = Vec::with_capacity(request.events.len());
     for (stream_index, event) in &request.events {
@@ -311,7 +313,8 @@ fn append_in(connection: &Connection, request: &AppendRequest) -> Result<AppendO
             metadata.correlation_id.as_bytes(),
             metadata.causation_id.as_ref().map(|c| c.as_bytes().to_vec()),
             actor,
-            context,
+            ip,
+            user_agent,
             event.payload.to_string(),
         ])?;
         events.push((id, connection.last_insert_rowid() as u64, version));
@@ -347,13 +350,8 @@ fn decode(row: &Row<'_>) -> Result<RecordedEvent, StoreError> {
         Some(bytes) => Some(Uuid::from_slice(bytes).map_err(|e| StoreError::Backend(e.to_string()))?),
         None => None,
     };
-    let context = match row.get_ref(12)?.as_str_or_null()? {
-        Some(text) => Some(
-            serde_json::from_str::<ClientContext>(text)
-                .map_err(|e| StoreError::Backend(e.to_string()))?,
-        ),
-        None => None,
-    };
+    let ip: Option<String> = row.get(12)?;
+    let user_agent: Option<String> = row.get(13)?;
     let micros: i64 = row.get(8)?;
     Ok(RecordedEvent {
         position: row.get::<_, i64>(0)? as u64,
@@ -367,9 +365,9 @@ fn decode(row: &Row<'_>) -> Result<RecordedEvent, StoreError> {
             .ok_or_else(|| StoreError::Backend(format!("bad timestamp {micros}")))?,
         correlation_id: uuid_at(row, 9)?,
         causation_id,
-        actor: row.get::<_, String>(11)?.parse::<Actor>().map_err(StoreError::Backend)?,
-        context,
-        payload: serde_json::from_str(row.get_ref(13)?.as_str()?)
+        actor: row.get_ref(11)?.as_str()?.parse::<Actor>().map_err(StoreError::Backend)?,
+        context: (ip.is_some() || user_agent.is_some()).then_some(ClientContext { ip, user_agent }),
+        payload: serde_json::value::RawValue::from_string(row.get::<_, String>(14)?)
             .map_err(|e| StoreError::Backend(e.to_string()))?,
     })
 }

@@ -22,7 +22,7 @@ async fn an_earlier_transaction_committing_late_is_delivered_before_later_ones()
     let mut slow_tx = slow.begin().await?;
     let row = sqlx::query(
         "SELECT (gatehouse_append(ARRAY[1], ARRAY[1], ARRAY[0], ARRAY[0], ARRAY[now()], ARRAY[$4::uuid], \
-         ARRAY[NULL::uuid], ARRAY['system'], ARRAY[NULL::jsonb], ARRAY['slow'], ARRAY[$1::uuid], ARRAY[-1::bigint], \
+         ARRAY[NULL::uuid], ARRAY['system'], ARRAY[NULL::text], ARRAY[NULL::text], ARRAY['slow'], ARRAY[$1::uuid], ARRAY[-1::bigint], \
          ARRAY[1], ARRAY[1], ARRAY[$2::uuid], ARRAY[$3::uuid], ARRAY['Counted'], ARRAY[1], ARRAY['{\"n\":0}'], \
          '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}'))[1]",
     )

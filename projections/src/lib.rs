@@ -43,15 +43,25 @@ pub struct Rebuilt {
 pub async fn rebuild(store: &dyn EventStore, projection: &mut impl Projection) -> Result<Rebuilt, StoreError> {
     let filter = projection.filter();
     let mut rebuilt = Rebuilt { events: 0, position: 0 };
+    let mut batch = store.read_all(0, &filter, REBUILD_BATCH).await?;
     loop {
-        let batch = store.read_all(rebuilt.position, &filter, REBUILD_BATCH).await?;
-        for event in &batch.events {
-            projection.apply(event);
-        }
+        let done = batch.events.len() < REBUILD_BATCH;
         rebuilt.events += batch.events.len() as u64;
         rebuilt.position = batch.next;
-        if batch.events.len() < REBUILD_BATCH {
-            return Ok(rebuilt);
+        // Read the next batch while this one is folded.
+        let (next, ()) = futures::join!(
+            async {
+                if done { Ok(None) } else { store.read_all(rebuilt.position, &filter, REBUILD_BATCH).await.map(Some) }
+            },
+            async {
+                for event in &batch.events {
+                    projection.apply(event);
+                }
+            }
+        );
+        match next? {
+            Some(next) => batch = next,
+            None => return Ok(rebuilt),
         }
     }
 }

@@ -18,7 +18,8 @@ CREATE TABLE events (
     correlation_id  uuid        NOT NULL,
     causation_id    uuid,
     actor           text        NOT NULL,
-    context         jsonb,
+    client_ip       text,
+    user_agent      text,
     payload         jsonb       NOT NULL,
     CONSTRAINT events_stream_version UNIQUE (stream_type, stream_id, version)
 );
@@ -54,7 +55,7 @@ CREATE TABLE snapshots (
 -- events_stream_version or unique_claims_key) and rolls back the whole group.
 CREATE FUNCTION gatehouse_append(
     cmd_streams integer[], cmd_events integer[], cmd_claims integer[], cmd_releases integer[],
-    m_recorded timestamptz[], m_correlation uuid[], m_causation uuid[], m_actor text[], m_context jsonb[],
+    m_recorded timestamptz[], m_correlation uuid[], m_causation uuid[], m_actor text[], m_ip text[], m_user_agent text[],
     s_types text[], s_ids uuid[], s_expected bigint[],
     e_stream integer[], e_offset integer[], e_ids uuid[], e_tenants uuid[], e_types text[],
     e_schemas integer[], e_payloads text[],
@@ -123,10 +124,10 @@ BEGIN
                      AS c(s, tenant_id, scope, value);
             END IF;
             INSERT INTO events (position, event_id, tenant_id, stream_type, stream_id, version, event_type,
-                                schema_version, recorded_at, correlation_id, causation_id, actor, context, payload)
+                                schema_version, recorded_at, correlation_id, causation_id, actor, client_ip, user_agent, payload)
             SELECT base + e0 + e.ord - 1, e.id, e.tenant_id, s_types[e.s], s_ids[e.s],
                    versions[e.s - s0] + e.nth, e.event_type, e.schema_version, m_recorded[k],
-                   m_correlation[k], m_causation[k], m_actor[k], m_context[k], e.payload::jsonb
+                   m_correlation[k], m_causation[k], m_actor[k], m_ip[k], m_user_agent[k], e.payload::jsonb
             FROM unnest(e_stream[e0 + 1 : e0 + cmd_events[k]], e_offset[e0 + 1 : e0 + cmd_events[k]],
                         e_ids[e0 + 1 : e0 + cmd_events[k]], e_tenants[e0 + 1 : e0 + cmd_events[k]],
                         e_types[e0 + 1 : e0 + cmd_events[k]], e_schemas[e0 + 1 : e0 + cmd_events[k]],

@@ -13,7 +13,8 @@ CREATE TABLE events (
     correlation_id  BLOB    NOT NULL,
     causation_id    BLOB,
     actor           TEXT    NOT NULL,
-    context         TEXT,
+    client_ip       TEXT,
+    user_agent      TEXT,
     payload         TEXT    NOT NULL,
     UNIQUE (stream_type, stream_id, version)
 );

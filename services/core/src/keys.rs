@@ -112,7 +112,7 @@ struct Keys {
 fn apply(keys: &mut Keys, event: &RecordedEvent) {
     match event.event_type.as_str() {
         ADMIN_KEY_CREATED | API_KEY_CREATED => {
-            let Ok(created) = serde_json::from_value::<KeyCreated>(event.payload.clone()) else {
+            let Ok(created) = event.payload_as::<KeyCreated>() else {
                 return;
             };
             let caller = if event.event_type == ADMIN_KEY_CREATED {
@@ -124,7 +124,7 @@ fn apply(keys: &mut Keys, event: &RecordedEvent) {
             keys.by_hash.insert(created.key_hash, caller);
         }
         API_KEY_REVOKED => {
-            if let Ok(revoked) = serde_json::from_value::<KeyRevoked>(event.payload.clone()) {
+            if let Ok(revoked) = event.payload_as::<KeyRevoked>() {
                 if let Some(hash) = keys.hash_by_id.remove(&revoked.key_id) {
                     keys.by_hash.remove(&hash);
                 }

@@ -158,7 +158,7 @@ async fn measure_raw(target: &Target, size: usize, seconds: f64) -> anyhow::Resu
                 "CREATE TABLE IF NOT EXISTS bench_raw (id bigserial PRIMARY KEY, event_id uuid NOT NULL, \
                  tenant_id uuid NOT NULL, stream_type text NOT NULL, stream_id uuid NOT NULL, version bigint NOT NULL, \
                  event_type text NOT NULL, schema_version integer NOT NULL, recorded_at timestamptz NOT NULL, \
-                 correlation_id uuid NOT NULL, causation_id uuid, actor text NOT NULL, context jsonb, payload jsonb NOT NULL)",
+                 correlation_id uuid NOT NULL, causation_id uuid, actor text NOT NULL, client_ip text, user_agent text, payload jsonb NOT NULL)",
             )
             .execute(&pool)
             .await?;
@@ -169,7 +169,6 @@ async fn measure_raw(target: &Target, size: usize, seconds: f64) -> anyhow::Resu
                         let tenant = Uuid::now_v7();
                         let stream = StreamId::new("bench", Uuid::now_v7());
                         let mut version = 0i64;
-                        let context = json!(metadata().context).to_string();
                         while Instant::now() < deadline {
                             let meta = metadata();
                             let events: Vec<NewEvent> = (0..size).map(|n| sample_event(tenant, &stream, n)).collect();
@@ -177,8 +176,8 @@ async fn measure_raw(target: &Target, size: usize, seconds: f64) -> anyhow::Resu
                             let versions: Vec<i64> = (1..=size as i64).map(|v| version + v).collect();
                             sqlx::query(
                                 "INSERT INTO bench_raw (event_id, tenant_id, stream_type, stream_id, version, event_type, \
-                                 schema_version, recorded_at, correlation_id, causation_id, actor, context, payload) \
-                                 SELECT e.id, e.tenant, e.stype, e.sid, e.version, e.etype, e.schema, $8, $9, NULL, $10, $11::jsonb, e.payload::jsonb \
+                                 schema_version, recorded_at, correlation_id, causation_id, actor, client_ip, user_agent, payload) \
+                                 SELECT e.id, e.tenant, e.stype, e.sid, e.version, e.etype, e.schema, $8, $9, NULL, $10, $11, $13, e.payload::jsonb \
                                  FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::bigint[], $6::text[], $7::int[], $12::text[]) \
                                  AS e(id, tenant, stype, sid, version, etype, schema, payload)",
                             )
@@ -192,8 +191,9 @@ async fn measure_raw(target: &Target, size: usize, seconds: f64) -> anyhow::Resu
                             .bind(chrono::Utc::now())
                             .bind(meta.correlation_id)
                             .bind(meta.actor.to_string())
-                            .bind(&context)
+                            .bind("203.0.113.7")
                             .bind(events.iter().map(|e| e.payload.to_string()).collect::<Vec<_>>())
+                            .bind("bench/1.0")
                             .execute(&pool)
                             .await?;
                             version += size as i64;
@@ -216,7 +216,7 @@ async fn measure_raw(target: &Target, size: usize, seconds: f64) -> anyhow::Resu
                 "CREATE TABLE IF NOT EXISTS bench_raw (id INTEGER PRIMARY KEY, event_id BLOB NOT NULL, \
                  tenant_id BLOB NOT NULL, stream_type TEXT NOT NULL, stream_id BLOB NOT NULL, version INTEGER NOT NULL, \
                  event_type TEXT NOT NULL, schema_version INTEGER NOT NULL, recorded_at INTEGER NOT NULL, \
-                 correlation_id BLOB NOT NULL, causation_id BLOB, actor TEXT NOT NULL, context TEXT, payload TEXT NOT NULL)",
+                 correlation_id BLOB NOT NULL, causation_id BLOB, actor TEXT NOT NULL, client_ip TEXT, user_agent TEXT, payload TEXT NOT NULL)",
             )?;
             let connection = Arc::new(Mutex::new(connection));
             let tasks: Vec<_> = (0..WRITERS)
@@ -254,17 +254,16 @@ fn raw_sqlite_insert(
     size: usize,
 ) -> anyhow::Result<()> {
     let meta = metadata();
-    let context = json!(meta.context).to_string();
     let mut sql = String::from(
         "INSERT INTO bench_raw (event_id, tenant_id, stream_type, stream_id, version, event_type, schema_version, \
-         recorded_at, correlation_id, causation_id, actor, context, payload) VALUES ",
+         recorded_at, correlation_id, causation_id, actor, client_ip, user_agent, payload) VALUES ",
     );
-    let mut values: Vec<rusqlite::types::Value> = Vec::with_capacity(size * 13);
+    let mut values: Vec<rusqlite::types::Value> = Vec::with_capacity(size * 14);
     for n in 0..size {
         if n > 0 {
             sql.push(',');
         }
-        sql.push_str("(?,?,?,?,?,?,?,?,?,?,?,?,?)");
+        sql.push_str("(?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
         let event = sample_event(tenant, stream, n);
         values.extend([
             Uuid::now_v7().as_bytes().to_vec().into(),
@@ -278,7 +277,8 @@ fn raw_sqlite_insert(
             meta.correlation_id.as_bytes().to_vec().into(),
             rusqlite::types::Value::Null,
             meta.actor.to_string().into(),
-            context.clone().into(),
+            "203.0.113.7".to_string().into(),
+            "bench/1.0".to_string().into(),
             event.payload.to_string().into(),
         ]);
     }
@@ -366,13 +366,13 @@ async fn raw_scan(target: &Target) -> anyhow::Result<(u64, f64)> {
             let pool = sqlx::PgPool::connect(url).await?;
             let mut rows = sqlx::query(
                 "SELECT position, event_id, tenant_id, stream_type, stream_id, version, event_type, schema_version, \
-                 recorded_at, correlation_id, causation_id, actor, context, payload FROM events ORDER BY position",
+                 recorded_at, correlation_id, causation_id, actor, client_ip, user_agent, payload FROM events ORDER BY position",
             )
             .fetch(&pool);
             let (mut count, mut bytes) = (0u64, 0usize);
             while let Some(row) = rows.next().await {
                 let row = row?;
-                for column in 0..14 {
+                for column in 0..15 {
                     bytes += row.try_get_raw(column)?.as_bytes().map_or(0, <[u8]>::len);
                 }
                 count += 1;
@@ -388,12 +388,12 @@ async fn raw_scan(target: &Target) -> anyhow::Result<(u64, f64)> {
                 let connection = rusqlite::Connection::open(path)?;
                 let mut statement = connection.prepare(
                     "SELECT position, event_id, tenant_id, stream_type, stream_id, version, event_type, schema_version, \
-                     recorded_at, correlation_id, causation_id, actor, context, payload FROM events ORDER BY position",
+                     recorded_at, correlation_id, causation_id, actor, client_ip, user_agent, payload FROM events ORDER BY position",
                 )?;
                 let mut rows = statement.query([])?;
                 let (mut count, mut bytes) = (0u64, 0usize);
                 while let Some(row) = rows.next()? {
-                    for column in 0..14 {
+                    for column in 0..15 {
                         bytes += match row.get_ref(column)? {
                             rusqlite::types::ValueRef::Blob(b) | rusqlite::types::ValueRef::Text(b) => b.len(),
                             _ => 8,
