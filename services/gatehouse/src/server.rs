@@ -15,7 +15,10 @@ use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
 
-/// Runs the server until SIGTERM or Ctrl-C.
+/// How long in-flight requests may take to finish after SIGTERM.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs the server until SIGTERM or Ctrl-C; in-flight requests get [`SHUTDOWN_GRACE`].
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     init_logging(config.log_format);
     std::fs::create_dir_all(&config.data_dir)?;
@@ -49,6 +52,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let http_listener = TcpListener::bind(config.http).await?;
     let (grpc_addr, http_addr) = (grpc_listener.local_addr()?, http_listener.local_addr()?);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_rx_grace = stop_rx.clone();
 
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
@@ -72,9 +76,22 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
     });
-    let (grpc, http) = tokio::join!(grpc, http);
-    grpc?;
-    http?;
+    let servers = async { tokio::join!(grpc, http) };
+    tokio::pin!(servers);
+    let finished = tokio::select! {
+        finished = &mut servers => Some(finished),
+        () = async {
+            stopped(stop_rx_grace).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => None,
+    };
+    match finished {
+        Some((grpc, http)) => {
+            grpc?;
+            http?;
+        }
+        None => tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; exiting"),
+    }
     health_reporter.set_service_status("", ServingStatus::NotServing).await;
     Ok(())
 }

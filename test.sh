@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every Gatehouse test. Installs what the tests need first (a Python virtualenv for
+# the black-box clients), so it works on a fresh clone.
+#
+#   ./test.sh                 SQLite always
+#   GATEHOUSE_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test ./test.sh
+#                             also PostgreSQL (each test creates its own database there)
+#
+# Extra arguments go to `cargo test` (e.g. ./test.sh -p gatehouse-events).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+venv=.venv
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+export GATEHOUSE_TEST_PYTHON="$PWD/$venv/bin/python"
+
+cargo test --workspace --locked "$@"

@@ -1,0 +1,169 @@
+//! Running `gatehouse serve` as a real process for end-to-end tests.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// A running server process; killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    /// Lines the server printed on stdout before it was ready.
+    pub stdout: Vec<String>,
+    /// How long it took from spawn to the ready line.
+    pub startup: Duration,
+}
+
+impl Server {
+    /// Starts `gatehouse serve` on free ports with `--data data` (and `--database-url` when
+    /// given), and waits for its ready line.
+    pub fn start(data: &Path, database_url: Option<&str>) -> Result<Server, Box<dyn std::error::Error + Send + Sync>> {
+        Server::start_with_env(data, database_url, &[])
+    }
+
+    pub fn start_with_env(
+        data: &Path,
+        database_url: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Result<Server, Box<dyn std::error::Error + Send + Sync>> {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_gatehouse"));
+        command
+            .arg("serve")
+            .arg("--data")
+            .arg(data)
+            .args(["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            .env_remove("GATEHOUSE_ADMIN_KEY")
+            .env_remove("GATEHOUSE_DATABASE_URL")
+            .env("GATEHOUSE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(url) = database_url {
+            command.arg("--database-url").arg(url);
+        }
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let started = Instant::now();
+        let mut child = command.spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let (lines_tx, lines_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                match line {
+                    Ok(line) => {
+                        if lines_tx.send(line).is_err() {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+        });
+        let mut printed = Vec::new();
+        loop {
+            let line = lines_rx.recv_timeout(Duration::from_secs(60)).map_err(|_| {
+                let _ = child.kill();
+                format!("server not ready; it printed {printed:?}")
+            })?;
+            if let Some(rest) = line.strip_prefix("gatehouse ready ") {
+                let mut grpc = None;
+                let mut http = None;
+                for part in rest.split_whitespace() {
+                    if let Some(addr) = part.strip_prefix("grpc=") {
+                        grpc = Some(addr.parse()?);
+                    }
+                    if let Some(addr) = part.strip_prefix("http=") {
+                        http = Some(addr.parse()?);
+                    }
+                }
+                let startup = started.elapsed();
+                // Keep draining stdout so the server never blocks on a full pipe.
+                std::thread::spawn(move || while lines_rx.recv().is_ok() {});
+                return Ok(Server {
+                    child,
+                    grpc: grpc.ok_or("no grpc address")?,
+                    http: http.ok_or("no http address")?,
+                    stdout: printed,
+                    startup,
+                });
+            }
+            printed.push(line);
+        }
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// The admin key the server printed on first start, if it did.
+    pub fn printed_admin_key(&self) -> Option<String> {
+        self.stdout
+            .iter()
+            .find(|line| line.starts_with("platform admin key"))
+            .and_then(|line| line.rsplit(' ').next())
+            .map(str::to_owned)
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn stop(mut self) -> Result<std::process::ExitStatus, Box<dyn std::error::Error + Send + Sync>> {
+        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status()?;
+        if !status.success() {
+            return Err("kill failed".into());
+        }
+        let asked = Instant::now();
+        let deadline = asked + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                eprintln!("server stopped {:?} after SIGTERM", asked.elapsed());
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return Err("server did not stop on SIGTERM".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A plain HTTP/1.1 GET: (status code, body).
+    pub fn http_get(&self, path: &str) -> Result<(u16, String), Box<dyn std::error::Error + Send + Sync>> {
+        let mut stream = TcpStream::connect(self.http)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.http)?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let status = response.split_whitespace().nth(1).ok_or("no status")?.parse()?;
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Ok((status, body))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The PostgreSQL URL of a fresh database, when the run has one.
+pub async fn postgres_url() -> Result<Option<String>, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(gatehouse_events::testing::fresh_postgres_url().await?)
+}
+
+/// The Python interpreter with the black-box clients' packages (see test.sh).
+pub fn python() -> PathBuf {
+    std::env::var_os("GATEHOUSE_TEST_PYTHON").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("python3"))
+}
+
+/// Path of a file under the repository's `tests/` folder.
+pub fn tests_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests")
+}
