@@ -54,7 +54,12 @@ impl Upcasters {
     }
 
     /// Brings `payload` from `version` to the current version of `event_type`.
-    pub fn upcast(&self, event_type: &str, mut version: u32, mut payload: Value) -> Result<Value, String> {
+    pub fn upcast(
+        &self,
+        event_type: &str,
+        mut version: u32,
+        mut payload: Value,
+    ) -> Result<Value, String> {
         let current = self.current_version(event_type);
         while version < current {
             let step = self
@@ -82,10 +87,14 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
     fn encode(&self) -> Result<(String, u32, Value), StoreError> {
         let value = serde_json::to_value(self).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let Value::Object(mut fields) = value else {
-            return Err(StoreError::Invalid("an event must serialise to an object".into()));
+            return Err(StoreError::Invalid(
+                "an event must serialise to an object".into(),
+            ));
         };
         let Some(Value::String(event_type)) = fields.remove("type") else {
-            return Err(StoreError::Invalid("an event enum needs #[serde(tag = \"type\")]".into()));
+            return Err(StoreError::Invalid(
+                "an event enum needs #[serde(tag = \"type\")]".into(),
+            ));
         };
         let version = Self::upcasters().current_version(&event_type);
         Ok((event_type, version, Value::Object(fields)))
@@ -98,14 +107,25 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
         if event.schema_version == upcasters.current_version(&event.event_type) {
             // The common case: splice the tag into the stored text, no intermediate value.
             let text = event.payload.get().trim_start();
-            let body = text.strip_prefix('{').ok_or_else(|| decode_error("payload is not an object".into()))?;
-            let tag = serde_json::to_string(&event.event_type).map_err(|e| decode_error(e.to_string()))?;
-            let separator = if body.trim_start().starts_with('}') { "" } else { "," };
+            let body = text
+                .strip_prefix('{')
+                .ok_or_else(|| decode_error("payload is not an object".into()))?;
+            let tag = serde_json::to_string(&event.event_type)
+                .map_err(|e| decode_error(e.to_string()))?;
+            let separator = if body.trim_start().starts_with('}') {
+                ""
+            } else {
+                ","
+            };
             let tagged = format!("{{\"type\":{tag}{separator}{body}");
             return serde_json::from_str(&tagged).map_err(|e| decode_error(e.to_string()));
         }
         let payload = upcasters
-            .upcast(&event.event_type, event.schema_version, event.payload_value()?)
+            .upcast(
+                &event.event_type,
+                event.schema_version,
+                event.payload_value()?,
+            )
             .map_err(decode_error)?;
         let mut fields = match payload {
             Value::Object(fields) => fields,
@@ -119,7 +139,13 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// Builds the [`NewEvent`] that appends this event to `stream`.
     fn to_new_event(&self, tenant_id: Uuid, stream: &StreamId) -> Result<NewEvent, StoreError> {
         let (event_type, schema_version, payload) = self.encode()?;
-        Ok(NewEvent { tenant_id, stream: stream.clone(), event_type, schema_version, payload })
+        Ok(NewEvent {
+            tenant_id,
+            stream: stream.clone(),
+            event_type,
+            schema_version,
+            payload,
+        })
     }
 }
 
@@ -159,39 +185,59 @@ impl<A: Aggregate> Loaded<A> {
     /// Loads the current state, from the latest snapshot onwards when the aggregate keeps them.
     pub async fn load(store: &dyn EventStore, id: Uuid) -> Result<Self, StoreError> {
         let stream = A::stream(id);
-        let mut loaded = Loaded { state: A::default(), version: 0, stream };
-        if A::SNAPSHOT_EVERY.is_some() {
-            if let Some((version, snapshot)) = store.load_snapshot(&loaded.stream).await? {
-                let current = snapshot.get("schema").and_then(Value::as_u64) == Some(A::SNAPSHOT_SCHEMA as u64);
-                if let (true, Some(state)) = (current, snapshot.get("state")) {
-                    if let Ok(state) = serde_json::from_value::<A>(state.clone()) {
-                        loaded.state = state;
-                        loaded.version = version;
-                    }
-                }
-            }
+        let mut loaded = Loaded {
+            state: A::default(),
+            version: 0,
+            stream,
+        };
+        if A::SNAPSHOT_EVERY.is_some()
+            && let Some((version, snapshot)) = store.load_snapshot(&loaded.stream).await?
+            && snapshot.get("schema").and_then(Value::as_u64) == Some(A::SNAPSHOT_SCHEMA as u64)
+            && let Some(Ok(state)) = snapshot
+                .get("state")
+                .map(|s| serde_json::from_value::<A>(s.clone()))
+        {
+            loaded.state = state;
+            loaded.version = version;
         }
-        let bounds = StreamBounds { after_version: loaded.version, ..StreamBounds::default() };
+        let bounds = StreamBounds {
+            after_version: loaded.version,
+            ..StreamBounds::default()
+        };
         let replayed = loaded.apply_all(store.read_stream(&loaded.stream, bounds).await?)?;
-        if let Some(every) = A::SNAPSHOT_EVERY {
-            if replayed >= every {
-                let state = serde_json::to_value(&loaded.state)
-                    .map_err(|e| StoreError::Invalid(e.to_string()))?;
-                let snapshot = serde_json::json!({ "schema": A::SNAPSHOT_SCHEMA, "state": state });
-                // A lost snapshot only costs a longer replay next time.
-                if let Err(error) = store.save_snapshot(&loaded.stream, loaded.version, &snapshot).await {
-                    tracing::warn!(%error, stream = %loaded.stream, "could not save snapshot");
-                }
+        if let Some(every) = A::SNAPSHOT_EVERY
+            && replayed >= every
+        {
+            let state = serde_json::to_value(&loaded.state)
+                .map_err(|e| StoreError::Invalid(e.to_string()))?;
+            let snapshot = serde_json::json!({ "schema": A::SNAPSHOT_SCHEMA, "state": state });
+            // A lost snapshot only costs a longer replay next time.
+            if let Err(error) = store
+                .save_snapshot(&loaded.stream, loaded.version, &snapshot)
+                .await
+            {
+                tracing::warn!(%error, stream = %loaded.stream, "could not save snapshot");
             }
         }
         Ok(loaded)
     }
 
     /// Loads the state as it was at a position or time (audit replay; no snapshots).
-    pub async fn load_at(store: &dyn EventStore, id: Uuid, bounds: StreamBounds) -> Result<Self, StoreError> {
+    pub async fn load_at(
+        store: &dyn EventStore,
+        id: Uuid,
+        bounds: StreamBounds,
+    ) -> Result<Self, StoreError> {
         let stream = A::stream(id);
-        let mut loaded = Loaded { state: A::default(), version: 0, stream };
-        let bounds = StreamBounds { after_version: 0, ..bounds };
+        let mut loaded = Loaded {
+            state: A::default(),
+            version: 0,
+            stream,
+        };
+        let bounds = StreamBounds {
+            after_version: 0,
+            ..bounds
+        };
         loaded.apply_all(store.read_stream(&loaded.stream, bounds).await?)?;
         Ok(loaded)
     }

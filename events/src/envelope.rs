@@ -23,7 +23,10 @@ pub struct StreamId {
 impl StreamId {
     /// A stream of aggregate type `kind`.
     pub fn new(kind: impl Into<String>, id: Uuid) -> Self {
-        StreamId { kind: kind.into(), id }
+        StreamId {
+            kind: kind.into(),
+            id,
+        }
     }
 }
 
@@ -121,7 +124,10 @@ impl Metadata {
 
     /// Metadata for `actor` with a fresh correlation id.
     pub fn for_actor(actor: Actor) -> Self {
-        Metadata { actor, ..Metadata::system() }
+        Metadata {
+            actor,
+            ..Metadata::system()
+        }
     }
 }
 
@@ -249,10 +255,14 @@ impl AppendRequest {
     /// Checks what the database cannot: at least one event, bounded size.
     pub(crate) fn validate(&self) -> Result<(), crate::StoreError> {
         if self.events.is_empty() {
-            return Err(crate::StoreError::Invalid("an append needs at least one event".into()));
+            return Err(crate::StoreError::Invalid(
+                "an append needs at least one event".into(),
+            ));
         }
         if self.events.len() >= (1 << 20) {
-            return Err(crate::StoreError::Invalid("too many events in one append".into()));
+            return Err(crate::StoreError::Invalid(
+                "too many events in one append".into(),
+            ));
         }
         Ok(())
     }

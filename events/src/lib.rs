@@ -30,8 +30,8 @@ pub mod view;
 
 pub use aggregate::{Aggregate, DomainEvent, Loaded, Upcasters};
 pub use envelope::{
-    Actor, AppendRequest, ClaimKey, ClientContext, ExpectedVersion, Metadata, NewEvent,
-    Position, RecordedEvent, StreamId,
+    Actor, AppendRequest, ClaimKey, ClientContext, ExpectedVersion, Metadata, NewEvent, Position,
+    RecordedEvent, StreamId,
 };
 pub use error::StoreError;
 pub use store::{AppendOutcome, EventFilter, EventStore, ReadBatch, connect};

@@ -27,15 +27,17 @@
 //! appends from a separate connection, outside the append transaction, because a `NOTIFY`
 //! inside it would serialise every commit on PostgreSQL's notify-queue lock.
 
-use crate::envelope::{Actor, AppendRequest, ClaimKey, ClientContext, ExpectedVersion, RecordedEvent, StreamId};
+use crate::envelope::{
+    Actor, AppendRequest, ClaimKey, ClientContext, ExpectedVersion, RecordedEvent, StreamId,
+};
 use crate::error::StoreError;
 use crate::store::{AppendOutcome, EventFilter, EventStore, ReadBatch, StreamBounds};
 use async_trait::async_trait;
-use futures::StreamExt;
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use serde_json::Value;
-use sqlx::postgres::{PgDatabaseError, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
+use sqlx::postgres::{PgDatabaseError, PgListener, PgPool, PgPoolOptions, PgRow};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, Notify, mpsc, oneshot, watch};
@@ -93,7 +95,12 @@ impl PgStore {
                 appended.clone(),
             )));
         }
-        Ok(PgStore { pool, changes, queue, tasks })
+        Ok(PgStore {
+            pool,
+            changes,
+            queue,
+            tasks,
+        })
     }
 
     /// The connection pool (benchmarks and projections share it).
@@ -173,12 +180,17 @@ async fn commit(pool: &PgPool, group: &[&AppendRequest]) -> Vec<Result<AppendOut
 }
 
 async fn commit_one(pool: &PgPool, request: &AppendRequest) -> Result<AppendOutcome, StoreError> {
-    let only_any = request.streams.iter().all(|(_, e)| *e == ExpectedVersion::Any);
+    let only_any = request
+        .streams
+        .iter()
+        .all(|(_, e)| *e == ExpectedVersion::Any);
     let mut attempts = 0;
     loop {
         match call(pool, &[request]).await {
             Ok(mut results) => {
-                return results.pop().unwrap_or_else(|| Err(StoreError::Backend("no result".into())));
+                return results
+                    .pop()
+                    .unwrap_or_else(|| Err(StoreError::Backend("no result".into())));
             }
             Err(error) => match race_error(error, request) {
                 // With no expectation the caller never saw a version; a race on the version
@@ -260,7 +272,11 @@ async fn call(
             }),
             1 => {
                 let local = (detail as usize).saturating_sub(1 + a.stream_offsets[k]);
-                let (stream, expected) = request.streams.get(local).cloned().unwrap_or_else(|| request.streams[0].clone());
+                let (stream, expected) = request
+                    .streams
+                    .get(local)
+                    .cloned()
+                    .unwrap_or_else(|| request.streams[0].clone());
                 Err(StoreError::Conflict {
                     stream,
                     expected: match expected {
@@ -272,7 +288,11 @@ async fn call(
             }
             _ => {
                 let local = (detail as usize).saturating_sub(1 + a.claim_offsets[k]);
-                let scope = request.claims.get(local).map(|(_, key)| key.scope.clone()).unwrap_or_default();
+                let scope = request
+                    .claims
+                    .get(local)
+                    .map(|(_, key)| key.scope.clone())
+                    .unwrap_or_default();
                 Err(StoreError::ClaimTaken { scope })
             }
         });
@@ -334,7 +354,8 @@ impl GroupArrays {
         self.m_actor.push(metadata.actor.to_string());
         let context = metadata.context.as_ref();
         self.m_ip.push(context.and_then(|c| c.ip.clone()));
-        self.m_user_agent.push(context.and_then(|c| c.user_agent.clone()));
+        self.m_user_agent
+            .push(context.and_then(|c| c.user_agent.clone()));
         for (stream, expected) in &request.streams {
             self.s_types.push(stream.kind.clone());
             self.s_ids.push(stream.id);
@@ -371,7 +392,9 @@ impl GroupArrays {
 
 /// Maps a race lost to a concurrent transaction (a unique violation) to a typed error.
 fn race_error(error: sqlx::Error, request: &AppendRequest) -> StoreError {
-    let Some(db) = error.as_database_error().and_then(|e| e.try_downcast_ref::<PgDatabaseError>())
+    let Some(db) = error
+        .as_database_error()
+        .and_then(|e| e.try_downcast_ref::<PgDatabaseError>())
     else {
         return error.into();
     };
@@ -452,7 +475,10 @@ async fn notify_others(pool: PgPool, appended: Arc<Notify>) {
     loop {
         appended.notified().await;
         tokio::time::sleep(NOTIFY_EVERY).await;
-        if let Err(error) = sqlx::query("SELECT pg_notify($1, '')").bind(CHANNEL).execute(&pool).await
+        if let Err(error) = sqlx::query("SELECT pg_notify($1, '')")
+            .bind(CHANNEL)
+            .execute(&pool)
+            .await
         {
             tracing::warn!(%error, "could not announce appends to other processes");
         }
@@ -465,7 +491,10 @@ impl EventStore for PgStore {
         request.validate()?;
         let (reply, answer) = oneshot::channel();
         let stopped = || StoreError::Backend("the append committers have stopped".into());
-        self.queue.send(Pending { request, reply }).await.map_err(|_| stopped())?;
+        self.queue
+            .send(Pending { request, reply })
+            .await
+            .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 
@@ -524,7 +553,10 @@ impl EventStore for PgStore {
                SELECT {COLUMNS} FROM events WHERE position > $1{conditions} \
                ORDER BY position LIMIT $2) e ON e.position < h.horizon"
         );
-        let mut query = sqlx::query(&sql).persistent(false).bind(after as i64).bind(limit as i64);
+        let mut query = sqlx::query(&sql)
+            .persistent(false)
+            .bind(after as i64)
+            .bind(limit as i64);
         if let Some(tenant) = filter.tenant_id {
             query = query.bind(tenant);
         }
@@ -546,7 +578,10 @@ impl EventStore for PgStore {
             }
         }
         let Some(horizon) = horizon else {
-            return Ok(ReadBatch { events: Vec::new(), next: after });
+            return Ok(ReadBatch {
+                events: Vec::new(),
+                next: after,
+            });
         };
         let next = if events.len() >= limit {
             events.last().map_or(after, |e| e.position)
@@ -566,7 +601,13 @@ impl EventStore for PgStore {
         .bind(&key.value)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|row| Ok(StreamId { kind: row.try_get(0)?, id: row.try_get(1)? })).transpose()
+        row.map(|row| {
+            Ok(StreamId {
+                kind: row.try_get(0)?,
+                id: row.try_get(1)?,
+            })
+        })
+        .transpose()
     }
 
     async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<(u64, Value)>, StoreError> {
@@ -579,7 +620,10 @@ impl EventStore for PgStore {
         .await?;
         row.map(|row| {
             let version: i64 = row.try_get(0)?;
-            Ok((version as u64, row.try_get::<sqlx::types::Json<Value>, _>(1)?.0))
+            Ok((
+                version as u64,
+                row.try_get::<sqlx::types::Json<Value>, _>(1)?.0,
+            ))
         })
         .transpose()
     }
@@ -627,7 +671,10 @@ fn decode(row: &PgRow, offset: usize) -> Result<RecordedEvent, StoreError> {
         position: row.try_get::<i64, _>(offset)? as u64,
         id: row.try_get(offset + 1)?,
         tenant_id: row.try_get(offset + 2)?,
-        stream: StreamId { kind: row.try_get(offset + 3)?, id: row.try_get(offset + 4)? },
+        stream: StreamId {
+            kind: row.try_get(offset + 3)?,
+            id: row.try_get(offset + 4)?,
+        },
         version: row.try_get::<i64, _>(offset + 5)? as u64,
         event_type: row.try_get(offset + 6)?,
         schema_version: row.try_get::<i32, _>(offset + 7)? as u32,
@@ -636,6 +683,8 @@ fn decode(row: &PgRow, offset: usize) -> Result<RecordedEvent, StoreError> {
         causation_id: row.try_get(offset + 10)?,
         actor: actor.parse::<Actor>().map_err(StoreError::Backend)?,
         context: (ip.is_some() || user_agent.is_some()).then_some(ClientContext { ip, user_agent }),
-        payload: row.try_get::<sqlx::types::Json<Box<serde_json::value::RawValue>>, _>(offset + 14)?.0,
+        payload: row
+            .try_get::<sqlx::types::Json<Box<serde_json::value::RawValue>>, _>(offset + 14)?
+            .0,
     })
 }

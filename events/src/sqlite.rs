@@ -81,7 +81,12 @@ impl SqliteStore {
                 }
             })
             .map_err(|e| StoreError::Backend(e.to_string()))?;
-        Ok(SqliteStore { jobs, readers: Arc::new(Mutex::new(Vec::new())), path, changes })
+        Ok(SqliteStore {
+            jobs,
+            readers: Arc::new(Mutex::new(Vec::new())),
+            path,
+            changes,
+        })
     }
 
     /// Path of the database file.
@@ -95,7 +100,9 @@ impl SqliteStore {
             .send(job(reply))
             .await
             .map_err(|_| StoreError::Backend("the SQLite writer has stopped".into()))?;
-        answer.await.map_err(|_| StoreError::Backend("the SQLite writer has stopped".into()))?
+        answer
+            .await
+            .map_err(|_| StoreError::Backend("the SQLite writer has stopped".into()))?
     }
 
     /// Runs `read` on a pooled read connection on the blocking pool.
@@ -161,7 +168,9 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
 fn commit_group(connection: &mut Connection, group: Vec<Job>) -> bool {
     let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(group.len());
     let mut outcomes: Vec<Option<AppendOutcome>> = Vec::with_capacity(group.len());
-    let began = connection.execute_batch("BEGIN IMMEDIATE").map_err(StoreError::from);
+    let began = connection
+        .execute_batch("BEGIN IMMEDIATE")
+        .map_err(StoreError::from);
     if let Err(error) = began {
         for job in group {
             reply_error(job, StoreError::Backend(error.to_string()));
@@ -228,7 +237,10 @@ fn reply_error(job: Job, error: StoreError) {
     }
 }
 
-fn append_in(connection: &Connection, request: &AppendRequest) -> Result<AppendOutcome, StoreError> {
+fn append_in(
+    connection: &Connection,
+    request: &AppendRequest,
+) -> Result<AppendOutcome, StoreError> {
     let mut versions = Vec::with_capacity(request.streams.len());
     {
         let mut current = connection.prepare_cached(
@@ -238,14 +250,14 @@ fn append_in(connection: &Connection, request: &AppendRequest) -> Result<AppendO
             let version: i64 =
                 current.query_row(params![stream.kind, stream.id.as_bytes()], |row| row.get(0))?;
             let version = version as u64;
-            if let ExpectedVersion::Exact(expected) = *expected {
-                if expected != version {
-                    return Err(StoreError::Conflict {
-                        stream: stream.clone(),
-                        expected,
-                        actual: Some(version),
-                    });
-                }
+            if let ExpectedVersion::Exact(expected) = *expected
+                && expected != version
+            {
+                return Err(StoreError::Conflict {
+                    stream: stream.clone(),
+                    expected,
+                    actual: Some(version),
+                });
             }
             versions.push(version);
         }
@@ -281,7 +293,9 @@ fn append_in(connection: &Connection, request: &AppendRequest) -> Result<AppendO
                 stream.id.as_bytes()
             ])?;
             if inserted == 0 {
-                return Err(StoreError::ClaimTaken { scope: key.scope.clone() });
+                return Err(StoreError::ClaimTaken {
+                    scope: key.scope.clone(),
+                });
             }
         }
     }
@@ -311,7 +325,10 @@ fn append_in(connection: &Connection, request: &AppendRequest) -> Result<AppendO
             event.schema_version,
             recorded_at,
             metadata.correlation_id.as_bytes(),
-            metadata.causation_id.as_ref().map(|c| c.as_bytes().to_vec()),
+            metadata
+                .causation_id
+                .as_ref()
+                .map(|c| c.as_bytes().to_vec()),
             actor,
             ip,
             user_agent,
@@ -347,7 +364,9 @@ fn uuid_at(row: &Row<'_>, index: usize) -> rusqlite::Result<Uuid> {
 
 fn decode(row: &Row<'_>) -> Result<RecordedEvent, StoreError> {
     let causation_id = match row.get_ref(10)?.as_blob_or_null()? {
-        Some(bytes) => Some(Uuid::from_slice(bytes).map_err(|e| StoreError::Backend(e.to_string()))?),
+        Some(bytes) => {
+            Some(Uuid::from_slice(bytes).map_err(|e| StoreError::Backend(e.to_string()))?)
+        }
         None => None,
     };
     let ip: Option<String> = row.get(12)?;
@@ -357,7 +376,10 @@ fn decode(row: &Row<'_>) -> Result<RecordedEvent, StoreError> {
         position: row.get::<_, i64>(0)? as u64,
         id: uuid_at(row, 1)?,
         tenant_id: uuid_at(row, 2)?,
-        stream: StreamId { kind: row.get(3)?, id: uuid_at(row, 4)? },
+        stream: StreamId {
+            kind: row.get(3)?,
+            id: uuid_at(row, 4)?,
+        },
         version: row.get::<_, i64>(5)? as u64,
         event_type: row.get(6)?,
         schema_version: row.get(7)?,
@@ -365,7 +387,11 @@ fn decode(row: &Row<'_>) -> Result<RecordedEvent, StoreError> {
             .ok_or_else(|| StoreError::Backend(format!("bad timestamp {micros}")))?,
         correlation_id: uuid_at(row, 9)?,
         causation_id,
-        actor: row.get_ref(11)?.as_str()?.parse::<Actor>().map_err(StoreError::Backend)?,
+        actor: row
+            .get_ref(11)?
+            .as_str()?
+            .parse::<Actor>()
+            .map_err(StoreError::Backend)?,
         context: (ip.is_some() || user_agent.is_some()).then_some(ClientContext { ip, user_agent }),
         payload: serde_json::value::RawValue::from_string(row.get::<_, String>(14)?)
             .map_err(|e| StoreError::Backend(e.to_string()))?,
@@ -415,24 +441,34 @@ impl EventStore for SqliteStore {
     ) -> Result<ReadBatch, StoreError> {
         let filter = filter.clone();
         self.read(move |connection| {
-            let mut sql = format!("SELECT {COLUMNS} FROM events WHERE position > ? AND position <= ?");
+            let mut sql =
+                format!("SELECT {COLUMNS} FROM events WHERE position > ? AND position <= ?");
             if filter.tenant_id.is_some() {
                 sql.push_str(" AND tenant_id = ?");
             }
             let placeholders = |n: usize| vec!["?"; n].join(", ");
             if !filter.stream_types.is_empty() {
-                sql.push_str(&format!(" AND stream_type IN ({})", placeholders(filter.stream_types.len())));
+                sql.push_str(&format!(
+                    " AND stream_type IN ({})",
+                    placeholders(filter.stream_types.len())
+                ));
             }
             if !filter.event_types.is_empty() {
-                sql.push_str(&format!(" AND event_type IN ({})", placeholders(filter.event_types.len())));
+                sql.push_str(&format!(
+                    " AND event_type IN ({})",
+                    placeholders(filter.event_types.len())
+                ));
             }
             sql.push_str(" ORDER BY position LIMIT ?");
 
             // One read transaction: the head and the events below it come from one snapshot.
             connection.execute_batch("BEGIN")?;
             let result = (|| {
-                let head: i64 = connection
-                    .query_row("SELECT coalesce(max(position), 0) FROM events", [], |row| row.get(0))?;
+                let head: i64 = connection.query_row(
+                    "SELECT coalesce(max(position), 0) FROM events",
+                    [],
+                    |row| row.get(0),
+                )?;
                 let mut values: Vec<rusqlite::types::Value> =
                     vec![(after as i64).into(), head.into()];
                 if let Some(tenant) = filter.tenant_id {
@@ -468,9 +504,15 @@ impl EventStore for SqliteStore {
                     "SELECT stream_type, stream_id FROM unique_claims \
                      WHERE tenant_id = ?1 AND scope = ?2 AND value = ?3",
                 )?
-                .query_row(params![key.tenant_id.as_bytes(), key.scope, key.value], |row| {
-                    Ok(StreamId { kind: row.get(0)?, id: uuid_at(row, 1)? })
-                })
+                .query_row(
+                    params![key.tenant_id.as_bytes(), key.scope, key.value],
+                    |row| {
+                        Ok(StreamId {
+                            kind: row.get(0)?,
+                            id: uuid_at(row, 1)?,
+                        })
+                    },
+                )
                 .optional()?)
         })
         .await
@@ -491,7 +533,10 @@ impl EventStore for SqliteStore {
             })
             .await?;
         row.map(|(version, state)| {
-            Ok((version as u64, serde_json::from_str(&state).map_err(|e| StoreError::Backend(e.to_string()))?))
+            Ok((
+                version as u64,
+                serde_json::from_str(&state).map_err(|e| StoreError::Backend(e.to_string()))?,
+            ))
         })
         .transpose()
     }
@@ -503,7 +548,8 @@ impl EventStore for SqliteStore {
         state: &Value,
     ) -> Result<(), StoreError> {
         let (stream, state) = (stream.clone(), state.to_string());
-        self.submit(|reply| Job::Snapshot(stream, version, state, reply)).await
+        self.submit(|reply| Job::Snapshot(stream, version, state, reply))
+            .await
     }
 
     fn changes(&self) -> watch::Receiver<u64> {

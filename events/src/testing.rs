@@ -34,7 +34,11 @@ impl TestStore {
 pub async fn sqlite() -> Result<TestStore, StoreError> {
     let dir = tempfile::tempdir().map_err(|e| StoreError::Backend(e.to_string()))?;
     let url = format!("sqlite://{}", dir.path().join("events.db").display());
-    Ok(TestStore { store: crate::store::connect(&url).await?, url, dir: Some(dir) })
+    Ok(TestStore {
+        store: crate::store::connect(&url).await?,
+        url,
+        dir: Some(dir),
+    })
 }
 
 /// A fresh database on the test PostgreSQL server, if one is configured.
@@ -58,7 +62,9 @@ pub async fn create_database(base: &str, name: &str) -> Result<String, StoreErro
         return Err(StoreError::Invalid(format!("bad database name {name}")));
     }
     let mut admin = sqlx::PgConnection::connect(base).await?;
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await?;
     admin.close().await?;
     Ok(database_url(base, name))
 }
@@ -69,7 +75,9 @@ pub async fn drop_database(base: &str, name: &str) -> Result<(), StoreError> {
         return Err(StoreError::Invalid(format!("bad database name {name}")));
     }
     let mut admin = sqlx::PgConnection::connect(base).await?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut admin).await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await?;
     admin.close().await?;
     Ok(())
 }
@@ -92,7 +100,11 @@ pub async fn postgres() -> Result<Option<TestStore>, StoreError> {
     let Some(url) = fresh_postgres_url().await? else {
         return Ok(None);
     };
-    Ok(Some(TestStore { store: crate::store::connect(&url).await?, url, dir: None }))
+    Ok(Some(TestStore {
+        store: crate::store::connect(&url).await?,
+        url,
+        dir: None,
+    }))
 }
 
 /// Every backend available to this test run: SQLite, then PostgreSQL when configured.

@@ -33,7 +33,10 @@ impl<S: Send + Sync + 'static> LiveView<S> {
         let mut cursor = 0;
         loop {
             let batch = store.read_all(cursor, &filter, BATCH).await?;
-            batch.events.iter().for_each(|event| apply(&mut state, event));
+            batch
+                .events
+                .iter()
+                .for_each(|event| apply(&mut state, event));
             cursor = batch.next;
             if batch.events.len() < BATCH {
                 break;
@@ -45,12 +48,16 @@ impl<S: Send + Sync + 'static> LiveView<S> {
         let task = tokio::spawn(async move {
             let mut cursor = cursor;
             loop {
-                let mut batches = Box::pin(subscribe_batches(store.clone(), cursor, filter.clone()));
+                let mut batches =
+                    Box::pin(subscribe_batches(store.clone(), cursor, filter.clone()));
                 while let Some(batch) = batches.next().await {
                     match batch {
                         Ok(batch) => {
                             if let Ok(mut state) = shared.write() {
-                                batch.events.iter().for_each(|event| apply(&mut state, event));
+                                batch
+                                    .events
+                                    .iter()
+                                    .for_each(|event| apply(&mut state, event));
                             }
                             cursor = batch.next;
                             reached_tx.send_replace(cursor);
@@ -64,7 +71,11 @@ impl<S: Send + Sync + 'static> LiveView<S> {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         });
-        Ok(LiveView { state, reached, task })
+        Ok(LiveView {
+            state,
+            reached,
+            task,
+        })
     }
 
     /// Reads the current state.
@@ -78,7 +89,9 @@ impl<S: Send + Sync + 'static> LiveView<S> {
     /// Waits until the view has applied everything up to `position`; false on timeout.
     pub async fn wait_for(&self, position: Position, timeout: Duration) -> bool {
         let mut reached = self.reached.clone();
-        tokio::time::timeout(timeout, reached.wait_for(|p| *p >= position)).await.is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(timeout, reached.wait_for(|p| *p >= position))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 }
 

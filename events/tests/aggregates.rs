@@ -17,13 +17,21 @@ type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 enum ClubEvent {
-    MemberJoined { display_name: String, source: String },
-    MemberLeft { display_name: String },
+    MemberJoined {
+        display_name: String,
+        source: String,
+    },
+    MemberLeft {
+        display_name: String,
+    },
 }
 
 static CLUB_UPCASTERS: LazyLock<Upcasters> = LazyLock::new(|| {
     Upcasters::new().step("MemberJoined", 1, |mut payload| {
-        let name = payload.get("name").cloned().ok_or("v1 MemberJoined without name")?;
+        let name = payload
+            .get("name")
+            .cloned()
+            .ok_or("v1 MemberJoined without name")?;
         payload["display_name"] = name;
         payload["source"] = json!("legacy");
         if let Some(fields) = payload.as_object_mut() {
@@ -52,7 +60,10 @@ impl Aggregate for Club {
 
     fn apply(&mut self, event: ClubEvent, _: &RecordedEvent) {
         match event {
-            ClubEvent::MemberJoined { display_name, source } => {
+            ClubEvent::MemberJoined {
+                display_name,
+                source,
+            } => {
                 self.members.push(display_name);
                 self.sources.push(source);
             }
@@ -78,17 +89,30 @@ async fn an_event_stored_at_schema_version_1_loads_as_version_2() -> TestResult 
         });
         store.append(old).await?;
         // Written now: schema 2.
-        let new = ClubEvent::MemberJoined { display_name: "Grace".into(), source: "sign_up".into() };
-        assert_eq!(new.encode()?.1, 2, "new events are written at the current schema version");
+        let new = ClubEvent::MemberJoined {
+            display_name: "Grace".into(),
+            source: "sign_up".into(),
+        };
+        assert_eq!(
+            new.encode()?.1,
+            2,
+            "new events are written at the current schema version"
+        );
         let mut request = AppendRequest::new(Metadata::system());
         request.push(new.to_new_event(Uuid::nil(), &stream)?);
         store.append(request).await?;
 
         let stored = store.read_stream(&stream, StreamBounds::default()).await?;
-        assert_eq!(stored[0].schema_version, 1, "old events are never rewritten");
+        assert_eq!(
+            stored[0].schema_version, 1,
+            "old events are never rewritten"
+        );
         assert_eq!(
             ClubEvent::decode(&stored[0])?,
-            ClubEvent::MemberJoined { display_name: "Ada".into(), source: "legacy".into() }
+            ClubEvent::MemberJoined {
+                display_name: "Ada".into(),
+                source: "legacy".into()
+            }
         );
         let club = Loaded::<Club>::load(store.as_ref(), id).await?;
         assert_eq!(club.state.members, vec!["Ada", "Grace"]);
@@ -104,7 +128,10 @@ async fn a_long_stream_loads_from_its_snapshot_and_the_events_after_it() -> Test
         let store = store.store;
         let id = Uuid::now_v7();
         let stream: StreamId = Club::stream(id);
-        let join = |n: usize| ClubEvent::MemberJoined { display_name: format!("m{n}"), source: "s".into() };
+        let join = |n: usize| ClubEvent::MemberJoined {
+            display_name: format!("m{n}"),
+            source: "s".into(),
+        };
         for n in 0..25 {
             let mut request = AppendRequest::new(Metadata::system());
             request.push(join(n).to_new_event(Uuid::nil(), &stream)?);
@@ -112,12 +139,23 @@ async fn a_long_stream_loads_from_its_snapshot_and_the_events_after_it() -> Test
         }
         let first = Loaded::<Club>::load(store.as_ref(), id).await?;
         assert_eq!(first.state.members.len(), 25);
-        let (version, snapshot) = store.load_snapshot(&stream).await?.ok_or("no snapshot taken")?;
+        let (version, snapshot) = store
+            .load_snapshot(&stream)
+            .await?
+            .ok_or("no snapshot taken")?;
         assert_eq!(version, 25);
-        assert_eq!(snapshot["state"]["members"].as_array().map(Vec::len), Some(25));
+        assert_eq!(
+            snapshot["state"]["members"].as_array().map(Vec::len),
+            Some(25)
+        );
 
         let mut request = AppendRequest::new(Metadata::system());
-        request.push(ClubEvent::MemberLeft { display_name: "m0".into() }.to_new_event(Uuid::nil(), &stream)?);
+        request.push(
+            ClubEvent::MemberLeft {
+                display_name: "m0".into(),
+            }
+            .to_new_event(Uuid::nil(), &stream)?,
+        );
         store.append(request).await?;
         let second = Loaded::<Club>::load(store.as_ref(), id).await?;
         assert_eq!(second.version, 26);
@@ -126,7 +164,15 @@ async fn a_long_stream_loads_from_its_snapshot_and_the_events_after_it() -> Test
 
         // The state as it was at version 5, for auditors.
         let at = store.read_stream(&stream, StreamBounds::default()).await?[4].position;
-        let past = Loaded::<Club>::load_at(store.as_ref(), id, StreamBounds { up_to_position: Some(at), ..Default::default() }).await?;
+        let past = Loaded::<Club>::load_at(
+            store.as_ref(),
+            id,
+            StreamBounds {
+                up_to_position: Some(at),
+                ..Default::default()
+            },
+        )
+        .await?;
         assert_eq!(past.state.members.len(), 5);
     }
     Ok(())

@@ -47,7 +47,12 @@ async fn collect(
         match tokio::time::timeout(Duration::from_secs(60), stream.next()).await {
             Ok(Some(event)) => seen.push(event?),
             Ok(None) => break,
-            Err(_) => return Err(StoreError::Backend(format!("timed out after {} of {count} events", seen.len()))),
+            Err(_) => {
+                return Err(StoreError::Backend(format!(
+                    "timed out after {} of {count} events",
+                    seen.len()
+                )));
+            }
         }
     }
     Ok(seen)
@@ -69,7 +74,9 @@ async fn concurrent_writers_never_lose_skip_or_reorder_an_event() -> TestResult 
     for TestStore { store, .. } in testing::all().await? {
         let backend = store.backend();
         let tenant = Uuid::now_v7();
-        let shared: Vec<StreamId> = (0..3).map(|_| StreamId::new("shared", Uuid::now_v7())).collect();
+        let shared: Vec<StreamId> = (0..3)
+            .map(|_| StreamId::new("shared", Uuid::now_v7()))
+            .collect();
         let writers = 8;
         let commands_per_writer = 250;
 
@@ -86,7 +93,9 @@ async fn concurrent_writers_never_lose_skip_or_reorder_an_event() -> TestResult 
                 loop {
                     if total.is_some_and(|t| seen.len() >= t) {
                         // Anything beyond the total would be a duplicate or an invention.
-                        if let Ok(Some(extra)) = tokio::time::timeout(Duration::from_millis(300), stream.next()).await {
+                        if let Ok(Some(extra)) =
+                            tokio::time::timeout(Duration::from_millis(300), stream.next()).await
+                        {
                             seen.push(extra?);
                         }
                         return Ok::<_, StoreError>(seen);
@@ -117,8 +126,12 @@ async fn concurrent_writers_never_lose_skip_or_reorder_an_event() -> TestResult 
                         // expected and retried by reloading the version.
                         let stream = &shared[command % shared.len()];
                         gatehouse_events::retry::retry_on_conflict(50, || async {
-                            let version = store.read_stream(stream, StreamBounds::default()).await?.len() as u64;
-                            let mut request = append_of((0..size).map(|n| event(tenant, stream, n)));
+                            let version = store
+                                .read_stream(stream, StreamBounds::default())
+                                .await?
+                                .len() as u64;
+                            let mut request =
+                                append_of((0..size).map(|n| event(tenant, stream, n)));
                             request.expect(stream, ExpectedVersion::Exact(version));
                             store.append(request).await
                         })
@@ -146,21 +159,40 @@ async fn concurrent_writers_never_lose_skip_or_reorder_an_event() -> TestResult 
         for handle in handles {
             acknowledged.extend(handle.await??);
         }
-        assert!(acknowledged.len() > 2000, "{backend}: only {} events appended", acknowledged.len());
+        assert!(
+            acknowledged.len() > 2000,
+            "{backend}: only {} events appended",
+            acknowledged.len()
+        );
         let _ = total_tx.send(acknowledged.len());
         let seen = subscriber.await??;
 
         assert_strictly_increasing(&seen, backend);
         let ids: Vec<Uuid> = seen.iter().map(|e| e.id).collect();
         let unique: HashSet<Uuid> = ids.iter().copied().collect();
-        assert_eq!(unique.len(), ids.len(), "{backend}: the subscriber saw an event twice");
-        assert_eq!(seen.len(), acknowledged.len(), "{backend}: seen vs acknowledged");
-        assert_eq!(unique, acknowledged, "{backend}: the subscriber saw other events than were acknowledged");
+        assert_eq!(
+            unique.len(),
+            ids.len(),
+            "{backend}: the subscriber saw an event twice"
+        );
+        assert_eq!(
+            seen.len(),
+            acknowledged.len(),
+            "{backend}: seen vs acknowledged"
+        );
+        assert_eq!(
+            unique, acknowledged,
+            "{backend}: the subscriber saw other events than were acknowledged"
+        );
         // Versions in each shared stream are dense: no lost write.
         for stream in &shared {
             let events = store.read_stream(stream, StreamBounds::default()).await?;
             for (i, e) in events.iter().enumerate() {
-                assert_eq!(e.version, i as u64 + 1, "{backend}: version gap in {stream}");
+                assert_eq!(
+                    e.version,
+                    i as u64 + 1,
+                    "{backend}: version gap in {stream}"
+                );
             }
         }
     }
@@ -187,17 +219,33 @@ async fn of_two_conflicting_appends_exactly_one_wins() -> TestResult {
         for result in results {
             match result? {
                 Ok(_) => wins += 1,
-                Err(StoreError::Conflict { stream: s, expected: 1, .. }) => assert_eq!(s, stream),
+                Err(StoreError::Conflict {
+                    stream: s,
+                    expected: 1,
+                    ..
+                }) => assert_eq!(s, stream),
                 Err(other) => panic!("{}: unexpected {other}", store.backend()),
             }
         }
         assert_eq!(wins, 1, "{}: exactly one append may win", store.backend());
-        assert_eq!(store.read_stream(&stream, StreamBounds::default()).await?.len(), 2);
+        assert_eq!(
+            store
+                .read_stream(&stream, StreamBounds::default())
+                .await?
+                .len(),
+            2
+        );
 
         // A stale expectation is refused outright, and a stream that must not exist must not.
         let mut stale = append_of([event(tenant, &stream, 9)]);
         stale.expect(&stream, ExpectedVersion::Exact(0));
-        assert!(matches!(store.append(stale).await, Err(StoreError::Conflict { actual: Some(2), .. })));
+        assert!(matches!(
+            store.append(stale).await,
+            Err(StoreError::Conflict {
+                actual: Some(2),
+                ..
+            })
+        ));
     }
     Ok(())
 }
@@ -212,13 +260,40 @@ async fn a_failed_append_writes_nothing() -> TestResult {
         // Two streams in one append; the second's expectation is wrong.
         let mut request = append_of([event(tenant, &a, 1), event(tenant, &b, 2)]);
         request.expect(&b, ExpectedVersion::Exact(5));
-        request.claim(&a, ClaimKey { tenant_id: tenant, scope: "email".into(), value: "x".into() });
+        request.claim(
+            &a,
+            ClaimKey {
+                tenant_id: tenant,
+                scope: "email".into(),
+                value: "x".into(),
+            },
+        );
         assert!(store.append(request).await.is_err());
-        assert!(store.read_stream(&a, StreamBounds::default()).await?.is_empty());
-        assert_eq!(store.read_stream(&b, StreamBounds::default()).await?.len(), 1);
-        let key = ClaimKey { tenant_id: tenant, scope: "email".into(), value: "x".into() };
-        assert_eq!(store.claim_owner(&key).await?, None, "{}: claim leaked", store.backend());
-        assert!(matches!(store.append(AppendRequest::new(Metadata::system())).await, Err(StoreError::Invalid(_))));
+        assert!(
+            store
+                .read_stream(&a, StreamBounds::default())
+                .await?
+                .is_empty()
+        );
+        assert_eq!(
+            store.read_stream(&b, StreamBounds::default()).await?.len(),
+            1
+        );
+        let key = ClaimKey {
+            tenant_id: tenant,
+            scope: "email".into(),
+            value: "x".into(),
+        };
+        assert_eq!(
+            store.claim_owner(&key).await?,
+            None,
+            "{}: claim leaked",
+            store.backend()
+        );
+        assert!(matches!(
+            store.append(AppendRequest::new(Metadata::system())).await,
+            Err(StoreError::Invalid(_))
+        ));
     }
     Ok(())
 }
@@ -246,8 +321,15 @@ async fn a_resumed_subscription_continues_without_loss_or_duplicates() -> TestRe
         let rest = collect(store.clone(), saved, EventFilter::default(), 100).await?;
         let all: Vec<RecordedEvent> = first.into_iter().chain(rest).collect();
         assert_strictly_increasing(&all, backend);
-        let ns: Vec<u64> = all.iter().filter_map(|e| e.payload_value().ok()?["n"].as_u64()).collect();
-        assert_eq!(ns, (0..150).collect::<Vec<u64>>(), "{backend}: resumed stream lost or repeated events");
+        let ns: Vec<u64> = all
+            .iter()
+            .filter_map(|e| e.payload_value().ok()?["n"].as_u64())
+            .collect();
+        assert_eq!(
+            ns,
+            (0..150).collect::<Vec<u64>>(),
+            "{backend}: resumed stream lost or repeated events"
+        );
     }
     Ok(())
 }
@@ -257,7 +339,11 @@ async fn a_unique_claim_goes_to_exactly_one_of_two_concurrent_sign_ups() -> Test
     for TestStore { store, .. } in testing::all().await? {
         let backend = store.backend();
         let (tenant_a, tenant_b) = (Uuid::now_v7(), Uuid::now_v7());
-        let email = |tenant| ClaimKey { tenant_id: tenant, scope: "email".into(), value: "ada@example.com".into() };
+        let email = |tenant| ClaimKey {
+            tenant_id: tenant,
+            scope: "email".into(),
+            value: "ada@example.com".into(),
+        };
         let sign_up = |tenant: Uuid| {
             let store = store.clone();
             tokio::spawn(async move {
@@ -277,8 +363,15 @@ async fn a_unique_claim_goes_to_exactly_one_of_two_concurrent_sign_ups() -> Test
                 Err(other) => panic!("{backend}: unexpected {other}"),
             }
         }
-        assert_eq!(winners.len(), 1, "{backend}: exactly one sign-up may take the email");
-        assert_eq!(store.claim_owner(&email(tenant_a)).await?, Some(winners[0].clone()));
+        assert_eq!(
+            winners.len(),
+            1,
+            "{backend}: exactly one sign-up may take the email"
+        );
+        assert_eq!(
+            store.claim_owner(&email(tenant_a)).await?,
+            Some(winners[0].clone())
+        );
 
         // Another tenant may hold the same email.
         let other = sign_up(tenant_b).await??;
@@ -306,15 +399,27 @@ async fn a_stream_reads_back_up_to_a_position_or_time() -> TestResult {
             request.recorded_at(start + chrono::Duration::hours(n as i64));
             positions.push(store.append(request).await?.last_position());
         }
-        let up_to_second = StreamBounds { up_to_position: Some(positions[1]), ..Default::default() };
+        let up_to_second = StreamBounds {
+            up_to_position: Some(positions[1]),
+            ..Default::default()
+        };
         assert_eq!(store.read_stream(&stream, up_to_second).await?.len(), 2);
-        let first_hour = StreamBounds { up_to_time: Some(start + chrono::Duration::minutes(30)), ..Default::default() };
+        let first_hour = StreamBounds {
+            up_to_time: Some(start + chrono::Duration::minutes(30)),
+            ..Default::default()
+        };
         assert_eq!(store.read_stream(&stream, first_hour).await?.len(), 1);
-        let tenant_only = EventFilter { tenant_id: Some(tenant), ..Default::default() };
+        let tenant_only = EventFilter {
+            tenant_id: Some(tenant),
+            ..Default::default()
+        };
         let batch = store.read_all(0, &tenant_only, 100).await?;
         assert_eq!(batch.events.len(), 3);
         assert!(batch.next >= positions[2]);
-        let other_type = EventFilter { event_types: vec!["Other".into()], ..Default::default() };
+        let other_type = EventFilter {
+            event_types: vec!["Other".into()],
+            ..Default::default()
+        };
         assert!(store.read_all(0, &other_type, 100).await?.events.is_empty());
     }
     Ok(())

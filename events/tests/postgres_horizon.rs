@@ -10,7 +10,8 @@ use std::time::Duration;
 use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_earlier_transaction_committing_late_is_delivered_before_later_ones() -> Result<(), Box<dyn std::error::Error>> {
+async fn an_earlier_transaction_committing_late_is_delivered_before_later_ones()
+-> Result<(), Box<dyn std::error::Error>> {
     let Some(test_store) = testing::postgres().await? else {
         return Ok(());
     };
@@ -45,22 +46,34 @@ async fn an_earlier_transaction_committing_late_is_delivered_before_later_ones()
         payload: json!({ "n": 1 }),
     });
     let fast_position = store.append(request).await?.last_position();
-    assert!(fast_position > slow_position as u64, "positions follow transaction order");
+    assert!(
+        fast_position > slow_position as u64,
+        "positions follow transaction order"
+    );
 
     // Readers may not pass the uncommitted transaction.
     let batch = store.read_all(0, &EventFilter::default(), 100).await?;
-    assert!(batch.events.is_empty(), "the committed later event must wait for the earlier transaction");
+    assert!(
+        batch.events.is_empty(),
+        "the committed later event must wait for the earlier transaction"
+    );
     assert!(batch.next < slow_position as u64);
     let mut subscription = Box::pin(subscribe(store.clone(), 0, EventFilter::default()));
     assert!(
-        tokio::time::timeout(Duration::from_millis(500), subscription.next()).await.is_err(),
+        tokio::time::timeout(Duration::from_millis(500), subscription.next())
+            .await
+            .is_err(),
         "a subscriber must not receive anything while the earlier transaction is open"
     );
 
     // Once it commits, both arrive, in position order.
     slow_tx.commit().await?;
-    let first = tokio::time::timeout(Duration::from_secs(10), subscription.next()).await?.ok_or("ended")??;
-    let second = tokio::time::timeout(Duration::from_secs(10), subscription.next()).await?.ok_or("ended")??;
+    let first = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+        .await?
+        .ok_or("ended")??;
+    let second = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+        .await?
+        .ok_or("ended")??;
     assert_eq!(first.position, slow_position as u64);
     assert_eq!(second.position, fast_position);
     Ok(())

@@ -40,9 +40,15 @@ pub struct Rebuilt {
 
 /// Replays every matching event from the start of the log into `projection`, until it has
 /// caught up with the log as it was when the rebuild started.
-pub async fn rebuild(store: &dyn EventStore, projection: &mut impl Projection) -> Result<Rebuilt, StoreError> {
+pub async fn rebuild(
+    store: &dyn EventStore,
+    projection: &mut impl Projection,
+) -> Result<Rebuilt, StoreError> {
     let filter = projection.filter();
-    let mut rebuilt = Rebuilt { events: 0, position: 0 };
+    let mut rebuilt = Rebuilt {
+        events: 0,
+        position: 0,
+    };
     let mut batch = store.read_all(0, &filter, REBUILD_BATCH).await?;
     loop {
         let done = batch.events.len() < REBUILD_BATCH;
@@ -51,7 +57,14 @@ pub async fn rebuild(store: &dyn EventStore, projection: &mut impl Projection) -
         // Read the next batch while this one is folded.
         let (next, ()) = futures::join!(
             async {
-                if done { Ok(None) } else { store.read_all(rebuilt.position, &filter, REBUILD_BATCH).await.map(Some) }
+                if done {
+                    Ok(None)
+                } else {
+                    store
+                        .read_all(rebuilt.position, &filter, REBUILD_BATCH)
+                        .await
+                        .map(Some)
+                }
             },
             async {
                 for event in &batch.events {

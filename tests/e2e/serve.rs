@@ -9,36 +9,58 @@ use support::{Server, TestResult};
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 
-fn with_key<T>(message: T, key: &str) -> Result<tonic::Request<T>, Box<dyn std::error::Error + Send + Sync>> {
+fn with_key<T>(
+    message: T,
+    key: &str,
+) -> Result<tonic::Request<T>, Box<dyn std::error::Error + Send + Sync>> {
     let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert("authorization", MetadataValue::try_from(format!("Bearer {key}"))?);
+    request.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {key}"))?,
+    );
     Ok(request)
 }
 
 async fn check_a_fresh_server(database_url: Option<String>) -> TestResult {
     let data = tempfile::tempdir()?;
     let server = Server::start(data.path(), database_url.as_deref())?;
-    assert!(server.startup.as_secs() < 30, "took {:?} to become ready", server.startup);
+    assert!(
+        server.startup.as_secs() < 30,
+        "took {:?} to become ready",
+        server.startup
+    );
 
     // The admin key: printed once, written to admin.key with mode 0600.
-    let key = server.printed_admin_key().ok_or("no admin key printed on first start")?;
+    let key = server
+        .printed_admin_key()
+        .ok_or("no admin key printed on first start")?;
     let key_file = data.path().join("admin.key");
     assert_eq!(std::fs::read_to_string(&key_file)?.trim(), key);
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&key_file)?.permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&key_file)?.permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     // Health over gRPC and HTTP; metrics.
-    let channel = tonic::transport::Endpoint::from_shared(server.grpc_url())?.connect().await?;
+    let channel = tonic::transport::Endpoint::from_shared(server.grpc_url())?
+        .connect()
+        .await?;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let status = health
-        .check(tonic_health::pb::HealthCheckRequest { service: "gatehouse.v1.TenantService".into() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "gatehouse.v1.TenantService".into(),
+        })
         .await?
         .into_inner()
         .status;
-    assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
     let (code, body) = server.http_get("/healthz")?;
     assert_eq!((code, body.trim()), (200, "ok"));
     let (code, metrics) = server.http_get("/metrics")?;
@@ -48,28 +70,62 @@ async fn check_a_fresh_server(database_url: Option<String>) -> TestResult {
     // The admin key works; a wrong key and no key are UNAUTHENTICATED.
     let mut tenants = TenantServiceClient::new(channel);
     let created = tenants
-        .create_tenant(with_key(CreateTenantRequest { display_name: "Contoso Insurance".into() }, &key)?)
+        .create_tenant(with_key(
+            CreateTenantRequest {
+                display_name: "Contoso Insurance".into(),
+            },
+            &key,
+        )?)
         .await?
         .into_inner();
     assert_eq!(created.display_name, "Contoso Insurance");
-    let listed = tenants.list_tenants(with_key(ListTenantsRequest::default(), &key)?).await?.into_inner();
+    let listed = tenants
+        .list_tenants(with_key(ListTenantsRequest::default(), &key)?)
+        .await?
+        .into_inner();
     assert_eq!(listed.tenants.len(), 1);
-    let wrong = tenants.list_tenants(with_key(ListTenantsRequest::default(), "gh_not-a-real-key")?).await;
+    let wrong = tenants
+        .list_tenants(with_key(
+            ListTenantsRequest::default(),
+            "gh_not-a-real-key",
+        )?)
+        .await;
     assert_eq!(wrong.err().map(|s| s.code()), Some(Code::Unauthenticated));
     let missing = tenants.list_tenants(ListTenantsRequest::default()).await;
     assert_eq!(missing.err().map(|s| s.code()), Some(Code::Unauthenticated));
-    let bad = tenants.create_tenant(with_key(CreateTenantRequest { display_name: " ".into() }, &key)?).await;
+    let bad = tenants
+        .create_tenant(with_key(
+            CreateTenantRequest {
+                display_name: " ".into(),
+            },
+            &key,
+        )?)
+        .await;
     assert_eq!(bad.err().map(|s| s.code()), Some(Code::InvalidArgument));
 
     // Graceful stop; a restart keeps the key (not printed again) and the tenant.
     drop((health, tenants));
-    assert!(server.stop()?.success(), "gatehouse serve must exit cleanly on SIGTERM");
+    assert!(
+        server.stop()?.success(),
+        "gatehouse serve must exit cleanly on SIGTERM"
+    );
     let again = Server::start(data.path(), database_url.as_deref())?;
-    assert_eq!(again.printed_admin_key(), None, "the admin key is shown only once");
-    let channel = tonic::transport::Endpoint::from_shared(again.grpc_url())?.connect().await?;
+    assert_eq!(
+        again.printed_admin_key(),
+        None,
+        "the admin key is shown only once"
+    );
+    let channel = tonic::transport::Endpoint::from_shared(again.grpc_url())?
+        .connect()
+        .await?;
     let mut tenants = TenantServiceClient::new(channel);
     let fetched = tenants
-        .get_tenant(with_key(GetTenantRequest { tenant_id: created.id.clone() }, &key)?)
+        .get_tenant(with_key(
+            GetTenantRequest {
+                tenant_id: created.id.clone(),
+            },
+            &key,
+        )?)
         .await?
         .into_inner();
     assert_eq!(fetched, created);
@@ -96,9 +152,13 @@ async fn an_admin_key_from_the_environment_is_used_and_not_printed() -> TestResu
     let server = Server::start_with_env(data.path(), None, &[("GATEHOUSE_ADMIN_KEY", key)])?;
     assert_eq!(server.printed_admin_key(), None);
     assert!(!data.path().join("admin.key").exists());
-    let channel = tonic::transport::Endpoint::from_shared(server.grpc_url())?.connect().await?;
+    let channel = tonic::transport::Endpoint::from_shared(server.grpc_url())?
+        .connect()
+        .await?;
     let mut tenants = TenantServiceClient::new(channel);
-    tenants.list_tenants(with_key(ListTenantsRequest::default(), key)?).await?;
+    tenants
+        .list_tenants(with_key(ListTenantsRequest::default(), key)?)
+        .await?;
     Ok(())
 }
 
@@ -114,8 +174,14 @@ async fn a_python_client_finds_the_services_through_reflection() -> TestResult {
         .output()?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "python client failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("v1 services: ") && stdout.contains("gatehouse.v1.TenantService"), "{stdout}");
+    assert!(
+        output.status.success(),
+        "python client failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("v1 services: ") && stdout.contains("gatehouse.v1.TenantService"),
+        "{stdout}"
+    );
     assert!(stdout.contains("v1alpha services: "), "{stdout}");
     Ok(())
 }

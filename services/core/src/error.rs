@@ -20,7 +20,10 @@ pub struct FieldViolation {
 impl FieldViolation {
     /// A violation of `field`.
     pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
-        FieldViolation { field: field.into(), description: description.into() }
+        FieldViolation {
+            field: field.into(),
+            description: description.into(),
+        }
     }
 }
 
@@ -72,7 +75,11 @@ impl ApiError {
                 for v in &violations {
                     details.add_bad_request_violation(v.field.clone(), v.description.clone());
                 }
-                Status::with_error_details(Code::InvalidArgument, format!("invalid request: {summary}"), details)
+                Status::with_error_details(
+                    Code::InvalidArgument,
+                    format!("invalid request: {summary}"),
+                    details,
+                )
             }
             ApiError::Unauthenticated => Status::unauthenticated("a valid API key is required"),
             ApiError::PermissionDenied(message) => Status::permission_denied(message),
@@ -117,14 +124,22 @@ impl Validation {
 
     /// Records a violation.
     pub fn add(&mut self, field: &str, description: impl Into<String>) {
-        self.violations.push(FieldViolation::new(field, description));
+        self.violations
+            .push(FieldViolation::new(field, description));
     }
 
     /// Checks a required string's length in characters (after trimming).
     pub fn text(&mut self, field: &str, value: &str, min: usize, max: usize) {
         let length = value.trim().chars().count();
         if length < min {
-            self.add(field, if min == 1 { "is required".to_string() } else { format!("needs at least {min} characters") });
+            self.add(
+                field,
+                if min == 1 {
+                    "is required".to_string()
+                } else {
+                    format!("needs at least {min} characters")
+                },
+            );
         } else if length > max {
             self.add(field, format!("must be at most {max} characters"));
         }
@@ -132,6 +147,10 @@ impl Validation {
 
     /// Ok when nothing was wrong.
     pub fn finish(self) -> Result<(), ApiError> {
-        if self.violations.is_empty() { Ok(()) } else { Err(ApiError::InvalidArgument(self.violations)) }
+        if self.violations.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::InvalidArgument(self.violations))
+        }
     }
 }

@@ -69,7 +69,9 @@ impl Caller {
     pub fn require_admin(&self) -> Result<(), ApiError> {
         match self {
             Caller::PlatformAdmin => Ok(()),
-            Caller::Tenant { .. } => Err(ApiError::PermissionDenied("this needs the platform admin key".into())),
+            Caller::Tenant { .. } => Err(ApiError::PermissionDenied(
+                "this needs the platform admin key".into(),
+            )),
         }
     }
 
@@ -85,7 +87,11 @@ impl Caller {
 
     /// The caller established by the auth interceptor.
     pub fn of<T>(request: &Request<T>) -> Result<Caller, ApiError> {
-        request.extensions().get::<Caller>().cloned().ok_or(ApiError::Unauthenticated)
+        request
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .ok_or(ApiError::Unauthenticated)
     }
 }
 
@@ -118,16 +124,20 @@ fn apply(keys: &mut Keys, event: &RecordedEvent) {
             let caller = if event.event_type == ADMIN_KEY_CREATED {
                 Caller::PlatformAdmin
             } else {
-                Caller::Tenant { tenant_id: event.tenant_id, key_id: created.key_id }
+                Caller::Tenant {
+                    tenant_id: event.tenant_id,
+                    key_id: created.key_id,
+                }
             };
-            keys.hash_by_id.insert(created.key_id, created.key_hash.clone());
+            keys.hash_by_id
+                .insert(created.key_id, created.key_hash.clone());
             keys.by_hash.insert(created.key_hash, caller);
         }
         API_KEY_REVOKED => {
-            if let Ok(revoked) = event.payload_as::<KeyRevoked>() {
-                if let Some(hash) = keys.hash_by_id.remove(&revoked.key_id) {
-                    keys.by_hash.remove(&hash);
-                }
+            if let Ok(revoked) = event.payload_as::<KeyRevoked>()
+                && let Some(hash) = keys.hash_by_id.remove(&revoked.key_id)
+            {
+                keys.by_hash.remove(&hash);
             }
         }
         _ => {}
@@ -143,10 +153,16 @@ impl KeyRing {
     /// Catches up with the log's key events and follows them.
     pub async fn start(store: Arc<dyn EventStore>) -> Result<Self, StoreError> {
         let filter = EventFilter {
-            event_types: vec![ADMIN_KEY_CREATED.into(), API_KEY_CREATED.into(), API_KEY_REVOKED.into()],
+            event_types: vec![
+                ADMIN_KEY_CREATED.into(),
+                API_KEY_CREATED.into(),
+                API_KEY_REVOKED.into(),
+            ],
             ..EventFilter::default()
         };
-        Ok(KeyRing { view: LiveView::start(store, filter, Keys::default(), apply).await? })
+        Ok(KeyRing {
+            view: LiveView::start(store, filter, Keys::default(), apply).await?,
+        })
     }
 
     /// The caller a bearer key belongs to.
@@ -172,7 +188,11 @@ impl tonic::service::Interceptor for Authenticate {
             .metadata()
             .get("authorization")
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
+            .and_then(|value| {
+                value
+                    .strip_prefix("Bearer ")
+                    .or_else(|| value.strip_prefix("bearer "))
+            })
             .filter(|key| key.len() <= 256)
             .and_then(|key| self.0.authenticate(key.trim()));
         match caller {

@@ -59,7 +59,10 @@ pub async fn ensure_admin_key(
                 (Some(key), hash)
             }
         };
-        let event = PlatformEvent::AdminKeyCreated(KeyCreated { key_id: Uuid::now_v7(), key_hash: hash });
+        let event = PlatformEvent::AdminKeyCreated(KeyCreated {
+            key_id: Uuid::now_v7(),
+            key_hash: hash,
+        });
         let mut request = AppendRequest::new(Metadata::system());
         request.push(event.to_new_event(Uuid::nil(), &platform.stream)?);
         request.expect(&platform.stream, platform.expected());

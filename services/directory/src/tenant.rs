@@ -53,5 +53,7 @@ pub fn create(state: &Tenant, display_name: &str) -> Result<Vec<TenantEvent>, Ap
     if state.created_at.is_some() {
         return Err(ApiError::AlreadyExists("the tenant already exists".into()));
     }
-    Ok(vec![TenantEvent::TenantCreated { display_name: display_name.trim().to_string() }])
+    Ok(vec![TenantEvent::TenantCreated {
+        display_name: display_name.trim().to_string(),
+    }])
 }

@@ -5,7 +5,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use gatehouse_core::{ApiError, Caller, request};
 use gatehouse_events::view::LiveView;
 use gatehouse_events::{
-    Aggregate, AppendRequest, DomainEvent, EventFilter, EventStore, Loaded, RecordedEvent, StoreError,
+    Aggregate, AppendRequest, DomainEvent, EventFilter, EventStore, Loaded, RecordedEvent,
+    StoreError,
 };
 use gatehouse_proto::v1 as pb;
 use std::collections::BTreeMap;
@@ -27,8 +28,16 @@ struct TenantRow {
 type TenantList = BTreeMap<Uuid, TenantRow>;
 
 fn list_apply(tenants: &mut TenantList, event: &RecordedEvent) {
-    if let Ok(tenant::TenantEvent::TenantCreated { display_name }) = tenant::TenantEvent::decode(event) {
-        tenants.insert(event.stream.id, TenantRow { display_name, created_at: event.recorded_at });
+    if let Ok(tenant::TenantEvent::TenantCreated { display_name }) =
+        tenant::TenantEvent::decode(event)
+    {
+        tenants.insert(
+            event.stream.id,
+            TenantRow {
+                display_name,
+                created_at: event.recorded_at,
+            },
+        );
     }
 }
 
@@ -50,7 +59,10 @@ impl TenantApi {
         Ok(TenantApi { store, list })
     }
 
-    async fn create(&self, request: Request<pb::CreateTenantRequest>) -> Result<pb::Tenant, ApiError> {
+    async fn create(
+        &self,
+        request: Request<pb::CreateTenantRequest>,
+    ) -> Result<pb::Tenant, ApiError> {
         let caller = Caller::of(&request)?;
         caller.require_admin()?;
         let metadata = request::metadata(&request, caller.actor());
@@ -65,7 +77,9 @@ impl TenantApi {
         }
         let outcome = self.store.append(append).await?;
         // Read-your-writes for a List right after the create.
-        self.list.wait_for(outcome.last_position(), Duration::from_secs(2)).await;
+        self.list
+            .wait_for(outcome.last_position(), Duration::from_secs(2))
+            .await;
         let created = Loaded::<Tenant>::load(self.store.as_ref(), id).await?;
         Ok(to_proto(id, &created.state))
     }
@@ -81,12 +95,20 @@ impl TenantApi {
         Ok(to_proto(id, &loaded.state))
     }
 
-    fn list(&self, request: Request<pb::ListTenantsRequest>) -> Result<pb::ListTenantsResponse, ApiError> {
+    fn list(
+        &self,
+        request: Request<pb::ListTenantsRequest>,
+    ) -> Result<pb::ListTenantsResponse, ApiError> {
         Caller::of(&request)?.require_admin()?;
         let page = request.get_ref();
         let size = match page.page_size as usize {
             0 => 100,
-            n if n > MAX_PAGE => return Err(ApiError::invalid("page_size", format!("must be at most {MAX_PAGE}"))),
+            n if n > MAX_PAGE => {
+                return Err(ApiError::invalid(
+                    "page_size",
+                    format!("must be at most {MAX_PAGE}"),
+                ));
+            }
             n => n,
         };
         let after = match page.page_token.as_str() {
@@ -95,7 +117,9 @@ impl TenantApi {
         };
         let (tenants, more) = self.list.read(|list| {
             let range = match after {
-                Some(after) => list.range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+                Some(after) => {
+                    list.range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+                }
                 None => list.range(..),
             };
             let mut rows: Vec<pb::Tenant> = range
@@ -114,7 +138,10 @@ impl TenantApi {
             (true, Some(last)) => last.id.clone(),
             _ => String::new(),
         };
-        Ok(pb::ListTenantsResponse { tenants, next_page_token })
+        Ok(pb::ListTenantsResponse {
+            tenants,
+            next_page_token,
+        })
     }
 }
 
@@ -140,11 +167,17 @@ fn to_proto(id: Uuid, tenant: &Tenant) -> pb::Tenant {
 
 #[tonic::async_trait]
 impl pb::tenant_service_server::TenantService for TenantApi {
-    async fn create_tenant(&self, request: Request<pb::CreateTenantRequest>) -> Result<Response<pb::Tenant>, Status> {
+    async fn create_tenant(
+        &self,
+        request: Request<pb::CreateTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
         Ok(Response::new(self.create(request).await?))
     }
 
-    async fn get_tenant(&self, request: Request<pb::GetTenantRequest>) -> Result<Response<pb::Tenant>, Status> {
+    async fn get_tenant(
+        &self,
+        request: Request<pb::GetTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
         Ok(Response::new(self.get(request).await?))
     }
 

@@ -40,8 +40,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 /// A scratch store: a fresh PostgreSQL database, or SQLite in a temporary directory.
 enum Target {
-    Postgres { server: String, name: String, url: String },
-    Sqlite { _dir: tempfile::TempDir, path: std::path::PathBuf },
+    Postgres {
+        server: String,
+        name: String,
+        url: String,
+    },
+    Sqlite {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+    },
 }
 
 impl Target {
@@ -50,7 +57,11 @@ impl Target {
             Some(server) => {
                 let name = format!("gatehouse_bench_{}", Uuid::new_v4().simple());
                 let url = create_database(server, &name).await?;
-                Target::Postgres { server: server.to_string(), name, url }
+                Target::Postgres {
+                    server: server.to_string(),
+                    name,
+                    url,
+                }
             }
             None => {
                 let dir = tempfile::tempdir()?;
@@ -68,10 +79,10 @@ impl Target {
     }
 
     async fn remove(&self) {
-        if let Target::Postgres { server, name, .. } = self {
-            if let Err(error) = drop_database(server, name).await {
-                eprintln!("could not drop scratch database {name}: {error}");
-            }
+        if let Target::Postgres { server, name, .. } = self
+            && let Err(error) = drop_database(server, name).await
+        {
+            eprintln!("could not drop scratch database {name}: {error}");
         }
     }
 
@@ -80,9 +91,13 @@ impl Target {
         Ok(match self {
             Target::Postgres { url, .. } => {
                 let pool = sqlx::PgPool::connect(url).await?;
-                let sync: String = sqlx::query_scalar("SHOW synchronous_commit").fetch_one(&pool).await?;
+                let sync: String = sqlx::query_scalar("SHOW synchronous_commit")
+                    .fetch_one(&pool)
+                    .await?;
                 let fsync: String = sqlx::query_scalar("SHOW fsync").fetch_one(&pool).await?;
-                let version: String = sqlx::query_scalar("SHOW server_version").fetch_one(&pool).await?;
+                let version: String = sqlx::query_scalar("SHOW server_version")
+                    .fetch_one(&pool)
+                    .await?;
                 pool.close().await;
                 json!({ "backend": "postgres", "server_version": version, "synchronous_commit": sync, "fsync": fsync })
             }
@@ -97,8 +112,13 @@ fn sample_event(tenant: Uuid, stream: &StreamId, n: usize) -> NewEvent {
     NewEvent {
         tenant_id: tenant,
         stream: stream.clone(),
-        event_type: ["SignInStarted", "PasswordVerified", "MfaChallengeIssued", "SignInCompleted", "SessionIssued"]
-            [n % 5]
+        event_type: [
+            "SignInStarted",
+            "PasswordVerified",
+            "MfaChallengeIssued",
+            "SignInCompleted",
+            "SessionIssued",
+        ][n % 5]
             .to_string(),
         schema_version: 1,
         payload: json!({ "user_id": stream.id, "ip": "203.0.113.7", "method": "password", "n": n }),
@@ -116,7 +136,11 @@ fn metadata() -> Metadata {
 }
 
 /// Events per second of `WRITERS` tasks appending `size`-event commands for `seconds`.
-async fn measure_store(store: Arc<dyn EventStore>, size: usize, seconds: f64) -> anyhow::Result<f64> {
+async fn measure_store(
+    store: Arc<dyn EventStore>,
+    size: usize,
+    seconds: f64,
+) -> anyhow::Result<f64> {
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
     let tasks: Vec<_> = (0..WRITERS)
@@ -153,7 +177,10 @@ async fn measure_raw(target: &Target, size: usize, seconds: f64) -> anyhow::Resu
     let mut events = 0u64;
     match target {
         Target::Postgres { url, .. } => {
-            let pool = sqlx::postgres::PgPoolOptions::new().max_connections(WRITERS as u32).connect(url).await?;
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(WRITERS as u32)
+                .connect(url)
+                .await?;
             sqlx::query(
                 "CREATE TABLE IF NOT EXISTS bench_raw (id bigserial PRIMARY KEY, event_id uuid NOT NULL, \
                  tenant_id uuid NOT NULL, stream_type text NOT NULL, stream_id uuid NOT NULL, version bigint NOT NULL, \
@@ -230,8 +257,10 @@ async fn measure_raw(target: &Target, size: usize, seconds: f64) -> anyhow::Resu
                             let connection = connection.clone();
                             let start = version;
                             let stream = stream.clone();
-                            tokio::task::spawn_blocking(move || raw_sqlite_insert(&connection, tenant, &stream, start, size))
-                                .await??;
+                            tokio::task::spawn_blocking(move || {
+                                raw_sqlite_insert(&connection, tenant, &stream, start, size)
+                            })
+                            .await??;
                             version += size as i64;
                         }
                         Ok::<u64, anyhow::Error>(version as u64)
@@ -282,9 +311,12 @@ fn raw_sqlite_insert(
             event.payload.to_string().into(),
         ]);
     }
-    let mut connection = connection.lock().map_err(|_| anyhow::anyhow!("lock poisoned"))?;
+    let mut connection = connection
+        .lock()
+        .map_err(|_| anyhow::anyhow!("lock poisoned"))?;
     let tx = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    tx.prepare_cached(&sql)?.execute(rusqlite::params_from_iter(values))?;
+    tx.prepare_cached(&sql)?
+        .execute(rusqlite::params_from_iter(values))?;
     tx.commit()?;
     Ok(())
 }
@@ -413,7 +445,10 @@ async fn raw_scan(target: &Target) -> anyhow::Result<(u64, f64)> {
 async fn replay(target: &Target, args: &BenchArgs) -> anyhow::Result<Value> {
     let durability = target.durability().await?;
     let store = gatehouse_events::connect(&target.url()).await?;
-    println!("replay benchmark: filling the log with {} events ({durability})", args.events);
+    println!(
+        "replay benchmark: filling the log with {} events ({durability})",
+        args.events
+    );
     let fill_started = Instant::now();
     fill(&store, args.events).await?;
     let fill_rate = args.events as f64 / fill_started.elapsed().as_secs_f64();
@@ -426,11 +461,17 @@ async fn replay(target: &Target, args: &BenchArgs) -> anyhow::Result<Value> {
         let started = Instant::now();
         let mut counts = EventCounts::default();
         let rebuilt = gatehouse_projections::rebuild(store.as_ref(), &mut counts).await?;
-        anyhow::ensure!(rebuilt.events == args.events, "rebuild folded {} events", rebuilt.events);
+        anyhow::ensure!(
+            rebuilt.events == args.events,
+            "rebuild folded {} events",
+            rebuilt.events
+        );
         ours = ours.max(rebuilt.events as f64 / started.elapsed().as_secs_f64());
     }
     let ratio = ours / raw;
-    println!("  projection rebuild {ours:.0} events/s, raw scan {raw:.0} events/s, ratio {ratio:.2}");
+    println!(
+        "  projection rebuild {ours:.0} events/s, raw scan {raw:.0} events/s, ratio {ratio:.2}"
+    );
     Ok(json!({
         "bench": "replay",
         "events": args.events,

@@ -9,7 +9,11 @@ use std::path::{Path, PathBuf};
 
 /// The `gatehouse` command line.
 #[derive(Debug, Parser)]
-#[command(name = "gatehouse", version, about = "Customer identity on an event log")]
+#[command(
+    name = "gatehouse",
+    version,
+    about = "Customer identity on an event log"
+)]
 pub struct Cli {
     /// TOML configuration file (flags and environment override it).
     #[arg(long, env = "GATEHOUSE_CONFIG", global = true)]
@@ -147,17 +151,33 @@ pub struct Config {
 impl Config {
     /// Flags and environment first, then the file, then defaults.
     pub fn resolve(args: ServeArgs, file: FileConfig) -> anyhow::Result<Self> {
-        let admin_key = std::env::var("GATEHOUSE_ADMIN_KEY").ok().filter(|k| !k.is_empty());
-        if let Some(key) = &admin_key {
-            if key.len() < 32 || key.len() > 256 {
-                anyhow::bail!("GATEHOUSE_ADMIN_KEY must be 32 to 256 characters");
-            }
+        let admin_key = std::env::var("GATEHOUSE_ADMIN_KEY")
+            .ok()
+            .filter(|k| !k.is_empty());
+        if let Some(key) = &admin_key
+            && (key.len() < 32 || key.len() > 256)
+        {
+            anyhow::bail!("GATEHOUSE_ADMIN_KEY must be 32 to 256 characters");
         }
         Ok(Config {
-            data_dir: args.store.data.or(file.data).unwrap_or_else(|| PathBuf::from("data")),
-            database_url: args.store.database_url.or(file.database_url).filter(|u| !u.is_empty()),
-            grpc: args.grpc.or(file.grpc).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
-            http: args.http.or(file.http).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            data_dir: args
+                .store
+                .data
+                .or(file.data)
+                .unwrap_or_else(|| PathBuf::from("data")),
+            database_url: args
+                .store
+                .database_url
+                .or(file.database_url)
+                .filter(|u| !u.is_empty()),
+            grpc: args
+                .grpc
+                .or(file.grpc)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
+            http: args
+                .http
+                .or(file.http)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             admin_key,
         })

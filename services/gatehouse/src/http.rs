@@ -23,11 +23,23 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("gatehouse");
         let uptime = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-        registry.register("uptime_seconds", "Seconds since the process started", uptime.clone());
+        registry.register(
+            "uptime_seconds",
+            "Seconds since the process started",
+            uptime.clone(),
+        );
         let info = Gauge::<i64>::default();
         info.set(1);
-        registry.register("build_info", "Always 1; the version is in the help text", info);
-        Metrics { registry, uptime, started: Instant::now() }
+        registry.register(
+            "build_info",
+            "Always 1; the version is in the help text",
+            info,
+        );
+        Metrics {
+            registry,
+            uptime,
+            started: Instant::now(),
+        }
     }
 
     /// Registers a metric of a component.
@@ -61,7 +73,10 @@ async fn render_metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoRespons
     match metrics.render() {
         Ok(text) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             text,
         )
             .into_response(),

@@ -6,9 +6,13 @@ use gatehouse::config::{Cli, Command, Config, FileConfig, store_url};
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let file = FileConfig::load(cli.config.as_deref())?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.command {
-        Command::Serve(args) => runtime.block_on(gatehouse::server::serve(Config::resolve(args, file)?)),
+        Command::Serve(args) => {
+            runtime.block_on(gatehouse::server::serve(Config::resolve(args, file)?))
+        }
         Command::Migrate(args) => runtime.block_on(async {
             let data = args.data.or(file.data).unwrap_or_else(|| "data".into());
             let url = store_url(args.database_url.or(file.database_url).as_deref(), &data);

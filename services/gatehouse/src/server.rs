@@ -2,9 +2,9 @@
 
 use crate::config::{Config, LogFormat};
 use crate::http;
+use gatehouse_core::KeyRing;
 use gatehouse_core::keys::Authenticate;
 use gatehouse_core::platform::ensure_admin_key;
-use gatehouse_core::KeyRing;
 use gatehouse_directory::TenantApi;
 use gatehouse_proto::v1::tenant_service_server::TenantServiceServer;
 use std::io::Write;
@@ -29,7 +29,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         let path = config.data_dir.join("admin.key");
         write_secret(&path, &key)?;
         // Shown once: only its hash is stored.
-        println!("platform admin key (shown once; also written to {}): {key}", path.display());
+        println!(
+            "platform admin key (shown once; also written to {}): {key}",
+            path.display()
+        );
     }
 
     let keys = Arc::new(KeyRing::start(store.clone()).await?);
@@ -37,8 +40,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let tenants = Arc::new(TenantApi::new(store.clone()).await?);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<TenantServiceServer<TenantApi>>().await;
-    health_reporter.set_service_status("", ServingStatus::Serving).await;
+    health_reporter
+        .set_serving::<TenantServiceServer<TenantApi>>()
+        .await;
+    health_reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(gatehouse_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -58,13 +65,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(InterceptedService::new(TenantServiceServer::from_arc(tenants), authenticate))
+        .add_service(InterceptedService::new(
+            TenantServiceServer::from_arc(tenants),
+            authenticate,
+        ))
         .serve_with_incoming_shutdown(
             tokio_stream_listener(grpc_listener),
             stopped(stop_rx.clone()),
         );
     let metrics = Arc::new(http::Metrics::new());
-    let http = axum::serve(http_listener, http::router(metrics)).with_graceful_shutdown(stopped(stop_rx));
+    let http =
+        axum::serve(http_listener, http::router(metrics)).with_graceful_shutdown(stopped(stop_rx));
 
     tracing::info!(%grpc_addr, %http_addr, "gatehouse ready");
     // A line that scripts and tests wait for.
@@ -90,9 +101,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             grpc?;
             http?;
         }
-        None => tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; exiting"),
+        None => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; exiting")
+        }
     }
-    health_reporter.set_service_status("", ServingStatus::NotServing).await;
+    health_reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
     Ok(())
 }
 
@@ -116,13 +131,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},
@@ -154,7 +170,9 @@ fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GATEHOUSE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),

@@ -25,7 +25,10 @@ pub struct Server {
 impl Server {
     /// Starts `gatehouse serve` on free ports with `--data data` (and `--database-url` when
     /// given), and waits for its ready line.
-    pub fn start(data: &Path, database_url: Option<&str>) -> Result<Server, Box<dyn std::error::Error + Send + Sync>> {
+    pub fn start(
+        data: &Path,
+        database_url: Option<&str>,
+    ) -> Result<Server, Box<dyn std::error::Error + Send + Sync>> {
         Server::start_with_env(data, database_url, &[])
     }
 
@@ -69,10 +72,12 @@ impl Server {
         });
         let mut printed = Vec::new();
         loop {
-            let line = lines_rx.recv_timeout(Duration::from_secs(60)).map_err(|_| {
-                let _ = child.kill();
-                format!("server not ready; it printed {printed:?}")
-            })?;
+            let line = lines_rx
+                .recv_timeout(Duration::from_secs(60))
+                .map_err(|_| {
+                    let _ = child.kill();
+                    format!("server not ready; it printed {printed:?}")
+                })?;
             if let Some(rest) = line.strip_prefix("gatehouse ready ") {
                 let mut grpc = None;
                 let mut http = None;
@@ -113,8 +118,13 @@ impl Server {
     }
 
     /// Sends SIGTERM and waits for the process to exit.
-    pub fn stop(mut self) -> Result<std::process::ExitStatus, Box<dyn std::error::Error + Send + Sync>> {
-        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status()?;
+    pub fn stop(
+        mut self,
+    ) -> Result<std::process::ExitStatus, Box<dyn std::error::Error + Send + Sync>> {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()?;
         if !status.success() {
             return Err("kill failed".into());
         }
@@ -134,14 +144,28 @@ impl Server {
     }
 
     /// A plain HTTP/1.1 GET: (status code, body).
-    pub fn http_get(&self, path: &str) -> Result<(u16, String), Box<dyn std::error::Error + Send + Sync>> {
+    pub fn http_get(
+        &self,
+        path: &str,
+    ) -> Result<(u16, String), Box<dyn std::error::Error + Send + Sync>> {
         let mut stream = TcpStream::connect(self.http)?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.http)?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.http
+        )?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
-        let status = response.split_whitespace().nth(1).ok_or("no status")?.parse()?;
-        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .ok_or("no status")?
+            .parse()?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
         Ok((status, body))
     }
 }
@@ -160,7 +184,9 @@ pub async fn postgres_url() -> Result<Option<String>, Box<dyn std::error::Error 
 
 /// The Python interpreter with the black-box clients' packages (see test.sh).
 pub fn python() -> PathBuf {
-    std::env::var_os("GATEHOUSE_TEST_PYTHON").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("python3"))
+    std::env::var_os("GATEHOUSE_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("python3"))
 }
 
 /// Path of a file under the repository's `tests/` folder.
