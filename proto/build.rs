@@ -12,6 +12,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .filter(|path| path.extension().is_some_and(|ext| ext == "proto"))
         .collect();
     files.sort();
+    // The folder too, so that a new .proto file triggers a rebuild.
+    println!("cargo:rerun-if-changed={}", dir.display());
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());
     }

@@ -14,8 +14,11 @@
 //! - [`Loaded::load`] rebuilds an aggregate (from a snapshot when it has one) and remembers
 //!   its version for the optimistic-concurrency check of the next append.
 
-use crate::envelope::{ExpectedVersion, NewEvent, RecordedEvent, StreamId};
+use crate::envelope::{
+    AppendRequest, ExpectedVersion, Metadata, NewEvent, Position, RecordedEvent, StreamId,
+};
 use crate::error::StoreError;
+use crate::retry::{AsConflict, DEFAULT_ATTEMPTS, retry_on_conflict};
 use crate::store::{EventStore, StreamBounds};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -262,4 +265,88 @@ impl<A: Aggregate> Loaded<A> {
         }
         Ok(count)
     }
+}
+
+/// The state after a command, and where its events landed.
+#[derive(Debug, Clone)]
+pub struct Executed<A> {
+    /// The state with the command's events applied.
+    pub state: A,
+    /// The stream's version after the command.
+    pub version: u64,
+    /// Position of the command's last event (`None`: the command decided nothing).
+    pub last_position: Option<Position>,
+}
+
+/// Runs a command on one aggregate: load, `decide`, append with the loaded version as the
+/// expectation, and on a conflict do it all again (bounded). `decide` is pure, so running it
+/// again on fresher state is always safe.
+pub async fn execute<A, E, F>(
+    store: &dyn EventStore,
+    tenant_id: Uuid,
+    id: Uuid,
+    metadata: &Metadata,
+    decide: F,
+) -> Result<Executed<A>, E>
+where
+    A: Aggregate,
+    E: From<StoreError> + AsConflict,
+    F: Fn(&A) -> Result<Vec<A::Event>, E>,
+{
+    retry_on_conflict(DEFAULT_ATTEMPTS, || async {
+        let loaded = Loaded::<A>::load(store, id).await?;
+        let events = decide(&loaded.state)?;
+        if events.is_empty() {
+            return Ok(Executed {
+                state: loaded.state,
+                version: loaded.version,
+                last_position: None,
+            });
+        }
+        let mut request = AppendRequest::new(metadata.clone());
+        request.expect(&loaded.stream, loaded.expected());
+        let mut new_events = Vec::with_capacity(events.len());
+        for event in &events {
+            let new_event = event.to_new_event(tenant_id, &loaded.stream)?;
+            new_events.push(new_event.clone());
+            request.push(new_event);
+        }
+        let recorded_at = request.recorded_at;
+        let outcome = store.append(request).await?;
+        let Loaded {
+            mut state, stream, ..
+        } = loaded;
+        let mut version = 0;
+        for ((event, new_event), (event_id, position, landed_version)) in events
+            .into_iter()
+            .zip(new_events)
+            .zip(outcome.events.iter().copied())
+        {
+            let payload = serde_json::value::RawValue::from_string(new_event.payload.to_string())
+                .map_err(|e| StoreError::Invalid(e.to_string()))?;
+            let envelope = RecordedEvent {
+                id: event_id,
+                position,
+                tenant_id,
+                stream: stream.clone(),
+                version: landed_version,
+                event_type: new_event.event_type,
+                schema_version: new_event.schema_version,
+                recorded_at,
+                correlation_id: metadata.correlation_id,
+                causation_id: metadata.causation_id,
+                actor: metadata.actor.clone(),
+                context: metadata.context.clone(),
+                payload,
+            };
+            state.apply(event, &envelope);
+            version = landed_version;
+        }
+        Ok(Executed {
+            state,
+            version,
+            last_position: Some(outcome.last_position()),
+        })
+    })
+    .await
 }

@@ -28,7 +28,7 @@ pub mod subscription;
 pub mod testing;
 pub mod view;
 
-pub use aggregate::{Aggregate, DomainEvent, Loaded, Upcasters};
+pub use aggregate::{Aggregate, DomainEvent, Executed, Loaded, Upcasters, execute};
 pub use envelope::{
     Actor, AppendRequest, ClaimKey, ClientContext, ExpectedVersion, Metadata, NewEvent, Position,
     RecordedEvent, StreamId,

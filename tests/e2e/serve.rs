@@ -73,6 +73,7 @@ async fn check_a_fresh_server(database_url: Option<String>) -> TestResult {
         .create_tenant(with_key(
             CreateTenantRequest {
                 display_name: "Contoso Insurance".into(),
+                settings: None,
             },
             &key,
         )?)
@@ -97,6 +98,7 @@ async fn check_a_fresh_server(database_url: Option<String>) -> TestResult {
         .create_tenant(with_key(
             CreateTenantRequest {
                 display_name: " ".into(),
+                settings: None,
             },
             &key,
         )?)

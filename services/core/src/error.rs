@@ -110,6 +110,12 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl gatehouse_events::retry::AsConflict for ApiError {
+    fn is_conflict(&self) -> bool {
+        matches!(self, ApiError::Aborted)
+    }
+}
+
 /// Collects field violations while validating a request.
 #[derive(Debug, Default)]
 pub struct Validation {

@@ -2,15 +2,21 @@
 //!
 //! The directory: who exists. One file per aggregate and one per gRPC service.
 //!
-//! - [`tenant`]: the Tenant aggregate (pure `decide`/`apply`).
+//! - [`tenant`]: the Tenant aggregate: settings and API keys (pure `decide`/`apply`).
 //! - [`tenant_service`]: `gatehouse.v1.TenantService`, and the live tenant list behind
 //!   `ListTenants`.
+//! - [`application`]: the Application aggregate: client id (a unique claim per tenant),
+//!   hashed secret, redirect URIs, grant types.
+//! - [`application_service`]: `gatehouse.v1.ApplicationService`.
 //!
 //! This crate decides from aggregates loaded from the event store; it never reads a
 //! projection's table to make a decision.
 #![forbid(unsafe_code)]
 
+pub mod application;
+pub mod application_service;
 pub mod tenant;
 pub mod tenant_service;
 
+pub use application_service::ApplicationApi;
 pub use tenant_service::TenantApi;

@@ -5,7 +5,8 @@ use crate::http;
 use gatehouse_core::KeyRing;
 use gatehouse_core::keys::Authenticate;
 use gatehouse_core::platform::ensure_admin_key;
-use gatehouse_directory::TenantApi;
+use gatehouse_directory::{ApplicationApi, TenantApi};
+use gatehouse_proto::v1::application_service_server::ApplicationServiceServer;
 use gatehouse_proto::v1::tenant_service_server::TenantServiceServer;
 use std::io::Write;
 use std::path::Path;
@@ -37,7 +38,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let keys = Arc::new(KeyRing::start(store.clone()).await?);
     let authenticate = Authenticate(keys.clone());
-    let tenants = Arc::new(TenantApi::new(store.clone()).await?);
+    let tenants = Arc::new(TenantApi::new(store.clone(), keys.clone()).await?);
+    let applications = Arc::new(ApplicationApi::new(store.clone()).await?);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -67,6 +69,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .add_service(reflection_v1alpha)
         .add_service(InterceptedService::new(
             TenantServiceServer::from_arc(tenants),
+            authenticate.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            ApplicationServiceServer::from_arc(applications),
             authenticate,
         ))
         .serve_with_incoming_shutdown(
