@@ -7,7 +7,7 @@
 //!   `ListTenants`.
 //! - [`application`]: the Application aggregate: client id (a unique claim per tenant),
 //!   hashed secret, redirect URIs, grant types.
-//! - [`application_service`]: `gatehouse.v1.ApplicationService`.
+//! - [`application_service`]: the `gatehouse.v1.ApplicationService` handlers.
 //!
 //! This crate decides from aggregates loaded from the event store; it never reads a
 //! projection's table to make a decision.
