@@ -648,6 +648,64 @@ impl EventStore for PgStore {
         Ok(())
     }
 
+    async fn put_subject_key(
+        &self,
+        subject_id: Uuid,
+        tenant_id: Uuid,
+        wrapped_key: Vec<u8>,
+    ) -> Result<Vec<u8>, StoreError> {
+        sqlx::query(
+            "INSERT INTO subject_keys (subject_id, tenant_id, wrapped_key) VALUES ($1, $2, $3) \
+             ON CONFLICT (subject_id) DO NOTHING",
+        )
+        .bind(subject_id)
+        .bind(tenant_id)
+        .bind(&wrapped_key)
+        .execute(&self.pool)
+        .await?;
+        self.subject_key(subject_id)
+            .await?
+            .ok_or_else(|| StoreError::Backend("subject key vanished".into()))
+    }
+
+    async fn subject_key(&self, subject_id: Uuid) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT wrapped_key FROM subject_keys WHERE subject_id = $1")
+                .bind(subject_id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn destroy_subject_key(&self, subject_id: Uuid) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM subject_keys WHERE subject_id = $1")
+            .bind(subject_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        let position: Option<i64> =
+            sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(position.map(|p| p as u64))
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: u64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO checkpoints (name, position) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position",
+        )
+        .bind(name)
+        .bind(position as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }

@@ -26,7 +26,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/sqlite/0001_event_log.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/sqlite/0001_event_log.sql"),
+    include_str!("../migrations/sqlite/0002_subject_keys_and_checkpoints.sql"),
+];
 const COLUMNS: &str = "position, event_id, tenant_id, stream_type, stream_id, version, event_type, \
     schema_version, recorded_at, correlation_id, causation_id, actor, client_ip, user_agent, payload";
 /// Appends committed together at most.
@@ -36,9 +39,12 @@ const READERS: usize = 4;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
+/// A write other than an append, run in its own savepoint in the writer's transaction.
+type Write = Box<dyn FnOnce(&Connection) -> Result<(), StoreError> + Send>;
+
 enum Job {
-    Append(AppendRequest, Reply<AppendOutcome>),
-    Snapshot(StreamId, u64, String, Reply<()>),
+    Append(Box<AppendRequest>, Reply<AppendOutcome>),
+    Write(Write, Reply<()>),
 }
 
 /// The SQLite event store.
@@ -105,6 +111,15 @@ impl SqliteStore {
             .map_err(|_| StoreError::Backend("the SQLite writer has stopped".into()))?
     }
 
+    /// Runs a write on the writer thread, in its own savepoint of the next group.
+    async fn write(
+        &self,
+        write: impl FnOnce(&Connection) -> Result<(), StoreError> + Send + 'static,
+    ) -> Result<(), StoreError> {
+        self.submit(|reply| Job::Write(Box::new(write), reply))
+            .await
+    }
+
     /// Runs `read` on a pooled read connection on the blocking pool.
     async fn read<T: Send + 'static>(
         &self,
@@ -166,73 +181,87 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
 /// Commits a group of jobs in one transaction, each in its own savepoint. Returns whether
 /// anything was appended.
 fn commit_group(connection: &mut Connection, group: Vec<Job>) -> bool {
-    let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(group.len());
-    let mut outcomes: Vec<Option<AppendOutcome>> = Vec::with_capacity(group.len());
-    let began = connection
-        .execute_batch("BEGIN IMMEDIATE")
-        .map_err(StoreError::from);
-    if let Err(error) = began {
+    if let Err(error) = connection.execute_batch("BEGIN IMMEDIATE") {
         for job in group {
-            reply_error(job, StoreError::Backend(error.to_string()));
+            job.answer().error(StoreError::Backend(error.to_string()));
         }
         return false;
     }
-    for job in &group {
-        let run = (|| -> Result<Option<AppendOutcome>, StoreError> {
-            connection.execute_batch("SAVEPOINT job")?;
-            let result = match job {
-                Job::Append(request, _) => append_in(connection, request).map(Some),
-                Job::Snapshot(stream, version, state, _) => {
-                    save_snapshot_in(connection, stream, *version, state).map(|()| None)
-                }
-            };
-            if result.is_err() {
-                connection.execute_batch("ROLLBACK TO job")?;
-            }
-            connection.execute_batch("RELEASE job")?;
-            result
-        })();
-        match run {
-            Ok(outcome) => {
-                outcomes.push(outcome);
-                results.push(Ok(()));
-            }
-            Err(error) => {
-                outcomes.push(None);
-                results.push(Err(error));
-            }
-        }
+    // Answers wait for the commit: nobody hears "appended" before it is durable.
+    let mut done = Vec::with_capacity(group.len());
+    for job in group {
+        done.push(match job {
+            Job::Append(request, reply) => (
+                Answer::Append(reply),
+                in_savepoint(connection, |c| append_in(c, &request).map(Some)),
+            ),
+            Job::Write(write, reply) => (
+                Answer::Write(reply),
+                in_savepoint(connection, |c| write(c).map(|()| None)),
+            ),
+        });
     }
     if let Err(error) = connection.execute_batch("COMMIT") {
         let _ = connection.execute_batch("ROLLBACK");
-        for job in group {
-            reply_error(job, StoreError::Backend(format!("commit failed: {error}")));
+        for (answer, _) in done {
+            answer.error(StoreError::Backend(format!("commit failed: {error}")));
         }
         return false;
     }
     let mut appended = false;
-    for ((job, result), outcome) in group.into_iter().zip(results).zip(outcomes) {
-        match (job, result) {
-            (Job::Append(_, reply), Ok(())) => {
+    for (answer, result) in done {
+        match (answer, result) {
+            (Answer::Append(reply), Ok(outcome)) => {
                 appended = true;
                 let _ = reply.send(outcome.ok_or_else(|| StoreError::Backend("no outcome".into())));
             }
-            (Job::Snapshot(.., reply), Ok(())) => {
+            (Answer::Write(reply), Ok(_)) => {
                 let _ = reply.send(Ok(()));
             }
-            (job, Err(error)) => reply_error(job, error),
+            (answer, Err(error)) => answer.error(error),
         }
     }
     appended
 }
 
-fn reply_error(job: Job, error: StoreError) {
-    match job {
-        Job::Append(_, reply) => {
-            let _ = reply.send(Err(error));
+/// Runs one job in a savepoint: all of it, or (on error) none of it.
+fn in_savepoint<T>(
+    connection: &Connection,
+    job: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    connection.execute_batch("SAVEPOINT job")?;
+    let result = job(connection);
+    if result.is_err() {
+        connection.execute_batch("ROLLBACK TO job")?;
+    }
+    connection.execute_batch("RELEASE job")?;
+    result
+}
+
+/// Where a job's result goes.
+enum Answer {
+    Append(Reply<AppendOutcome>),
+    Write(Reply<()>),
+}
+
+impl Answer {
+    fn error(self, error: StoreError) {
+        match self {
+            Answer::Append(reply) => {
+                let _ = reply.send(Err(error));
+            }
+            Answer::Write(reply) => {
+                let _ = reply.send(Err(error));
+            }
         }
-        Job::Snapshot(.., reply) => {
-            let _ = reply.send(Err(error));
+    }
+}
+
+impl Job {
+    fn answer(self) -> Answer {
+        match self {
+            Job::Append(_, reply) => Answer::Append(reply),
+            Job::Write(_, reply) => Answer::Write(reply),
         }
     }
 }
@@ -402,7 +431,8 @@ fn decode(row: &Row<'_>) -> Result<RecordedEvent, StoreError> {
 impl EventStore for SqliteStore {
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
         request.validate()?;
-        self.submit(|reply| Job::Append(request, reply)).await
+        self.submit(|reply| Job::Append(Box::new(request), reply))
+            .await
     }
 
     async fn read_stream(
@@ -548,8 +578,78 @@ impl EventStore for SqliteStore {
         state: &Value,
     ) -> Result<(), StoreError> {
         let (stream, state) = (stream.clone(), state.to_string());
-        self.submit(|reply| Job::Snapshot(stream, version, state, reply))
+        self.write(move |c| save_snapshot_in(c, &stream, version, &state))
             .await
+    }
+
+    async fn put_subject_key(
+        &self,
+        subject_id: Uuid,
+        tenant_id: Uuid,
+        wrapped_key: Vec<u8>,
+    ) -> Result<Vec<u8>, StoreError> {
+        self.write(move |c| {
+            c.prepare_cached(
+                "INSERT INTO subject_keys (subject_id, tenant_id, wrapped_key, created_at) \
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+            )?
+            .execute(params![
+                subject_id.as_bytes(),
+                tenant_id.as_bytes(),
+                wrapped_key,
+                Utc::now().timestamp_micros()
+            ])?;
+            Ok(())
+        })
+        .await?;
+        self.subject_key(subject_id)
+            .await?
+            .ok_or_else(|| StoreError::Backend("subject key vanished".into()))
+    }
+
+    async fn subject_key(&self, subject_id: Uuid) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read(move |c| {
+            Ok(
+                c.prepare_cached("SELECT wrapped_key FROM subject_keys WHERE subject_id = ?1")?
+                    .query_row(params![subject_id.as_bytes()], |row| row.get(0))
+                    .optional()?,
+            )
+        })
+        .await
+    }
+
+    async fn destroy_subject_key(&self, subject_id: Uuid) -> Result<(), StoreError> {
+        self.write(move |c| {
+            c.prepare_cached("DELETE FROM subject_keys WHERE subject_id = ?1")?
+                .execute(params![subject_id.as_bytes()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        let name = name.to_string();
+        self.read(move |c| {
+            let position: Option<i64> = c
+                .prepare_cached("SELECT position FROM checkpoints WHERE name = ?1")?
+                .query_row(params![name], |row| row.get(0))
+                .optional()?;
+            Ok(position.map(|p| p as u64))
+        })
+        .await
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: u64) -> Result<(), StoreError> {
+        let name = name.to_string();
+        self.write(move |c| {
+            c.prepare_cached(
+                "INSERT INTO checkpoints (name, position) VALUES (?1, ?2) \
+                 ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+            )?
+            .execute(params![name, position as i64])?;
+            Ok(())
+        })
+        .await
     }
 
     fn changes(&self) -> watch::Receiver<u64> {

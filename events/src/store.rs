@@ -102,6 +102,26 @@ pub trait EventStore: Send + Sync + 'static {
         state: &Value,
     ) -> Result<(), StoreError>;
 
+    /// Stores a subject's wrapped data key unless it already has one; returns the key it has.
+    async fn put_subject_key(
+        &self,
+        subject_id: Uuid,
+        tenant_id: Uuid,
+        wrapped_key: Vec<u8>,
+    ) -> Result<Vec<u8>, StoreError>;
+
+    /// A subject's wrapped data key (`None`: never created, or destroyed by erasure).
+    async fn subject_key(&self, subject_id: Uuid) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Destroys a subject's data key for good (crypto-shredding).
+    async fn destroy_subject_key(&self, subject_id: Uuid) -> Result<(), StoreError>;
+
+    /// Where the consumer `name` has got to in the log.
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, StoreError>;
+
+    /// Records where the consumer `name` has got to.
+    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError>;
+
     /// A counter that changes after appends (this process's immediately, other processes'
     /// as the backend learns of them). Subscribers wait on it.
     fn changes(&self) -> watch::Receiver<u64>;

@@ -105,6 +105,18 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::Conflict { .. } => ApiError::Aborted,
+            StoreError::ClaimTaken { scope } => {
+                ApiError::AlreadyExists(format!("this {scope} is already taken"))
+            }
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<crate::crypto::CryptoError> for ApiError {
+    fn from(error: crate::crypto::CryptoError) -> Self {
+        match error {
+            crate::crypto::CryptoError::Store(store) => store.into(),
             other => ApiError::Internal(other.to_string()),
         }
     }

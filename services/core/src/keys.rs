@@ -204,3 +204,17 @@ impl tonic::service::Interceptor for Authenticate {
         }
     }
 }
+
+/// Tonic interceptor for services with self-service RPCs: a request without a key passes
+/// with no [`Caller`] (each handler decides), but a key that is present must be valid.
+#[derive(Clone)]
+pub struct AuthenticateIfPresent(pub Arc<KeyRing>);
+
+impl tonic::service::Interceptor for AuthenticateIfPresent {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        if request.metadata().get("authorization").is_none() {
+            return Ok(request);
+        }
+        tonic::service::Interceptor::call(&mut Authenticate(self.0.clone()), request)
+    }
+}

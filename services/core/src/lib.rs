@@ -7,10 +7,16 @@
 //! - [`platform`]: the platform aggregate and the admin key created on first start.
 //! - [`request`]: correlation id and client context read from a request, as event metadata.
 //! - [`error`]: [`error::ApiError`], the one place where domain errors become `tonic::Status`.
+//! - [`crypto`]: the master key, per-subject data keys (crypto-shredding), blind indexes.
+//! - [`passwords`]: argon2id on the blocking pool, the breached-password list.
+//! - [`files`]: files that hold secrets.
 #![forbid(unsafe_code)]
 
+pub mod crypto;
 pub mod error;
+pub mod files;
 pub mod keys;
+pub mod passwords;
 pub mod platform;
 pub mod request;
 

@@ -7,6 +7,11 @@
 //!   `ListTenants`.
 //! - [`application`]: the Application aggregate: client id (a unique claim per tenant),
 //!   hashed secret, redirect URIs, grant types.
+//! - [`user`]: the User aggregate: sealed personal data, codes, lifecycle; its notifications
+//!   are events too (the outbox is the log).
+//! - [`user_service`]: `gatehouse.v1.UserService` handlers.
+//! - [`contact`]: email normalisation and phone validation.
+//! - [`notifier`]: delivers the users' notifications from the log, once each.
 //! - [`application_service`]: the `gatehouse.v1.ApplicationService` handlers.
 //!
 //! This crate decides from aggregates loaded from the event store; it never reads a
@@ -15,8 +20,13 @@
 
 pub mod application;
 pub mod application_service;
+pub mod contact;
+pub mod notifier;
 pub mod tenant;
 pub mod tenant_service;
+pub mod user;
+pub mod user_service;
 
 pub use application_service::ApplicationApi;
 pub use tenant_service::TenantApi;
+pub use user_service::UserApi;

@@ -60,6 +60,10 @@ pub struct ServeArgs {
     /// Log format [default: text].
     #[arg(long, env = "GATEHOUSE_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Breached-password list: one SHA-1 hex digest (optionally `:COUNT`) per line, as Have I
+    /// Been Pwned publishes it; added to a small built-in list of common passwords.
+    #[arg(long, env = "GATEHOUSE_BREACHED_PASSWORDS")]
+    pub breached_passwords: Option<PathBuf>,
 }
 
 /// `gatehouse bench`.
@@ -117,6 +121,8 @@ pub struct FileConfig {
     pub http: Option<SocketAddr>,
     /// See [`ServeArgs::log_format`].
     pub log_format: Option<LogFormat>,
+    /// See [`ServeArgs::breached_passwords`].
+    pub breached_passwords: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -146,6 +152,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Platform admin key from `GATEHOUSE_ADMIN_KEY` (never from a flag or file).
     pub admin_key: Option<String>,
+    /// Master key from `GATEHOUSE_MASTER_KEY` (base64url, 32 bytes), else `<data>/master.key`.
+    pub master_key: Option<String>,
+    /// Breached-password file.
+    pub breached_passwords: Option<PathBuf>,
 }
 
 impl Config {
@@ -180,6 +190,10 @@ impl Config {
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             admin_key,
+            master_key: std::env::var("GATEHOUSE_MASTER_KEY")
+                .ok()
+                .filter(|k| !k.is_empty()),
+            breached_passwords: args.breached_passwords.or(file.breached_passwords),
         })
     }
 

@@ -3,13 +3,17 @@
 use crate::config::{Config, LogFormat};
 use crate::http;
 use gatehouse_core::KeyRing;
-use gatehouse_core::keys::Authenticate;
+use gatehouse_core::crypto::Crypto;
+use gatehouse_core::keys::{Authenticate, AuthenticateIfPresent};
+use gatehouse_core::passwords::{BreachedPasswords, Passwords};
 use gatehouse_core::platform::ensure_admin_key;
+use gatehouse_directory::UserApi;
+use gatehouse_directory::notifier::{self, NdjsonOutbox};
 use gatehouse_directory::{ApplicationApi, TenantApi};
 use gatehouse_proto::v1::application_service_server::ApplicationServiceServer;
 use gatehouse_proto::v1::tenant_service_server::TenantServiceServer;
+use gatehouse_proto::v1::user_service_server::UserServiceServer;
 use std::io::Write;
-use std::path::Path;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -28,7 +32,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     if let Some(key) = ensure_admin_key(store.as_ref(), config.admin_key.as_deref()).await? {
         let path = config.data_dir.join("admin.key");
-        write_secret(&path, &key)?;
+        gatehouse_core::files::write_secret(&path, &key)?;
         // Shown once: only its hash is stored.
         println!(
             "platform admin key (shown once; also written to {}): {key}",
@@ -40,6 +44,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let authenticate = Authenticate(keys.clone());
     let tenants = Arc::new(TenantApi::new(store.clone(), keys.clone()).await?);
     let applications = Arc::new(ApplicationApi::new(store.clone()).await?);
+    let master_key = Crypto::load_master_key(config.master_key.as_deref(), &config.data_dir)?;
+    let crypto = Arc::new(Crypto::new(master_key, store.clone()));
+    let breached = BreachedPasswords::load(config.breached_passwords.as_deref())?;
+    let users =
+        Arc::new(UserApi::new(store.clone(), crypto.clone(), Passwords::new(breached)).await?);
+    // Embedded mode delivers email and SMS into a file (README, configuration).
+    let outbox = Arc::new(NdjsonOutbox::open(config.data_dir.join("outbox.ndjson"))?);
+    let notifier = tokio::spawn(notifier::run(store.clone(), crypto, outbox));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -74,6 +86,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .add_service(InterceptedService::new(
             ApplicationServiceServer::from_arc(applications),
             authenticate,
+        ))
+        // Sign-up and password reset are self-service: no key needed, a wrong key refused.
+        .add_service(InterceptedService::new(
+            UserServiceServer::from_arc(users),
+            AuthenticateIfPresent(keys.clone()),
         ))
         .serve_with_incoming_shutdown(
             tokio_stream_listener(grpc_listener),
@@ -111,6 +128,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; exiting")
         }
     }
+    notifier.abort();
     health_reporter
         .set_service_status("", ServingStatus::NotServing)
         .await;
@@ -152,25 +170,6 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
-}
-
-/// Writes a secret readable by the owner only.
-fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path)?;
-    writeln!(file, "{secret}")?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    }
-    Ok(())
 }
 
 fn init_logging(format: LogFormat) {

@@ -40,11 +40,14 @@ impl Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_gatehouse"));
         command
             .arg("serve")
+            .arg("--breached-passwords")
+            .arg(tests_dir().join("data/breached-sha1.txt"))
             .arg("--data")
             .arg(data)
             .args(["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"])
             .env_remove("GATEHOUSE_ADMIN_KEY")
             .env_remove("GATEHOUSE_DATABASE_URL")
+            .env_remove("GATEHOUSE_MASTER_KEY")
             .env("GATEHOUSE_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -192,4 +195,45 @@ pub fn python() -> PathBuf {
 /// Path of a file under the repository's `tests/` folder.
 pub fn tests_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests")
+}
+
+/// One line of the embedded outbox (`<data>/outbox.ndjson`).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Sent {
+    pub id: String,
+    pub channel: String,
+    pub to: String,
+    pub subject: String,
+    pub body: String,
+    pub code: Option<String>,
+    pub tenant_id: String,
+    pub user_id: String,
+}
+
+/// Everything delivered to the outbox so far.
+pub fn outbox(data: &Path) -> Vec<Sent> {
+    std::fs::read_to_string(data.join("outbox.ndjson"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
+/// Waits (up to 15 s) for the `nth` (0-based) message to `to` and returns it.
+pub fn wait_for_message(
+    data: &Path,
+    to: &str,
+    nth: usize,
+) -> Result<Sent, Box<dyn std::error::Error + Send + Sync>> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let sent: Vec<Sent> = outbox(data).into_iter().filter(|m| m.to == to).collect();
+        if let Some(message) = sent.get(nth) {
+            return Ok(message.clone());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no message #{nth} to {to} in the outbox (has {sent:?})").into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
