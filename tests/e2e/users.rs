@@ -918,3 +918,180 @@ async fn a_python_client_signs_up_and_verifies_through_reflection() -> TestResul
     assert!(stdout.contains("status: USER_STATUS_ACTIVE"), "{stdout}");
     Ok(())
 }
+
+/// Kills a child process when dropped.
+struct Peer(std::process::Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16, Error> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The six-digit code in a message text.
+fn code_in(text: &str) -> Option<String> {
+    let start = text.find("code is ")? + "code is ".len();
+    let code: String = text[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    (code.len() == 6).then_some(code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codes_travel_by_smtp_and_by_the_sms_webhook() -> TestResult {
+    // The SMTP peer: aiosmtpd, a real SMTP server, filing each message in a maildir.
+    let maildir = tempfile::tempdir()?;
+    let smtp_port = free_port()?;
+    let _smtp = Peer(
+        std::process::Command::new(support::python())
+            .args([
+                "-m",
+                "aiosmtpd",
+                "-n",
+                "-l",
+                &format!("127.0.0.1:{smtp_port}"),
+                "-c",
+                "aiosmtpd.handlers.Mailbox",
+            ])
+            // A folder that does not exist yet: aiosmtpd creates the maildir inside.
+            .arg(maildir.path().join("mail"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while std::net::TcpStream::connect(("127.0.0.1", smtp_port)).is_err() {
+        if std::time::Instant::now() > deadline {
+            return Err("aiosmtpd did not start".into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // The SMS peer: an HTTP endpoint recording each POST and its idempotency key.
+    type Posts = std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
+    let posts: Posts = Default::default();
+    let recorder = posts.clone();
+    let app = axum::Router::new().route(
+        "/sms",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap,
+                  axum::Json(body): axum::Json<serde_json::Value>| {
+                let recorder = recorder.clone();
+                async move {
+                    let key = headers
+                        .get("idempotency-key")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    if let Ok(mut posts) = recorder.lock() {
+                        posts.push((key, body));
+                    }
+                    "queued"
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let webhook = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let data = tempfile::tempdir()?;
+    let smtp_url = format!("smtp://127.0.0.1:{smtp_port}");
+    let webhook_url = format!("http://{webhook}/sms");
+    let server = Server::start_with_env(
+        data.path(),
+        None,
+        &[
+            ("GATEHOUSE_SMTP_URL", smtp_url.as_str()),
+            ("GATEHOUSE_SMTP_FROM", "no-reply@contoso.test"),
+            ("GATEHOUSE_SMS_WEBHOOK_URL", webhook_url.as_str()),
+        ],
+    )?;
+    let mut s = setup(&server).await?;
+
+    // Email: the verification code arrives over SMTP.
+    let signed_up = s
+        .users
+        .sign_up(sign_up(&s, "mail.me@example.com", PASSWORD))
+        .await?
+        .into_inner();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mail = loop {
+        let found = std::fs::read_dir(maildir.path().join("mail/new"))
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+            .find(|text| text.contains("mail.me@example.com"));
+        if let Some(text) = found {
+            break text;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err("no email reached the SMTP server".into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(mail.contains("From: no-reply@contoso.test"), "{mail}");
+    let code = code_in(&mail).ok_or("no code in the email")?;
+    s.users
+        .verify_email(pb::VerifyEmailRequest {
+            tenant_id: s.tenant_id.clone(),
+            user_id: signed_up.user_id.clone(),
+            code,
+        })
+        .await?;
+
+    // SMS: the phone code arrives at the webhook, keyed by the event id.
+    s.users
+        .add_phone(req(
+            pb::AddPhoneRequest {
+                tenant_id: s.tenant_id.clone(),
+                user_id: signed_up.user_id.clone(),
+                phone: "+14155550123".into(),
+            },
+            &s.key,
+        )?)
+        .await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let (key, body) = loop {
+        if let Some(post) = posts.lock().map_err(|_| "poisoned")?.first().cloned() {
+            break post;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err("no SMS reached the webhook".into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(body["to"], "+14155550123");
+    assert_eq!(
+        body["id"].as_str(),
+        Some(key.as_str()),
+        "the idempotency key is the event id"
+    );
+    let code = code_in(body["body"].as_str().unwrap_or_default()).ok_or("no code in the SMS")?;
+    let user = s
+        .users
+        .verify_phone(req(
+            pb::VerifyPhoneRequest {
+                tenant_id: s.tenant_id.clone(),
+                user_id: signed_up.user_id.clone(),
+                code,
+            },
+            &s.key,
+        )?)
+        .await?
+        .into_inner();
+    assert!(user.phone_verified && user.email_verified);
+    assert!(
+        support::outbox(data.path()).is_empty(),
+        "with SMTP and a webhook configured, nothing goes to the file"
+    );
+    Ok(())
+}

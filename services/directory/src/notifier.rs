@@ -184,3 +184,111 @@ async fn deliver(
         }
     }
 }
+
+/// Email over SMTP. `url` as lettre reads it: `smtp://user:password@host:587?tls=required`,
+/// `smtps://…` (implicit TLS), or `smtp://host:port` for a local relay without TLS.
+pub struct SmtpSender {
+    transport: lettre::AsyncSmtpTransport<lettre::Tokio1Executor>,
+    from: lettre::message::Mailbox,
+}
+
+impl SmtpSender {
+    /// A sender through the SMTP server at `url`, from the address `from`.
+    pub fn new(url: &str, from: &str) -> Result<Self, String> {
+        let transport = lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(url)
+            .map_err(|e| format!("SMTP URL: {e}"))?
+            .timeout(Some(Duration::from_secs(20)))
+            .build();
+        let from = from
+            .parse()
+            .map_err(|e| format!("SMTP from address: {e}"))?;
+        Ok(SmtpSender { transport, from })
+    }
+}
+
+#[async_trait::async_trait]
+impl Sender for SmtpSender {
+    async fn send(&self, delivery: &Delivery) -> Result<(), String> {
+        use lettre::AsyncTransport;
+        let to = delivery.to.parse().map_err(|e| format!("recipient: {e}"))?;
+        let email = lettre::Message::builder()
+            .from(self.from.clone())
+            .to(to)
+            // The event id: receivers can drop a redelivery after a crash.
+            .message_id(Some(format!("<{}@gatehouse>", delivery.id)))
+            .subject(delivery.subject.clone())
+            .body(delivery.body.clone())
+            .map_err(|e| e.to_string())?;
+        self.transport
+            .send(email)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// SMS through an HTTP webhook: a JSON `POST` of `{id, to, body, tenant_id}` with an
+/// `Idempotency-Key` header (the event id); any 2xx answer counts as delivered.
+pub struct WebhookSender {
+    client: reqwest::Client,
+    url: String,
+}
+
+impl WebhookSender {
+    /// A sender posting to `url`.
+    pub fn new(url: &str) -> Result<Self, String> {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| e.to_string())?;
+        reqwest::Url::parse(url).map_err(|e| format!("SMS webhook URL: {e}"))?;
+        Ok(WebhookSender {
+            client,
+            url: url.to_string(),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Sender for WebhookSender {
+    async fn send(&self, delivery: &Delivery) -> Result<(), String> {
+        let body = serde_json::json!({
+            "id": delivery.id,
+            "to": delivery.to,
+            "body": delivery.body,
+            "tenant_id": delivery.tenant_id,
+        });
+        let response = self
+            .client
+            .post(&self.url)
+            .header("Idempotency-Key", delivery.id.to_string())
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("SMS webhook answered {}", response.status()))
+        }
+    }
+}
+
+/// Sends each channel through its own sender.
+pub struct ByChannel {
+    /// For email.
+    pub email: Arc<dyn Sender>,
+    /// For SMS.
+    pub sms: Arc<dyn Sender>,
+}
+
+#[async_trait::async_trait]
+impl Sender for ByChannel {
+    async fn send(&self, delivery: &Delivery) -> Result<(), String> {
+        match delivery.channel {
+            Channel::Email => self.email.send(delivery).await,
+            Channel::Sms => self.sms.send(delivery).await,
+        }
+    }
+}

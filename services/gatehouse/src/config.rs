@@ -60,6 +60,16 @@ pub struct ServeArgs {
     /// Log format [default: text].
     #[arg(long, env = "GATEHOUSE_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Send email through this SMTP server (`smtp://user:pass@host:587?tls=required`,
+    /// `smtps://…`); without it, email goes to `<data>/outbox.ndjson`.
+    #[arg(long, env = "GATEHOUSE_SMTP_URL")]
+    pub smtp_url: Option<String>,
+    /// The From address of email [default: no-reply@gatehouse.invalid].
+    #[arg(long, env = "GATEHOUSE_SMTP_FROM")]
+    pub smtp_from: Option<String>,
+    /// Send SMS by POSTing to this webhook; without it, SMS goes to `<data>/outbox.ndjson`.
+    #[arg(long, env = "GATEHOUSE_SMS_WEBHOOK_URL")]
+    pub sms_webhook_url: Option<String>,
     /// Breached-password list: one SHA-1 hex digest (optionally `:COUNT`) per line, as Have I
     /// Been Pwned publishes it; added to a small built-in list of common passwords.
     #[arg(long, env = "GATEHOUSE_BREACHED_PASSWORDS")]
@@ -123,6 +133,12 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     /// See [`ServeArgs::breached_passwords`].
     pub breached_passwords: Option<PathBuf>,
+    /// See [`ServeArgs::smtp_url`].
+    pub smtp_url: Option<String>,
+    /// See [`ServeArgs::smtp_from`].
+    pub smtp_from: Option<String>,
+    /// See [`ServeArgs::sms_webhook_url`].
+    pub sms_webhook_url: Option<String>,
 }
 
 impl FileConfig {
@@ -156,6 +172,12 @@ pub struct Config {
     pub master_key: Option<String>,
     /// Breached-password file.
     pub breached_passwords: Option<PathBuf>,
+    /// SMTP server for email.
+    pub smtp_url: Option<String>,
+    /// From address of email.
+    pub smtp_from: String,
+    /// Webhook for SMS.
+    pub sms_webhook_url: Option<String>,
 }
 
 impl Config {
@@ -194,6 +216,15 @@ impl Config {
                 .ok()
                 .filter(|k| !k.is_empty()),
             breached_passwords: args.breached_passwords.or(file.breached_passwords),
+            smtp_url: args.smtp_url.or(file.smtp_url).filter(|u| !u.is_empty()),
+            smtp_from: args
+                .smtp_from
+                .or(file.smtp_from)
+                .unwrap_or_else(|| "no-reply@gatehouse.invalid".into()),
+            sms_webhook_url: args
+                .sms_webhook_url
+                .or(file.sms_webhook_url)
+                .filter(|u| !u.is_empty()),
         })
     }
 

@@ -8,7 +8,7 @@ use gatehouse_core::keys::{Authenticate, AuthenticateIfPresent};
 use gatehouse_core::passwords::{BreachedPasswords, Passwords};
 use gatehouse_core::platform::ensure_admin_key;
 use gatehouse_directory::UserApi;
-use gatehouse_directory::notifier::{self, NdjsonOutbox};
+use gatehouse_directory::notifier::{self, ByChannel, NdjsonOutbox, SmtpSender, WebhookSender};
 use gatehouse_directory::{ApplicationApi, TenantApi};
 use gatehouse_proto::v1::application_service_server::ApplicationServiceServer;
 use gatehouse_proto::v1::tenant_service_server::TenantServiceServer;
@@ -49,9 +49,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let breached = BreachedPasswords::load(config.breached_passwords.as_deref())?;
     let users =
         Arc::new(UserApi::new(store.clone(), crypto.clone(), Passwords::new(breached)).await?);
-    // Embedded mode delivers email and SMS into a file (README, configuration).
-    let outbox = Arc::new(NdjsonOutbox::open(config.data_dir.join("outbox.ndjson"))?);
-    let notifier = tokio::spawn(notifier::run(store.clone(), crypto, outbox));
+    let notifier = tokio::spawn(notifier::run(store.clone(), crypto, senders(&config)?));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -133,6 +131,21 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .set_service_status("", ServingStatus::NotServing)
         .await;
     Ok(())
+}
+
+/// SMTP and the SMS webhook when configured; the `<data>/outbox.ndjson` file otherwise.
+fn senders(config: &Config) -> anyhow::Result<Arc<dyn notifier::Sender>> {
+    let file: Arc<dyn notifier::Sender> =
+        Arc::new(NdjsonOutbox::open(config.data_dir.join("outbox.ndjson"))?);
+    let email: Arc<dyn notifier::Sender> = match &config.smtp_url {
+        Some(url) => Arc::new(SmtpSender::new(url, &config.smtp_from).map_err(anyhow::Error::msg)?),
+        None => file.clone(),
+    };
+    let sms: Arc<dyn notifier::Sender> = match &config.sms_webhook_url {
+        Some(url) => Arc::new(WebhookSender::new(url).map_err(anyhow::Error::msg)?),
+        None => file,
+    };
+    Ok(Arc::new(ByChannel { email, sms }))
 }
 
 fn tokio_stream_listener(
