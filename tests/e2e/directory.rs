@@ -6,6 +6,8 @@ mod support;
 use gatehouse_proto::v1 as pb;
 use pb::application_service_client::ApplicationServiceClient;
 use pb::tenant_service_client::TenantServiceClient;
+use pb::user_service_client::UserServiceClient;
+use std::collections::HashMap;
 use support::{Server, TestResult};
 use tonic::Code;
 use tonic::metadata::MetadataValue;
@@ -34,6 +36,7 @@ fn bad_fields(status: &tonic::Status) -> Vec<String> {
 struct Directory {
     tenants: TenantServiceClient<Channel>,
     apps: ApplicationServiceClient<Channel>,
+    users: UserServiceClient<Channel>,
     admin: String,
 }
 
@@ -44,7 +47,8 @@ impl Directory {
             .await?;
         Ok(Directory {
             tenants: TenantServiceClient::new(channel.clone()),
-            apps: ApplicationServiceClient::new(channel),
+            apps: ApplicationServiceClient::new(channel.clone()),
+            users: UserServiceClient::new(channel),
             admin: server.printed_admin_key().ok_or("no admin key")?,
         })
     }
@@ -582,6 +586,216 @@ async fn a_tenant_key_never_reaches_another_tenant() -> TestResult {
         "ListApplications",
     )?;
 
+    // Users: B's user through every UserService RPC, naming tenant B or its own tenant A.
+    let user_b = d
+        .users
+        .create_user(req(
+            pb::CreateUserRequest {
+                tenant_id: b.id.clone(),
+                email: "b.customer@example.com".into(),
+                password: "a long enough passphrase".into(),
+                attributes: HashMap::new(),
+                email_verified: true,
+            },
+            &admin,
+        )?)
+        .await?
+        .into_inner();
+    let create = pb::CreateUserRequest {
+        tenant_id: b.id.clone(),
+        email: "intruder@example.com".into(),
+        password: String::new(),
+        attributes: HashMap::new(),
+        email_verified: true,
+    };
+    refused(
+        d.users
+            .create_user(req(create, &key_a)?)
+            .await
+            .map(|r| r.map(drop)),
+        "CreateUser",
+    )?;
+    let list = pb::ListUsersRequest {
+        tenant_id: b.id.clone(),
+        ..Default::default()
+    };
+    refused(
+        d.users
+            .list_users(req(list, &key_a)?)
+            .await
+            .map(|r| r.map(drop)),
+        "ListUsers",
+    )?;
+    for tenant_id in [b.id.clone(), a.id.clone()] {
+        let user = || pb::UserRef {
+            tenant_id: tenant_id.clone(),
+            user_id: user_b.id.clone(),
+        };
+        let get = pb::GetUserRequest {
+            tenant_id: tenant_id.clone(),
+            user_id: user_b.id.clone(),
+        };
+        refused(
+            d.users
+                .get_user(req(get, &key_a)?)
+                .await
+                .map(|r| r.map(drop)),
+            "GetUser",
+        )?;
+        let profile = pb::UpdateProfileRequest {
+            tenant_id: tenant_id.clone(),
+            user_id: user_b.id.clone(),
+            attributes: HashMap::new(),
+        };
+        refused(
+            d.users
+                .update_profile(req(profile, &key_a)?)
+                .await
+                .map(|r| r.map(drop)),
+            "UpdateProfile",
+        )?;
+        let change = pb::ChangePasswordRequest {
+            tenant_id: tenant_id.clone(),
+            user_id: user_b.id.clone(),
+            current_password: "a long enough passphrase".into(),
+            new_password: "a takeover passphrase".into(),
+        };
+        refused(
+            d.users
+                .change_password(req(change, &key_a)?)
+                .await
+                .map(|r| r.map(drop)),
+            "ChangePassword",
+        )?;
+        let phone = pb::AddPhoneRequest {
+            tenant_id: tenant_id.clone(),
+            user_id: user_b.id.clone(),
+            phone: "+14155550100".into(),
+        };
+        refused(
+            d.users
+                .add_phone(req(phone, &key_a)?)
+                .await
+                .map(|r| r.map(drop)),
+            "AddPhone",
+        )?;
+        let verify = pb::VerifyPhoneRequest {
+            tenant_id: tenant_id.clone(),
+            user_id: user_b.id.clone(),
+            code: "123456".into(),
+        };
+        refused(
+            d.users
+                .verify_phone(req(verify, &key_a)?)
+                .await
+                .map(|r| r.map(drop)),
+            "VerifyPhone",
+        )?;
+        refused(
+            d.users
+                .disable_user(req(user(), &key_a)?)
+                .await
+                .map(|r| r.map(drop)),
+            "DisableUser",
+        )?;
+        refused(
+            d.users
+                .enable_user(req(user(), &key_a)?)
+                .await
+                .map(|r| r.map(drop)),
+            "EnableUser",
+        )?;
+        refused(
+            d.users
+                .unlock_user(req(user(), &key_a)?)
+                .await
+                .map(|r| r.map(drop)),
+            "UnlockUser",
+        )?;
+        refused(
+            d.users
+                .erase_user(req(user(), &key_a)?)
+                .await
+                .map(|r| r.map(drop)),
+            "EraseUser",
+        )?;
+    }
+    // Self-service RPCs need no key, but one sent for another tenant is refused.
+    let sign_up = pb::SignUpRequest {
+        tenant_id: b.id.clone(),
+        client_id: app_b.client_id.clone(),
+        email: "someone@example.com".into(),
+        password: "a long enough passphrase".into(),
+        attributes: HashMap::new(),
+    };
+    refused(
+        d.users
+            .sign_up(req(sign_up, &key_a)?)
+            .await
+            .map(|r| r.map(drop)),
+        "SignUp",
+    )?;
+    let verify = pb::VerifyEmailRequest {
+        tenant_id: b.id.clone(),
+        user_id: user_b.id.clone(),
+        code: "123456".into(),
+    };
+    refused(
+        d.users
+            .verify_email(req(verify, &key_a)?)
+            .await
+            .map(|r| r.map(drop)),
+        "VerifyEmail",
+    )?;
+    let start = pb::StartPasswordResetRequest {
+        tenant_id: b.id.clone(),
+        email: "b.customer@example.com".into(),
+    };
+    refused(
+        d.users
+            .start_password_reset(req(start, &key_a)?)
+            .await
+            .map(|r| r.map(drop)),
+        "StartPasswordReset",
+    )?;
+    let complete = pb::CompletePasswordResetRequest {
+        tenant_id: b.id.clone(),
+        email: "b.customer@example.com".into(),
+        code: "123456".into(),
+        new_password: "a takeover passphrase".into(),
+    };
+    refused(
+        d.users
+            .complete_password_reset(req(complete, &key_a)?)
+            .await
+            .map(|r| r.map(drop)),
+        "CompletePasswordReset",
+    )?;
+    let user_after = d
+        .users
+        .get_user(req(
+            pb::GetUserRequest {
+                tenant_id: b.id.clone(),
+                user_id: user_b.id.clone(),
+            },
+            &key_b.secret,
+        )?)
+        .await?
+        .into_inner();
+    assert_eq!(user_after, user_b, "B's user is untouched");
+    let b_users = d
+        .users
+        .list_users(req(
+            pb::ListUsersRequest {
+                tenant_id: b.id.clone(),
+                ..Default::default()
+            },
+            &admin,
+        )?)
+        .await?
+        .into_inner();
+    assert_eq!(b_users.users.len(), 1);
+
     // B is untouched: same settings, its key works, its app is as registered.
     let b_after = d
         .tenants
@@ -606,5 +820,218 @@ async fn a_tenant_key_never_reaches_another_tenant() -> TestResult {
         .await?
         .into_inner();
     assert_eq!(app_after, app_b);
+    Ok(())
+}
+
+/// Bad input to the tenant and application RPCs: each named, nothing written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_and_application_rpcs_refuse_bad_input() -> TestResult {
+    let data = tempfile::tempdir()?;
+    let server = Server::start(data.path(), None)?;
+    let mut d = Directory::connect(&server).await?;
+    let admin = d.admin.clone();
+    let long = "x".repeat(300);
+    let missing = uuid::Uuid::now_v7().to_string();
+    let expect = |result: Result<(), tonic::Status>,
+                  code: Code,
+                  field: Option<&str>,
+                  case: &str|
+     -> Result<(), Error> {
+        let status = result.err().ok_or_else(|| format!("{case}: accepted"))?;
+        if status.code() != code {
+            return Err(format!("{case}: {:?} {}", status.code(), status.message()).into());
+        }
+        if let Some(field) = field
+            && !bad_fields(&status).iter().any(|f| f == field)
+        {
+            return Err(format!("{case}: {field} not named in {:?}", bad_fields(&status)).into());
+        }
+        Ok(())
+    };
+    for (name, case) in [
+        ("", "empty name"),
+        ("   ", "blank name"),
+        (long.as_str(), "long name"),
+    ] {
+        let create = pb::CreateTenantRequest {
+            display_name: name.into(),
+            settings: None,
+        };
+        expect(
+            d.tenants
+                .create_tenant(req(create, &admin)?)
+                .await
+                .map(drop),
+            Code::InvalidArgument,
+            Some("display_name"),
+            case,
+        )?;
+    }
+    let tenant = d.tenant("Valid").await?;
+    for (id, code) in [
+        ("", Code::InvalidArgument),
+        ("nope", Code::InvalidArgument),
+        (missing.as_str(), Code::NotFound),
+    ] {
+        let get = pb::GetTenantRequest {
+            tenant_id: id.into(),
+        };
+        expect(
+            d.tenants.get_tenant(req(get, &admin)?).await.map(drop),
+            code,
+            None,
+            "get tenant",
+        )?;
+        let keys = pb::ListApiKeysRequest {
+            tenant_id: id.into(),
+        };
+        expect(
+            d.tenants.list_api_keys(req(keys, &admin)?).await.map(drop),
+            code,
+            None,
+            "list keys",
+        )?;
+        let apps = pb::ListApplicationsRequest {
+            tenant_id: id.into(),
+            ..Default::default()
+        };
+        expect(
+            d.apps.list_applications(req(apps, &admin)?).await.map(drop),
+            code,
+            None,
+            "list apps",
+        )?;
+        let get_app = pb::GetApplicationRequest {
+            tenant_id: tenant.id.clone(),
+            application_id: id.into(),
+        };
+        expect(
+            d.apps
+                .get_application(req(get_app, &admin)?)
+                .await
+                .map(drop),
+            code,
+            None,
+            "get app",
+        )?;
+        let revoke = pb::RevokeApiKeyRequest {
+            tenant_id: tenant.id.clone(),
+            key_id: id.into(),
+        };
+        expect(
+            d.tenants
+                .revoke_api_key(req(revoke, &admin)?)
+                .await
+                .map(drop),
+            code,
+            None,
+            "revoke key",
+        )?;
+    }
+    for (name, case) in [("", "empty key name"), (long.as_str(), "long key name")] {
+        let create = pb::CreateApiKeyRequest {
+            tenant_id: tenant.id.clone(),
+            name: name.into(),
+        };
+        expect(
+            d.tenants
+                .create_api_key(req(create, &admin)?)
+                .await
+                .map(drop),
+            Code::InvalidArgument,
+            Some("name"),
+            case,
+        )?;
+    }
+    let update = pb::UpdateTenantSettingsRequest {
+        tenant_id: tenant.id.clone(),
+        settings: None,
+    };
+    expect(
+        d.tenants
+            .update_tenant_settings(req(update, &admin)?)
+            .await
+            .map(drop),
+        Code::InvalidArgument,
+        Some("settings"),
+        "no settings",
+    )?;
+    let page = pb::ListTenantsRequest {
+        page_size: 501,
+        page_token: String::new(),
+    };
+    expect(
+        d.tenants.list_tenants(req(page, &admin)?).await.map(drop),
+        Code::InvalidArgument,
+        Some("page_size"),
+        "page size",
+    )?;
+    let token = pb::ListTenantsRequest {
+        page_size: 10,
+        page_token: "garbage".into(),
+    };
+    expect(
+        d.tenants.list_tenants(req(token, &admin)?).await.map(drop),
+        Code::InvalidArgument,
+        Some("page_token"),
+        "page token",
+    )?;
+    let long_uri = format!("https://example.com/{long}{long}{long}{long}{long}{long}{long}");
+    let register = pb::RegisterApplicationRequest {
+        tenant_id: tenant.id.clone(),
+        display_name: long.clone(),
+        redirect_uris: vec![long_uri],
+        post_logout_redirect_uris: vec!["javascript:alert(1)".into()],
+        grant_types: vec![],
+        client_type: pb::ClientType::Confidential as i32,
+    };
+    let status = d
+        .apps
+        .register_application(req(register, &admin)?)
+        .await
+        .err()
+        .ok_or("bad app accepted")?;
+    let fields = bad_fields(&status);
+    for field in [
+        "display_name",
+        "redirect_uris[0]",
+        "post_logout_redirect_uris[0]",
+        "grant_types",
+    ] {
+        assert!(
+            fields.iter().any(|f| f == field),
+            "{field} not in {fields:?}"
+        );
+    }
+    // Nothing was written: one tenant, no keys, no apps.
+    let tenants = d
+        .tenants
+        .list_tenants(req(pb::ListTenantsRequest::default(), &admin)?)
+        .await?
+        .into_inner();
+    assert_eq!(tenants.tenants.len(), 1);
+    let keys = d
+        .tenants
+        .list_api_keys(req(
+            pb::ListApiKeysRequest {
+                tenant_id: tenant.id.clone(),
+            },
+            &admin,
+        )?)
+        .await?
+        .into_inner();
+    assert!(keys.keys.is_empty());
+    let apps = d
+        .apps
+        .list_applications(req(
+            pb::ListApplicationsRequest {
+                tenant_id: tenant.id.clone(),
+                ..Default::default()
+            },
+            &admin,
+        )?)
+        .await?
+        .into_inner();
+    assert!(apps.applications.is_empty());
     Ok(())
 }

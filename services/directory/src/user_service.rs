@@ -72,6 +72,15 @@ pub struct UserApi {
     list: LiveView<UserList>,
 }
 
+/// Self-service RPCs need no key; a key that is sent must belong to the tenant (a platform
+/// backend calling for another tenant is a mistake to refuse, not to serve).
+fn self_service<T>(request: &Request<T>, tenant_id: Uuid) -> Result<(), ApiError> {
+    match request.extensions().get::<Caller>() {
+        Some(caller) => caller.require_tenant(tenant_id, "tenant"),
+        None => Ok(()),
+    }
+}
+
 /// A six-digit code.
 fn new_code() -> String {
     format!("{:06}", rand::rng().random_range(0..1_000_000u32))
@@ -330,6 +339,7 @@ impl UserApi {
         let message = request.get_ref();
         let mut validation = Validation::new();
         let tenant_id = parse_id("tenant_id", &message.tenant_id)?;
+        self_service(&request, tenant_id)?;
         validation.text("client_id", &message.client_id, 1, 64);
         let email = normalize_email(&message.email)
             .map_err(|reason| validation.add("email", reason))
@@ -532,6 +542,7 @@ impl UserApi {
         let metadata = request::metadata(&request, Actor::Anonymous);
         let message = request.get_ref();
         let tenant_id = parse_id("tenant_id", &message.tenant_id)?;
+        self_service(&request, tenant_id)?;
         let user_id = Uuid::parse_str(&message.user_id).ok();
         self.answer(
             tenant_id,
@@ -870,6 +881,7 @@ impl UserApi {
         let metadata = request::metadata(&request, Actor::Anonymous);
         let message = request.get_ref();
         let tenant_id = parse_id("tenant_id", &message.tenant_id)?;
+        self_service(&request, tenant_id)?;
         let email =
             normalize_email(&message.email).map_err(|reason| ApiError::invalid("email", reason))?;
         self.tenant(tenant_id).await?;
@@ -905,6 +917,7 @@ impl UserApi {
         let metadata = request::metadata(&request, Actor::Anonymous);
         let message = request.get_ref();
         let tenant_id = parse_id("tenant_id", &message.tenant_id)?;
+        self_service(&request, tenant_id)?;
         let email =
             normalize_email(&message.email).map_err(|reason| ApiError::invalid("email", reason))?;
         let tenant = self.tenant(tenant_id).await?;
