@@ -5,6 +5,7 @@ use gatehouse_core::ApiError;
 use gatehouse_core::error::Validation;
 use gatehouse_events::{Aggregate, DomainEvent, RecordedEvent};
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 /// Longest display name, in characters.
 pub const MAX_DISPLAY_NAME: usize = 200;
@@ -151,6 +152,8 @@ pub struct Application {
     pub created_at: Option<DateTime<Utc>>,
     /// Deleted apps keep their history but no longer exist.
     pub deleted: bool,
+    /// The owning tenant.
+    pub tenant_id: Option<Uuid>,
 }
 
 impl Aggregate for Application {
@@ -170,6 +173,7 @@ impl Aggregate for Application {
                 self.client_secret_hash = client_secret_hash;
                 self.config = Some(config);
                 self.created_at = Some(envelope.recorded_at);
+                self.tenant_id = Some(envelope.tenant_id);
             }
             ApplicationEvent::ApplicationUpdated { config } => self.config = Some(config),
             ApplicationEvent::ApplicationDeleted => self.deleted = true,

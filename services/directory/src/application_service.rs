@@ -109,13 +109,7 @@ impl ApplicationApi {
     ) -> Result<Loaded<Application>, ApiError> {
         let id = parse_id("application_id", application_id)?;
         let loaded = Loaded::<Application>::load(self.store.as_ref(), id).await?;
-        let owned = self
-            .store
-            .read_stream(&loaded.stream, Default::default())
-            .await?
-            .first()
-            .map(|e| e.tenant_id);
-        if !loaded.state.exists() || owned != Some(tenant_id) {
+        if !loaded.state.exists() || loaded.state.tenant_id != Some(tenant_id) {
             return Err(ApiError::NotFound("application".into()));
         }
         Ok(loaded)

@@ -223,6 +223,8 @@ pub struct User {
     pub codes: BTreeMap<String, PendingCode>,
     /// Creation time.
     pub created_at: Option<DateTime<Utc>>,
+    /// The owning tenant.
+    pub tenant_id: Option<Uuid>,
 }
 
 impl Aggregate for User {
@@ -237,6 +239,7 @@ impl Aggregate for User {
                 ..
             } => {
                 self.status = Status::PendingVerification;
+                self.tenant_id = Some(envelope.tenant_id);
                 self.profile = Some(profile);
                 self.credential = Some(credential);
                 self.created_at = Some(envelope.recorded_at);
@@ -247,6 +250,7 @@ impl Aggregate for User {
                 email_verified,
             } => {
                 self.status = Status::Active;
+                self.tenant_id = Some(envelope.tenant_id);
                 self.profile = Some(profile);
                 self.credential = credential;
                 self.email_verified = email_verified;
@@ -298,6 +302,7 @@ impl Aggregate for User {
                 *self = User {
                     status: Status::Erased,
                     created_at: self.created_at,
+                    tenant_id: self.tenant_id,
                     ..User::default()
                 };
             }

@@ -128,23 +128,10 @@ impl UserApi {
     /// A user of `tenant_id`; any other (or none) is not found.
     async fn user(&self, tenant_id: Uuid, user_id: Uuid) -> Result<Loaded<User>, ApiError> {
         let loaded = Loaded::<User>::load(self.store.as_ref(), user_id).await?;
-        if !loaded.state.exists() || self.owner(&loaded).await? != Some(tenant_id) {
+        if !loaded.state.exists() || loaded.state.tenant_id != Some(tenant_id) {
             return Err(ApiError::NotFound("user".into()));
         }
         Ok(loaded)
-    }
-
-    async fn owner(&self, loaded: &Loaded<User>) -> Result<Option<Uuid>, ApiError> {
-        let bounds = gatehouse_events::store::StreamBounds {
-            up_to_position: None,
-            ..Default::default()
-        };
-        Ok(self
-            .store
-            .read_stream(&loaded.stream, bounds)
-            .await?
-            .first()
-            .map(|e| e.tenant_id))
     }
 
     async fn user_by_email(&self, tenant_id: Uuid, email: &str) -> Result<Option<Uuid>, ApiError> {
@@ -505,7 +492,7 @@ impl UserApi {
         let crypto = self.crypto.clone();
         let now = Utc::now();
         let owner_ok = match Loaded::<User>::load(self.store.as_ref(), user_id).await {
-            Ok(loaded) if loaded.state.exists() => self.owner(&loaded).await? == Some(tenant_id),
+            Ok(loaded) if loaded.state.exists() => loaded.state.tenant_id == Some(tenant_id),
             _ => false,
         };
         if !owner_ok {
