@@ -42,7 +42,7 @@ CREATE TABLE snapshots (
 );
 
 -- Appends a group of commands in one transaction (group commit: one WAL flush for many
--- commands). Each command is all-or-nothing on its own: its streams are checked against their
+-- commands) and one INSERT. Each command is all-or-nothing on its own: its streams are checked against their
 -- expected versions (-1 = any) and its claims against unique_claims before anything of it is
 -- written; a command that fails a check is skipped and reported, the others are appended.
 -- Arrays list the commands' streams, events, claims and releases one command after another;
@@ -74,19 +74,39 @@ DECLARE
     detail bigint;
     versions bigint[];
     v bigint;
+    -- Per event: its command and, when the command is accepted, its version.
+    e_cmd integer[] := '{}';
+    e_version bigint[] := '{}';
+    -- Streams this group already appended to, with their new versions (latest entry wins).
+    seen_types text[] := '{}';
+    seen_ids uuid[] := '{}';
+    seen_versions bigint[] := '{}';
 BEGIN
     IF cardinality(e_ids) >= 1048576 THEN
         RAISE EXCEPTION 'a group holds at most 1048575 events';
     END IF;
+    -- Full length from the start: assigning into an empty array at index i would make an
+    -- array starting at i, and unnest would then pair it with the wrong events.
+    e_cmd := array_fill(NULL::integer, ARRAY[cardinality(e_ids)]);
+    e_version := array_fill(NULL::bigint, ARRAY[cardinality(e_ids)]);
     FOR k IN 1 .. cardinality(cmd_streams) LOOP
         status := 0;
         detail := 0;
         versions := '{}';
         FOR i IN s0 + 1 .. s0 + cmd_streams[k] LOOP
-            -- ORDER BY … LIMIT 1 rather than max(): the plan is cached while the table is still
-            -- small, and this form keeps it on the index as the table grows.
-            v := coalesce((SELECT version FROM events WHERE stream_type = s_types[i] AND stream_id = s_ids[i]
-                           ORDER BY version DESC LIMIT 1), 0);
+            v := NULL;
+            FOR t IN REVERSE cardinality(seen_ids) .. 1 LOOP
+                IF seen_ids[t] = s_ids[i] AND seen_types[t] = s_types[i] THEN
+                    v := seen_versions[t];
+                    EXIT;
+                END IF;
+            END LOOP;
+            IF v IS NULL THEN
+                -- ORDER BY … LIMIT 1 rather than max(): the plan is cached while the table is
+                -- still small, and this form keeps it on the index as the table grows.
+                v := coalesce((SELECT version FROM events WHERE stream_type = s_types[i] AND stream_id = s_ids[i]
+                               ORDER BY version DESC LIMIT 1), 0);
+            END IF;
             versions := versions || v;
             IF status = 0 AND s_expected[i] >= 0 AND v <> s_expected[i] THEN
                 status := 1;
@@ -123,16 +143,21 @@ BEGIN
                             c_scopes[c0 + 1 : c0 + cmd_claims[k]], c_values[c0 + 1 : c0 + cmd_claims[k]])
                      AS c(s, tenant_id, scope, value);
             END IF;
-            INSERT INTO events (position, event_id, tenant_id, stream_type, stream_id, version, event_type,
-                                schema_version, recorded_at, correlation_id, causation_id, actor, client_ip, user_agent, payload)
-            SELECT base + e0 + e.ord - 1, e.id, e.tenant_id, s_types[e.s], s_ids[e.s],
-                   versions[e.s - s0] + e.nth, e.event_type, e.schema_version, m_recorded[k],
-                   m_correlation[k], m_causation[k], m_actor[k], m_ip[k], m_user_agent[k], e.payload::jsonb
-            FROM unnest(e_stream[e0 + 1 : e0 + cmd_events[k]], e_offset[e0 + 1 : e0 + cmd_events[k]],
-                        e_ids[e0 + 1 : e0 + cmd_events[k]], e_tenants[e0 + 1 : e0 + cmd_events[k]],
-                        e_types[e0 + 1 : e0 + cmd_events[k]], e_schemas[e0 + 1 : e0 + cmd_events[k]],
-                        e_payloads[e0 + 1 : e0 + cmd_events[k]])
-                 WITH ORDINALITY AS e(s, nth, id, tenant_id, event_type, schema_version, payload, ord);
+            FOR i IN e0 + 1 .. e0 + cmd_events[k] LOOP
+                e_cmd[i] := k;
+                e_version[i] := versions[e_stream[i] - s0] + e_offset[i];
+            END LOOP;
+            FOR j IN s0 + 1 .. s0 + cmd_streams[k] LOOP
+                v := versions[j - s0];
+                FOR i IN e0 + 1 .. e0 + cmd_events[k] LOOP
+                    IF e_stream[i] = j THEN
+                        v := greatest(v, e_version[i]);
+                    END IF;
+                END LOOP;
+                seen_types := seen_types || s_types[j];
+                seen_ids := seen_ids || s_ids[j];
+                seen_versions := seen_versions || v;
+            END LOOP;
         END IF;
 
         result := result || status || detail || versions;
@@ -141,6 +166,16 @@ BEGIN
         c0 := c0 + cmd_claims[k];
         r0 := r0 + cmd_releases[k];
     END LOOP;
+
+    -- One insert for every accepted command of the group.
+    INSERT INTO events (position, event_id, tenant_id, stream_type, stream_id, version, event_type,
+                        schema_version, recorded_at, correlation_id, causation_id, actor, client_ip, user_agent, payload)
+    SELECT base + e.ord - 1, e.id, e.tenant_id, s_types[e.s], s_ids[e.s], e.version, e.event_type,
+           e.schema_version, m_recorded[e.cmd], m_correlation[e.cmd], m_causation[e.cmd], m_actor[e.cmd],
+           m_ip[e.cmd], m_user_agent[e.cmd], e.payload::jsonb
+    FROM unnest(e_stream, e_ids, e_tenants, e_types, e_schemas, e_payloads, e_cmd, e_version)
+         WITH ORDINALITY AS e(s, id, tenant_id, event_type, schema_version, payload, cmd, version, ord)
+    WHERE e.version IS NOT NULL;
     RETURN result;
 END;
 $$;
