@@ -489,21 +489,18 @@ impl UserApi {
         let Some(user_id) = user_id else {
             return Err(invalid_code());
         };
-        let crypto = self.crypto.clone();
+        let crypto = &self.crypto;
         let now = Utc::now();
-        let owner_ok = match Loaded::<User>::load(self.store.as_ref(), user_id).await {
-            Ok(loaded) if loaded.state.exists() => loaded.state.tenant_id == Some(tenant_id),
-            _ => false,
-        };
-        if !owner_ok {
-            return Err(invalid_code());
-        }
         let done = execute::<User, ApiError, _>(
             self.store.as_ref(),
             tenant_id,
             user_id,
             &metadata,
             |state| {
+                // Another tenant's user answers exactly like no user at all.
+                if state.tenant_id != Some(tenant_id) {
+                    return Err(invalid_code());
+                }
                 let success = on_success(state)?;
                 answer_code(
                     state,
