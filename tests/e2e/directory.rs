@@ -10,28 +10,9 @@ use pb::user_service_client::UserServiceClient;
 use std::collections::HashMap;
 use support::{Server, TestResult};
 use tonic::Code;
-use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
-use tonic_types::StatusExt;
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
-
-fn req<T>(message: T, key: &str) -> Result<tonic::Request<T>, Error> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        MetadataValue::try_from(format!("Bearer {key}"))?,
-    );
-    Ok(request)
-}
-
-/// The fields a status names as bad.
-fn bad_fields(status: &tonic::Status) -> Vec<String> {
-    status
-        .get_details_bad_request()
-        .map(|bad| bad.field_violations.into_iter().map(|v| v.field).collect())
-        .unwrap_or_default()
-}
+use support::{Error, bad_fields, req};
 
 struct Directory {
     tenants: TenantServiceClient<Channel>,

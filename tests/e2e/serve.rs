@@ -5,21 +5,8 @@ mod support;
 
 use gatehouse_proto::v1::tenant_service_client::TenantServiceClient;
 use gatehouse_proto::v1::{CreateTenantRequest, GetTenantRequest, ListTenantsRequest};
-use support::{Server, TestResult};
+use support::{Server, TestResult, req};
 use tonic::Code;
-use tonic::metadata::MetadataValue;
-
-fn with_key<T>(
-    message: T,
-    key: &str,
-) -> Result<tonic::Request<T>, Box<dyn std::error::Error + Send + Sync>> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        MetadataValue::try_from(format!("Bearer {key}"))?,
-    );
-    Ok(request)
-}
 
 async fn check_a_fresh_server(database_url: Option<String>) -> TestResult {
     let data = tempfile::tempdir()?;
@@ -70,7 +57,7 @@ async fn check_a_fresh_server(database_url: Option<String>) -> TestResult {
     // The admin key works; a wrong key and no key are UNAUTHENTICATED.
     let mut tenants = TenantServiceClient::new(channel);
     let created = tenants
-        .create_tenant(with_key(
+        .create_tenant(req(
             CreateTenantRequest {
                 display_name: "Contoso Insurance".into(),
                 settings: None,
@@ -81,21 +68,18 @@ async fn check_a_fresh_server(database_url: Option<String>) -> TestResult {
         .into_inner();
     assert_eq!(created.display_name, "Contoso Insurance");
     let listed = tenants
-        .list_tenants(with_key(ListTenantsRequest::default(), &key)?)
+        .list_tenants(req(ListTenantsRequest::default(), &key)?)
         .await?
         .into_inner();
     assert_eq!(listed.tenants.len(), 1);
     let wrong = tenants
-        .list_tenants(with_key(
-            ListTenantsRequest::default(),
-            "gh_not-a-real-key",
-        )?)
+        .list_tenants(req(ListTenantsRequest::default(), "gh_not-a-real-key")?)
         .await;
     assert_eq!(wrong.err().map(|s| s.code()), Some(Code::Unauthenticated));
     let missing = tenants.list_tenants(ListTenantsRequest::default()).await;
     assert_eq!(missing.err().map(|s| s.code()), Some(Code::Unauthenticated));
     let bad = tenants
-        .create_tenant(with_key(
+        .create_tenant(req(
             CreateTenantRequest {
                 display_name: " ".into(),
                 settings: None,
@@ -122,7 +106,7 @@ async fn check_a_fresh_server(database_url: Option<String>) -> TestResult {
         .await?;
     let mut tenants = TenantServiceClient::new(channel);
     let fetched = tenants
-        .get_tenant(with_key(
+        .get_tenant(req(
             GetTenantRequest {
                 tenant_id: created.id.clone(),
             },
@@ -159,7 +143,7 @@ async fn an_admin_key_from_the_environment_is_used_and_not_printed() -> TestResu
         .await?;
     let mut tenants = TenantServiceClient::new(channel);
     tenants
-        .list_tenants(with_key(ListTenantsRequest::default(), key)?)
+        .list_tenants(req(ListTenantsRequest::default(), key)?)
         .await?;
     Ok(())
 }

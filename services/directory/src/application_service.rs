@@ -3,6 +3,7 @@
 use crate::application::{
     self, AppConfig, Application, ApplicationEvent, CLIENT_ID_CLAIM, ClientType, GrantType,
 };
+use crate::paging::Page;
 use crate::tenant::Tenant;
 use crate::tenant_service::{parse_id, rfc3339};
 use base64::Engine;
@@ -23,8 +24,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
-
-const MAX_PAGE: usize = 500;
 
 #[derive(Debug, Clone)]
 struct AppRow {
@@ -202,42 +201,12 @@ impl ApplicationApi {
         let caller = Caller::of(&request)?;
         let message = request.get_ref();
         let tenant_id = self.tenant(&caller, &message.tenant_id).await?;
-        let size = match message.page_size as usize {
-            0 => 100,
-            n if n > MAX_PAGE => {
-                return Err(ApiError::invalid(
-                    "page_size",
-                    format!("must be at most {MAX_PAGE}"),
-                ));
-            }
-            n => n,
-        };
-        let after = match message.page_token.as_str() {
-            "" => None,
-            token => Some(parse_id("page_token", token)?),
-        };
-        let (rows, more) = self.list.read(|apps| {
-            let Some(tenant) = apps.get(&tenant_id) else {
-                return (Vec::new(), false);
-            };
-            let range = match after {
-                Some(after) => {
-                    tenant.range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
-                }
-                None => tenant.range(..),
-            };
-            let mut rows: Vec<(Uuid, AppRow)> = range
-                .take(size + 1)
-                .map(|(id, row)| (*id, row.clone()))
-                .collect();
-            let more = rows.len() > size;
-            rows.truncate(size);
-            (rows, more)
+        let page = Page::parse(message.page_size, &message.page_token)?;
+        let (rows, next_page_token) = self.list.read(|apps| {
+            apps.get(&tenant_id)
+                .map(|tenant| page.take(tenant))
+                .unwrap_or_default()
         });
-        let next_page_token = match (more, rows.last()) {
-            (true, Some((last, _))) => last.to_string(),
-            _ => String::new(),
-        };
         let applications = rows
             .into_iter()
             .map(|(id, row)| {

@@ -12,6 +12,7 @@
 //! - [`user_service`]: `gatehouse.v1.UserService` handlers.
 //! - [`contact`]: email normalisation and phone validation.
 //! - [`notifier`]: delivers the users' notifications from the log, once each.
+//! - [`paging`]: `page_size` / `page_token` for every List RPC.
 //! - [`application_service`]: the `gatehouse.v1.ApplicationService` handlers.
 //!
 //! This crate decides from aggregates loaded from the event store; it never reads a
@@ -22,6 +23,7 @@ pub mod application;
 pub mod application_service;
 pub mod contact;
 pub mod notifier;
+pub mod paging;
 pub mod tenant;
 pub mod tenant_service;
 pub mod user;

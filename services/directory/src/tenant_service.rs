@@ -1,5 +1,6 @@
 //! `gatehouse.v1.TenantService`.
 
+use crate::paging::Page;
 use crate::tenant::{
     self, ApiKeyState, LockoutPolicy, MfaMethod, PasswordPolicy, PrimaryMethod, Tenant,
     TenantSettings, TokenLifetimes,
@@ -18,9 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
-
-/// Most tenants on one page.
-const MAX_PAGE: usize = 500;
 
 #[derive(Debug, Clone)]
 struct TenantRow {
@@ -117,40 +115,9 @@ impl TenantApi {
         request: Request<pb::ListTenantsRequest>,
     ) -> Result<pb::ListTenantsResponse, ApiError> {
         Caller::of(&request)?.require_admin()?;
-        let page = request.get_ref();
-        let size = match page.page_size as usize {
-            0 => 100,
-            n if n > MAX_PAGE => {
-                return Err(ApiError::invalid(
-                    "page_size",
-                    format!("must be at most {MAX_PAGE}"),
-                ));
-            }
-            n => n,
-        };
-        let after = match page.page_token.as_str() {
-            "" => None,
-            token => Some(parse_id("page_token", token)?),
-        };
-        let (tenants, more) = self.list.read(|list| {
-            let range = match after {
-                Some(after) => {
-                    list.range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
-                }
-                None => list.range(..),
-            };
-            let mut rows: Vec<(Uuid, TenantRow)> = range
-                .take(size + 1)
-                .map(|(id, row)| (*id, row.clone()))
-                .collect();
-            let more = rows.len() > size;
-            rows.truncate(size);
-            (rows, more)
-        });
-        let next_page_token = match (more, tenants.last()) {
-            (true, Some((last, _))) => last.to_string(),
-            _ => String::new(),
-        };
+        let message = request.get_ref();
+        let page = Page::parse(message.page_size, &message.page_token)?;
+        let (tenants, next_page_token) = self.list.read(|list| page.take(list));
         // Settings come from the aggregate in GetTenant; the list is the directory view.
         let tenants = tenants
             .into_iter()

@@ -2,6 +2,7 @@
 
 use crate::application::{Application, CLIENT_ID_CLAIM};
 use crate::contact::{normalize_email, validate_phone};
+use crate::paging::Page;
 use crate::tenant::{PasswordPolicy, PrimaryMethod, Tenant};
 use crate::tenant_service::{parse_id, rfc3339};
 use crate::user::{
@@ -26,7 +27,6 @@ use std::time::Duration;
 use tonic::{Request, Response, Status as GrpcStatus};
 use uuid::Uuid;
 
-const MAX_PAGE: usize = 500;
 const MAX_PASSWORD: usize = 256;
 const MAX_ATTRIBUTE_VALUE: usize = 256;
 const MAX_CODE: usize = 16;
@@ -638,20 +638,8 @@ impl UserApi {
         let tenant_id = parse_id("tenant_id", &message.tenant_id)?;
         caller.require_tenant(tenant_id, "tenant")?;
         self.tenant(tenant_id).await?;
-        let size = match message.page_size as usize {
-            0 => 100,
-            n if n > MAX_PAGE => {
-                return Err(ApiError::invalid(
-                    "page_size",
-                    format!("must be at most {MAX_PAGE}"),
-                ));
-            }
-            n => n,
-        };
-        let after = match message.page_token.as_str() {
-            "" => None,
-            token => Some(parse_id("page_token", token)?),
-        };
+        let page = Page::parse(message.page_size, &message.page_token)?;
+        let size = page.size;
         if message.email_prefix.chars().count() > crate::contact::MAX_EMAIL {
             return Err(ApiError::invalid(
                 "email_prefix",
@@ -678,13 +666,7 @@ impl UserApi {
             let Some(tenant) = users.get(&tenant_id) else {
                 return Vec::new();
             };
-            let range = match after {
-                Some(after) => {
-                    tenant.range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
-                }
-                None => tenant.range(..),
-            };
-            range
+            page.entries(tenant)
                 .filter(|(_, row)| wanted.is_none_or(|w| row.status == w))
                 .map(|(id, _)| *id)
                 .take(MAX_SCAN)

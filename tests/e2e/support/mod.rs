@@ -10,6 +10,24 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request carrying `authorization: Bearer <key>`.
+pub fn req<T>(message: T, key: &str) -> Result<tonic::Request<T>, Error> {
+    let mut request = tonic::Request::new(message);
+    let value = tonic::metadata::MetadataValue::try_from(format!("Bearer {key}"))?;
+    request.metadata_mut().insert("authorization", value);
+    Ok(request)
+}
+
+/// The fields a status names as bad (`google.rpc.BadRequest`).
+pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|bad| bad.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
 
 /// A running server process; killed when dropped.
 pub struct Server {
