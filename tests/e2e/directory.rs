@@ -12,7 +12,7 @@ use support::{Server, TestResult};
 use tonic::Code;
 use tonic::transport::Channel;
 
-use support::{Error, bad_fields, req};
+use support::{Error, bad_fields, expect, req};
 
 struct Directory {
     tenants: TenantServiceClient<Channel>,
@@ -813,22 +813,6 @@ async fn tenant_and_application_rpcs_refuse_bad_input() -> TestResult {
     let admin = d.admin.clone();
     let long = "x".repeat(300);
     let missing = uuid::Uuid::now_v7().to_string();
-    let expect = |result: Result<(), tonic::Status>,
-                  code: Code,
-                  field: Option<&str>,
-                  case: &str|
-     -> Result<(), Error> {
-        let status = result.err().ok_or_else(|| format!("{case}: accepted"))?;
-        if status.code() != code {
-            return Err(format!("{case}: {:?} {}", status.code(), status.message()).into());
-        }
-        if let Some(field) = field
-            && !bad_fields(&status).iter().any(|f| f == field)
-        {
-            return Err(format!("{case}: {field} not named in {:?}", bad_fields(&status)).into());
-        }
-        Ok(())
-    };
     for (name, case) in [
         ("", "empty name"),
         ("   ", "blank name"),

@@ -14,7 +14,7 @@ use support::{Server, TestResult, wait_for_message};
 use tonic::Code;
 use tonic::transport::Channel;
 
-use support::{Error, bad_fields, req};
+use support::{Error, bad_fields, expect, req};
 
 /// A tenant collecting `given_name`, with one public app, and a tenant key.
 struct Setup {
@@ -604,22 +604,6 @@ async fn every_user_rpc_refuses_bad_input_and_writes_nothing() -> TestResult {
     let mut s = setup(&server).await?;
     let long = "x".repeat(300);
     let missing = uuid::Uuid::now_v7().to_string();
-    let expect = |result: Result<(), tonic::Status>,
-                  code: Code,
-                  field: Option<&str>,
-                  case: &str|
-     -> Result<(), Error> {
-        let status = result.err().ok_or_else(|| format!("{case}: accepted"))?;
-        if status.code() != code {
-            return Err(format!("{case}: {:?} {}", status.code(), status.message()).into());
-        }
-        if let Some(field) = field
-            && !bad_fields(&status).iter().any(|f| f == field)
-        {
-            return Err(format!("{case}: {field} not named in {:?}", bad_fields(&status)).into());
-        }
-        Ok(())
-    };
     let key = s.key.clone();
     for (email, case) in [
         ("", "empty email"),

@@ -20,6 +20,25 @@ pub fn req<T>(message: T, key: &str) -> Result<tonic::Request<T>, Error> {
     Ok(request)
 }
 
+/// Checks that a call failed with `code` (and, when given, named `field` as bad).
+pub fn expect(
+    result: Result<(), tonic::Status>,
+    code: tonic::Code,
+    field: Option<&str>,
+    case: &str,
+) -> Result<(), Error> {
+    let status = result.err().ok_or_else(|| format!("{case}: accepted"))?;
+    if status.code() != code {
+        return Err(format!("{case}: {:?} {}", status.code(), status.message()).into());
+    }
+    if let Some(field) = field
+        && !bad_fields(&status).iter().any(|f| f == field)
+    {
+        return Err(format!("{case}: {field} not named in {:?}", bad_fields(&status)).into());
+    }
+    Ok(())
+}
+
 /// The fields a status names as bad (`google.rpc.BadRequest`).
 pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
     use tonic_types::StatusExt;
