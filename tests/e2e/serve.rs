@@ -171,3 +171,22 @@ async fn a_python_client_finds_the_services_through_reflection() -> TestResult {
     assert!(stdout.contains("v1alpha services: "), "{stdout}");
     Ok(())
 }
+
+#[test]
+fn migrate_applies_the_migrations_and_exits() -> TestResult {
+    let data = tempfile::tempdir()?;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .arg("migrate")
+        .arg("--data")
+        .arg(data.path())
+        .env_remove("GATEHOUSE_DATABASE_URL")
+        .output()?;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("migrations applied (sqlite store)"));
+    assert!(data.path().join("events.db").exists());
+    Ok(())
+}

@@ -241,3 +241,70 @@ pub fn store_url(database_url: Option<&str>, data_dir: &Path) -> String {
         None => format!("sqlite://{}", data_dir.join("events.db").display()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Cli {
+        Cli::parse_from(std::iter::once("gatehouse").chain(list.iter().copied()))
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("gatehouse.toml");
+        std::fs::write(
+            &path,
+            "data = \"/srv/file\"\ngrpc = \"0.0.0.0:6000\"\nlog_format = \"json\"\n",
+        )?;
+        let cli = args(&[
+            "--config",
+            path.to_str().unwrap_or_default(),
+            "serve",
+            "--grpc",
+            "127.0.0.1:7000",
+        ]);
+        let file = FileConfig::load(cli.config.as_deref())?;
+        let Command::Serve(serve) = cli.command else {
+            anyhow::bail!("not serve");
+        };
+        let config = Config::resolve(serve, file)?;
+        assert_eq!(config.grpc, "127.0.0.1:7000".parse()?, "the flag wins");
+        assert_eq!(
+            config.data_dir,
+            PathBuf::from("/srv/file"),
+            "the file beats the default"
+        );
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(
+            config.http,
+            "127.0.0.1:8080".parse()?,
+            "the default when nobody says"
+        );
+        assert_eq!(config.store_url(), "sqlite:///srv/file/events.db");
+        Ok(())
+    }
+
+    #[test]
+    fn a_typo_in_the_file_is_an_error() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("gatehouse.toml");
+        std::fs::write(&path, "grcp = \"0.0.0.0:6000\"\n")?;
+        let error = FileConfig::load(Some(&path))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(error.contains("grcp"), "{error}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_example_configuration_parses() -> anyhow::Result<()> {
+        let example =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/gatehouse.example.toml");
+        let file = FileConfig::load(Some(&example))?;
+        assert_eq!(file.data, Some(PathBuf::from("data")));
+        Ok(())
+    }
+}
