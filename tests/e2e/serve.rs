@@ -37,17 +37,19 @@ async fn check_a_fresh_server(database_url: Option<String>) -> TestResult {
         .connect()
         .await?;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-    let status = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "gatehouse.v1.TenantService".into(),
-        })
-        .await?
-        .into_inner()
-        .status;
-    assert_eq!(
-        status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
+    for service in [
+        "",
+        "gatehouse.v1.TenantService",
+        "gatehouse.v1.ApplicationService",
+        "gatehouse.v1.UserService",
+    ] {
+        let request = tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        };
+        let status = health.check(request).await?.into_inner().status;
+        let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+        assert_eq!(status, serving, "health of {service:?}");
+    }
     let (code, body) = server.http_get("/healthz")?;
     assert_eq!((code, body.trim()), (200, "ok"));
     let (code, metrics) = server.http_get("/metrics")?;

@@ -56,6 +56,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .set_serving::<TenantServiceServer<TenantApi>>()
         .await;
     health_reporter
+        .set_serving::<ApplicationServiceServer<ApplicationApi>>()
+        .await;
+    health_reporter
+        .set_serving::<UserServiceServer<UserApi>>()
+        .await;
+    health_reporter
         .set_service_status("", ServingStatus::Serving)
         .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
