@@ -13,6 +13,8 @@
 //!   [`Aggregate`] trait with loading (and optional snapshots) from a store.
 //! - [`view`]: in-memory folds of the log kept current by a subscription.
 //! - [`retry`]: the bounded retry for commands that lose an optimistic-concurrency race.
+//! - [`testing`]: stores for tests (SQLite in a temporary directory; a fresh PostgreSQL
+//!   database when `GATEHOUSE_TEST_DATABASE_URL` is set) and scratch databases for benchmarks.
 //!
 //! This crate never decides anything about identities: it records and returns facts.
 #![forbid(unsafe_code)]

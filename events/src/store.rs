@@ -65,8 +65,9 @@ pub struct StreamBounds {
     pub up_to_time: Option<DateTime<Utc>>,
 }
 
-/// The append-only log. Implementations: [`crate::postgres::PgStore`],
-/// [`crate::sqlite::SqliteStore`].
+/// The append-only log, and the two small tables that live beside it: per-subject data keys
+/// (kept outside event payloads so erasure can destroy them) and consumer checkpoints.
+/// Implementations: [`crate::postgres::PgStore`], [`crate::sqlite::SqliteStore`].
 #[async_trait]
 pub trait EventStore: Send + Sync + 'static {
     /// Appends atomically, checking expected versions and taking/releasing unique claims.
