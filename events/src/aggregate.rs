@@ -250,11 +250,6 @@ impl<A: Aggregate> Loaded<A> {
         ExpectedVersion::Exact(self.version)
     }
 
-    /// True when the stream has no events.
-    pub fn is_new(&self) -> bool {
-        self.version == 0
-    }
-
     fn apply_all(&mut self, events: Vec<RecordedEvent>) -> Result<u64, StoreError> {
         let mut count = 0;
         for envelope in events {

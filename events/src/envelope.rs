@@ -121,14 +121,6 @@ impl Metadata {
             context: None,
         }
     }
-
-    /// Metadata for `actor` with a fresh correlation id.
-    pub fn for_actor(actor: Actor) -> Self {
-        Metadata {
-            actor,
-            ..Metadata::system()
-        }
-    }
 }
 
 /// An event to append. The store assigns id, position, version and recorded time.

@@ -1,6 +1,6 @@
 //! The platform aggregate: what exists above tenants (the admin keys).
 
-use crate::keys::{ADMIN_KEY_CREATED, KeyCreated, generate_key, hash_key};
+use crate::keys::{KeyCreated, generate_key, hash_key};
 use gatehouse_events::{
     Aggregate, AppendRequest, DomainEvent, EventStore, Loaded, Metadata, RecordedEvent, StoreError,
 };
@@ -42,7 +42,6 @@ pub async fn ensure_admin_key(
     store: &dyn EventStore,
     configured: Option<&str>,
 ) -> Result<Option<String>, StoreError> {
-    debug_assert_eq!(ADMIN_KEY_CREATED, "AdminKeyCreated");
     gatehouse_events::retry::retry_on_conflict(5, || async {
         let platform = Loaded::<Platform>::load(store, Uuid::nil()).await?;
         let (generated, hash) = match configured {
