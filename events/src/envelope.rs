@@ -294,6 +294,26 @@ pub struct RecordedEvent {
 }
 
 impl RecordedEvent {
+    /// The envelope of an event decided but not stored yet (position and version 0, empty
+    /// payload), for folding decisions into a state before they are appended.
+    pub fn pending(tenant_id: Uuid, stream: StreamId, recorded_at: DateTime<Utc>) -> Self {
+        RecordedEvent {
+            id: Uuid::nil(),
+            position: 0,
+            tenant_id,
+            stream,
+            version: 0,
+            event_type: String::new(),
+            schema_version: 0,
+            recorded_at,
+            correlation_id: Uuid::nil(),
+            causation_id: None,
+            actor: Actor::System,
+            context: None,
+            payload: RawValue::NULL.to_owned(),
+        }
+    }
+
     /// The payload as a JSON value.
     pub fn payload_value(&self) -> Result<Value, crate::StoreError> {
         serde_json::from_str(self.payload.get()).map_err(|e| self.decode_error(e.to_string()))

@@ -79,6 +79,7 @@ impl Directory {
                 pb::GrantType::RefreshToken as i32,
             ],
             client_type: client_type as i32,
+            require_mfa: false,
         };
         Ok(self
             .apps
@@ -270,6 +271,7 @@ async fn lifecycle(database_url: Option<String>) -> TestResult {
         ],
         post_logout_redirect_uris: vec!["https://auto.example/".into()],
         grant_types: vec![pb::GrantType::AuthorizationCode as i32],
+        require_mfa: false,
     };
     let updated = d
         .apps
@@ -292,6 +294,7 @@ async fn lifecycle(database_url: Option<String>) -> TestResult {
         post_logout_redirect_uris: vec![],
         grant_types: vec![pb::GrantType::RefreshToken as i32, 42],
         client_type: 0,
+        require_mfa: false,
     };
     let status = d
         .apps
@@ -502,6 +505,7 @@ async fn a_tenant_key_never_reaches_another_tenant() -> TestResult {
         post_logout_redirect_uris: vec![],
         grant_types: vec![pb::GrantType::AuthorizationCode as i32],
         client_type: pb::ClientType::Public as i32,
+        require_mfa: false,
     };
     refused(
         d.apps
@@ -531,6 +535,7 @@ async fn a_tenant_key_never_reaches_another_tenant() -> TestResult {
             redirect_uris: vec!["https://a.example/cb".into()],
             post_logout_redirect_uris: vec![],
             grant_types: vec![pb::GrantType::AuthorizationCode as i32],
+            require_mfa: false,
         };
         refused(
             d.apps
@@ -949,6 +954,7 @@ async fn tenant_and_application_rpcs_refuse_bad_input() -> TestResult {
         post_logout_redirect_uris: vec!["javascript:alert(1)".into()],
         grant_types: vec![],
         client_type: pb::ClientType::Confidential as i32,
+        require_mfa: false,
     };
     let status = d
         .apps

@@ -72,6 +72,7 @@ async fn setup(server: &Server) -> Result<Setup, Error> {
                 post_logout_redirect_uris: vec![],
                 grant_types: vec![pb::GrantType::AuthorizationCode as i32],
                 client_type: pb::ClientType::Public as i32,
+                require_mfa: false,
             },
             &key,
         )?)

@@ -48,6 +48,12 @@ pub enum ApiError {
     /// The request conflicts with the resource's current state.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A sign-in credential was refused (wrong password or code, unknown account: one answer).
+    #[error("{0}")]
+    CredentialRefused(String),
+    /// Too many attempts; try later.
+    #[error("{0}")]
+    TooManyAttempts(String),
     /// Lost a race too many times; the caller may retry.
     #[error("the resource changed concurrently; retry")]
     Aborted,
@@ -86,6 +92,8 @@ impl ApiError {
             ApiError::NotFound(what) => Status::not_found(format!("{what} not found")),
             ApiError::AlreadyExists(message) => Status::already_exists(message),
             ApiError::FailedPrecondition(message) => Status::failed_precondition(message),
+            ApiError::CredentialRefused(message) => Status::unauthenticated(message),
+            ApiError::TooManyAttempts(message) => Status::resource_exhausted(message),
             ApiError::Aborted => Status::aborted("the resource changed concurrently; retry"),
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");

@@ -47,6 +47,9 @@ pub struct AppConfig {
     pub post_logout_redirect_uris: Vec<String>,
     /// Allowed grants.
     pub grant_types: Vec<GrantType>,
+    /// Every sign-in to this app needs a second factor.
+    #[serde(default)]
+    pub require_mfa: bool,
 }
 
 impl AppConfig {

@@ -128,6 +128,7 @@ impl ApplicationApi {
             &message.redirect_uris,
             &message.post_logout_redirect_uris,
             &message.grant_types,
+            message.require_mfa,
         );
         let client_type = match pb::ClientType::try_from(message.client_type) {
             Ok(pb::ClientType::Confidential) => ClientType::Confidential,
@@ -240,6 +241,7 @@ impl ApplicationApi {
             &message.redirect_uris,
             &message.post_logout_redirect_uris,
             &message.grant_types,
+            message.require_mfa,
         );
         validation.finish()?;
         let tenant_id = self.tenant(&caller, &message.tenant_id).await?;
@@ -296,6 +298,7 @@ fn config_from_proto(
     redirect_uris: &[String],
     post_logout_redirect_uris: &[String],
     grant_types: &[i32],
+    require_mfa: bool,
 ) -> AppConfig {
     let mut grants = Vec::new();
     for (i, value) in grant_types.iter().enumerate() {
@@ -319,6 +322,7 @@ fn config_from_proto(
         redirect_uris: redirect_uris.to_vec(),
         post_logout_redirect_uris: post_logout_redirect_uris.to_vec(),
         grant_types: grants,
+        require_mfa,
     };
     config.validate(validation);
     config
@@ -352,6 +356,7 @@ fn row_to_proto(
             ClientType::Public => pb::ClientType::Public as i32,
         },
         created_at: rfc3339(created_at),
+        require_mfa: config.require_mfa,
     }
 }
 

@@ -10,6 +10,7 @@
 //! - [`user`]: the User aggregate: sealed personal data, codes, lifecycle; its notifications
 //!   are events too (the outbox is the log).
 //! - [`user_service`]: `gatehouse.v1.UserService` handlers.
+//! - [`lockout`]: smart lockout per account, reserved before a password is checked.
 //! - [`contact`]: email normalisation and phone validation.
 //! - [`notifier`]: delivers the users' notifications from the log, once each.
 //! - [`paging`]: `page_size` / `page_token` for every List RPC.
@@ -22,6 +23,7 @@
 pub mod application;
 pub mod application_service;
 pub mod contact;
+pub mod lockout;
 pub mod notifier;
 pub mod paging;
 pub mod tenant;

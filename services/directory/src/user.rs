@@ -172,6 +172,36 @@ pub enum UserEvent {
     },
     /// The user was erased; their data key is destroyed.
     UserErased,
+    /// A TOTP secret was generated; it counts once a first code confirms it.
+    TotpEnrollmentStarted {
+        /// The secret (base32), sealed.
+        secret: Sealed,
+    },
+    /// The pending TOTP secret was confirmed by a valid code.
+    TotpEnrolled {
+        /// The time step of the confirming code (refused from now on).
+        step: u64,
+    },
+    /// A TOTP code was accepted; codes of this step or earlier are refused from now on.
+    TotpCodeAccepted {
+        /// The accepted time step.
+        step: u64,
+    },
+    /// A fresh set of recovery codes replaced any earlier one (only digests are kept).
+    RecoveryCodesGenerated {
+        /// One digest per code.
+        digests: Vec<String>,
+    },
+    /// A recovery code was spent.
+    RecoveryCodeUsed {
+        /// Its index in the set.
+        index: usize,
+    },
+    /// A second factor was removed.
+    MfaMethodRemoved {
+        /// `totp`, `recovery_code` or `sms_otp` (the phone is removed).
+        method: String,
+    },
 }
 
 impl DomainEvent for UserEvent {}
@@ -225,6 +255,29 @@ pub struct User {
     pub created_at: Option<DateTime<Utc>>,
     /// The owning tenant.
     pub tenant_id: Option<Uuid>,
+    /// Second factors.
+    #[serde(default)]
+    pub mfa: MfaState,
+}
+
+/// A user's second factors.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct MfaState {
+    /// The sealed TOTP secret, once confirmed.
+    pub totp_secret: Option<Sealed>,
+    /// A generated secret awaiting its first code.
+    pub pending_totp_secret: Option<Sealed>,
+    /// The last TOTP step accepted (replay protection).
+    pub totp_last_step: u64,
+    /// Recovery code digests; `None` once spent.
+    pub recovery_codes: Vec<Option<String>>,
+}
+
+impl MfaState {
+    /// Unspent recovery codes.
+    pub fn recovery_codes_left(&self) -> usize {
+        self.recovery_codes.iter().flatten().count()
+    }
 }
 
 impl Aggregate for User {
@@ -298,6 +351,36 @@ impl Aggregate for User {
             UserEvent::UserDisabled => self.status = Status::Disabled,
             UserEvent::UserEnabled => self.status = Status::Active,
             UserEvent::UserUnlocked | UserEvent::NotificationRequested { .. } => {}
+            UserEvent::TotpEnrollmentStarted { secret } => {
+                self.mfa.pending_totp_secret = Some(secret);
+            }
+            UserEvent::TotpEnrolled { step } => {
+                self.mfa.totp_secret = self.mfa.pending_totp_secret.take();
+                self.mfa.totp_last_step = step;
+            }
+            UserEvent::TotpCodeAccepted { step } => {
+                self.mfa.totp_last_step = self.mfa.totp_last_step.max(step);
+            }
+            UserEvent::RecoveryCodesGenerated { digests } => {
+                self.mfa.recovery_codes = digests.into_iter().map(Some).collect();
+            }
+            UserEvent::RecoveryCodeUsed { index } => {
+                if let Some(code) = self.mfa.recovery_codes.get_mut(index) {
+                    *code = None;
+                }
+            }
+            UserEvent::MfaMethodRemoved { method } => match method.as_str() {
+                "totp" => {
+                    self.mfa.totp_secret = None;
+                    self.mfa.pending_totp_secret = None;
+                }
+                "recovery_code" => self.mfa.recovery_codes.clear(),
+                "sms_otp" => {
+                    self.phone = None;
+                    self.phone_verified = false;
+                }
+                _ => {}
+            },
             UserEvent::UserErased => {
                 *self = User {
                     status: Status::Erased,

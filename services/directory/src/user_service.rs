@@ -2,6 +2,7 @@
 
 use crate::application::{Application, CLIENT_ID_CLAIM};
 use crate::contact::{normalize_email, validate_phone};
+use crate::lockout::{Lockout, LockoutEvent};
 use crate::paging::Page;
 use crate::tenant::{PasswordPolicy, PrimaryMethod, Tenant};
 use crate::tenant_service::{parse_id, rfc3339};
@@ -995,6 +996,26 @@ impl UserApi {
         .await
     }
 
+    /// Records the unlock on the user and clears the account's lockout stream with it.
+    async fn unlock(&self, request: Request<pb::UserRef>) -> Result<pb::User, ApiError> {
+        let caller = Caller::of(&request)?;
+        let metadata = request::metadata(&request, caller.actor());
+        let message = request.get_ref();
+        let (tenant_id, user) = self
+            .caller_and_user(&caller, &message.tenant_id, &message.user_id)
+            .await?;
+        let user_id = user.stream.id;
+        let mut append = AppendRequest::new(metadata.clone());
+        append.expect(&user.stream, user.expected());
+        append.push(UserEvent::UserUnlocked.to_new_event(tenant_id, &user.stream)?);
+        let lockout = Lockout::stream(user_id);
+        append.push(LockoutEvent::LockCleared.to_new_event(tenant_id, &lockout)?);
+        let position = self.store.append(append).await?.last_position();
+        self.list.wait_for(position, Duration::from_secs(2)).await;
+        let user = self.user(tenant_id, user_id).await?;
+        self.to_proto(tenant_id, user_id, &user.state).await
+    }
+
     async fn erase(
         &self,
         request: Request<pb::UserRef>,
@@ -1040,10 +1061,6 @@ fn enable(state: &User) -> Result<Vec<UserEvent>, ApiError> {
         )),
         _ => Ok(Vec::new()),
     }
-}
-
-fn unlock(_: &User) -> Result<Vec<UserEvent>, ApiError> {
-    Ok(vec![UserEvent::UserUnlocked])
 }
 
 #[tonic::async_trait]
@@ -1136,7 +1153,7 @@ impl pb::user_service_server::UserService for UserApi {
         &self,
         request: Request<pb::UserRef>,
     ) -> Result<Response<pb::User>, GrpcStatus> {
-        Ok(Response::new(self.set_status(request, unlock).await?))
+        Ok(Response::new(self.unlock(request).await?))
     }
     async fn erase_user(
         &self,

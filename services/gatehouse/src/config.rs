@@ -70,6 +70,13 @@ pub struct ServeArgs {
     /// Send SMS by POSTing to this webhook; without it, SMS goes to `<data>/outbox.ndjson`.
     #[arg(long, env = "GATEHOUSE_SMS_WEBHOOK_URL")]
     pub sms_webhook_url: Option<String>,
+    /// The public base URL of the HTTP side, used in token issuers
+    /// (`<public_url>/tenants/<id>`) [default: http://<http address>].
+    #[arg(long, env = "GATEHOUSE_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Seconds a sign-in flow may take before it expires [default: 600].
+    #[arg(long, env = "GATEHOUSE_SIGN_IN_LIFETIME")]
+    pub sign_in_lifetime: Option<u32>,
     /// Breached-password list: one SHA-1 hex digest (optionally `:COUNT`) per line, as Have I
     /// Been Pwned publishes it; added to a small built-in list of common passwords.
     #[arg(long, env = "GATEHOUSE_BREACHED_PASSWORDS")]
@@ -139,6 +146,10 @@ pub struct FileConfig {
     pub smtp_from: Option<String>,
     /// See [`ServeArgs::sms_webhook_url`].
     pub sms_webhook_url: Option<String>,
+    /// See [`ServeArgs::public_url`].
+    pub public_url: Option<String>,
+    /// See [`ServeArgs::sign_in_lifetime`].
+    pub sign_in_lifetime: Option<u32>,
 }
 
 impl FileConfig {
@@ -178,6 +189,10 @@ pub struct Config {
     pub smtp_from: String,
     /// Webhook for SMS.
     pub sms_webhook_url: Option<String>,
+    /// Public base URL of the HTTP side.
+    pub public_url: Option<String>,
+    /// Seconds a sign-in flow may take.
+    pub sign_in_lifetime: u32,
 }
 
 impl Config {
@@ -225,6 +240,28 @@ impl Config {
                 .sms_webhook_url
                 .or(file.sms_webhook_url)
                 .filter(|u| !u.is_empty()),
+            sign_in_lifetime: match args.sign_in_lifetime.or(file.sign_in_lifetime) {
+                Some(seconds) if !(1..=86_400).contains(&seconds) => {
+                    anyhow::bail!("sign_in_lifetime must be 1 to 86400 seconds")
+                }
+                Some(seconds) => seconds,
+                None => 600,
+            },
+            public_url: match args
+                .public_url
+                .or(file.public_url)
+                .filter(|u| !u.is_empty())
+            {
+                Some(url) => {
+                    let parsed = url::Url::parse(&url)
+                        .map_err(|e| anyhow::anyhow!("public_url {url:?}: {e}"))?;
+                    if !matches!(parsed.scheme(), "http" | "https") {
+                        anyhow::bail!("public_url must be an http or https URL");
+                    }
+                    Some(url.trim_end_matches('/').to_string())
+                }
+                None => None,
+            },
         })
     }
 

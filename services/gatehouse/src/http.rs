@@ -1,15 +1,17 @@
 //! The HTTP side: `/healthz` (liveness) and `/metrics` (Prometheus text format).
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use gatehouse_signin::{Keys, tokens};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use std::time::Instant;
+use uuid::Uuid;
 
 /// Metrics shared by the process's components.
 pub struct Metrics {
@@ -62,11 +64,59 @@ impl Default for Metrics {
 }
 
 /// The HTTP routes.
-pub fn router(metrics: Arc<Metrics>) -> Router {
+pub fn router(metrics: Arc<Metrics>, keys: Arc<Keys>) -> Router {
+    let oidc = Router::new()
+        .route("/tenants/{tenant}/jwks", get(jwks))
+        .route(
+            "/tenants/{tenant}/.well-known/openid-configuration",
+            get(discovery),
+        )
+        .with_state(keys);
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(render_metrics))
         .with_state(metrics)
+        .merge(oidc)
+}
+
+fn json_response(value: serde_json::Value) -> axum::response::Response {
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "public, max-age=300"),
+        ],
+        value.to_string(),
+    )
+        .into_response()
+}
+
+/// The tenant's public signing keys (RFC 7517).
+async fn jwks(State(keys): State<Arc<Keys>>, Path(tenant): Path<String>) -> impl IntoResponse {
+    let Ok(tenant_id) = Uuid::try_parse(&tenant) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    match keys.jwks(tenant_id).await {
+        Ok(jwks) => json_response(jwks),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// OpenID Connect discovery for a tenant's issuer.
+async fn discovery(State(keys): State<Arc<Keys>>, Path(tenant): Path<String>) -> impl IntoResponse {
+    let Ok(tenant_id) = Uuid::try_parse(&tenant) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let issuer = keys.issuer(tenant_id);
+    json_response(serde_json::json!({
+        "issuer": issuer,
+        "jwks_uri": format!("{issuer}/jwks"),
+        "id_token_signing_alg_values_supported": [tokens::ALG],
+        "subject_types_supported": ["public"],
+        "response_types_supported": ["code"],
+        "grant_types_supported": ["authorization_code", "refresh_token"],
+        "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "amr", "sid", "email", "email_verified"],
+    }))
 }
 
 async fn render_metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {

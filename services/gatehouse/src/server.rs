@@ -11,14 +11,23 @@ use gatehouse_directory::UserApi;
 use gatehouse_directory::notifier::{self, ByChannel, NdjsonOutbox, SmtpSender, WebhookSender};
 use gatehouse_directory::{ApplicationApi, TenantApi};
 use gatehouse_proto::v1::application_service_server::ApplicationServiceServer;
+use gatehouse_proto::v1::mfa_service_server::MfaServiceServer;
+use gatehouse_proto::v1::session_service_server::SessionServiceServer;
+use gatehouse_proto::v1::sign_in_service_server::SignInServiceServer;
 use gatehouse_proto::v1::tenant_service_server::TenantServiceServer;
 use gatehouse_proto::v1::user_service_server::UserServiceServer;
+use gatehouse_signin::{Deadlines, Directory, Engine, Flows, Keys, MfaApi, SessionApi, SignInApi};
 use std::io::Write;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
+
+/// How long a flow's actor outlives its last message (then the flow is only its events).
+const FLOW_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+/// How often overdue flows are looked for.
+const DEADLINE_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long in-flight requests may take to finish after SIGTERM.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -47,8 +56,40 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let master_key = Crypto::load_master_key(config.master_key.as_deref(), &config.data_dir)?;
     let crypto = Arc::new(Crypto::new(master_key, store.clone()));
     let breached = BreachedPasswords::load(config.breached_passwords.as_deref())?;
-    let users =
-        Arc::new(UserApi::new(store.clone(), crypto.clone(), Passwords::new(breached)).await?);
+    let passwords = Passwords::new(breached);
+    let users = Arc::new(UserApi::new(store.clone(), crypto.clone(), passwords.clone()).await?);
+
+    let grpc_listener = TcpListener::bind(config.grpc).await?;
+    let http_listener = TcpListener::bind(config.http).await?;
+    let (grpc_addr, http_addr) = (grpc_listener.local_addr()?, http_listener.local_addr()?);
+    let issuer_base = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{http_addr}"));
+    let directory = Arc::new(Directory::start(store.clone()).await?);
+    let signing = Arc::new(Keys::new(store.clone(), crypto.clone(), issuer_base));
+    let engine = Arc::new(
+        Engine::new(
+            store.clone(),
+            crypto.clone(),
+            passwords,
+            signing.clone(),
+            directory.clone(),
+        )
+        .with_flow_lifetime(chrono::Duration::seconds(i64::from(
+            config.sign_in_lifetime,
+        ))),
+    );
+    let flows = Arc::new(Flows::start(engine, FLOW_IDLE).await?);
+    let _deadlines = Deadlines::start(store.clone(), flows.clone(), DEADLINE_TICK).await?;
+    let sign_in = Arc::new(SignInApi::new(flows));
+    let mfa = Arc::new(MfaApi::new(
+        store.clone(),
+        crypto.clone(),
+        directory.clone(),
+    ));
+    let sessions =
+        Arc::new(SessionApi::new(store.clone(), crypto.clone(), signing.clone(), directory).await?);
     let notifier = tokio::spawn(notifier::run(store.clone(), crypto, senders(&config)?));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -62,6 +103,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .set_serving::<UserServiceServer<UserApi>>()
         .await;
     health_reporter
+        .set_serving::<SignInServiceServer<SignInApi>>()
+        .await;
+    health_reporter
+        .set_serving::<MfaServiceServer<MfaApi>>()
+        .await;
+    health_reporter
+        .set_serving::<SessionServiceServer<SessionApi>>()
+        .await;
+    health_reporter
         .set_service_status("", ServingStatus::Serving)
         .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -73,9 +123,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let grpc_listener = TcpListener::bind(config.grpc).await?;
-    let http_listener = TcpListener::bind(config.http).await?;
-    let (grpc_addr, http_addr) = (grpc_listener.local_addr()?, http_listener.local_addr()?);
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_rx_grace = stop_rx.clone();
 
@@ -96,13 +143,26 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             UserServiceServer::from_arc(users),
             AuthenticateIfPresent(keys.clone()),
         ))
+        // Sign-in and refresh are unauthenticated (scoped by tenant and client id).
+        .add_service(InterceptedService::new(
+            SignInServiceServer::from_arc(sign_in),
+            AuthenticateIfPresent(keys.clone()),
+        ))
+        .add_service(InterceptedService::new(
+            MfaServiceServer::from_arc(mfa),
+            Authenticate(keys.clone()),
+        ))
+        .add_service(InterceptedService::new(
+            SessionServiceServer::from_arc(sessions),
+            AuthenticateIfPresent(keys.clone()),
+        ))
         .serve_with_incoming_shutdown(
             tokio_stream_listener(grpc_listener),
             stopped(stop_rx.clone()),
         );
     let metrics = Arc::new(http::Metrics::new());
-    let http =
-        axum::serve(http_listener, http::router(metrics)).with_graceful_shutdown(stopped(stop_rx));
+    let http = axum::serve(http_listener, http::router(metrics, signing))
+        .with_graceful_shutdown(stopped(stop_rx));
 
     tracing::info!(%grpc_addr, %http_addr, "gatehouse ready");
     // A line that scripts and tests wait for.

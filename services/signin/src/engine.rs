@@ -1,0 +1,1084 @@
+//! The steps of a sign-in: what each command decides, given the flow's state.
+//!
+//! [`Engine::handle`] runs one command against a loaded flow and appends what it decided, in
+//! one atomic append that may touch the flow, the user (a spent TOTP step or recovery code, a
+//! notification), the lockout stream and the new session. Every append expects the exact
+//! versions it decided from, so two processes racing on one flow, or two codes racing on one
+//! user, cannot both win. The actor ([`crate::actor`]) serialises commands within a process.
+//!
+//! After the primary method, [`Engine::after_primary`] runs the pipeline: risk hook →
+//! policy hook → required controls → completion. Later issues replace the two hooks (risk
+//! detections, Conditional Access) without touching the steps around them.
+
+use crate::directory::Directory;
+use crate::flow::{
+    Challenge, FLOW_LIFETIME, MAX_CHALLENGES, MAX_WRONG_CODES, Primary, SignIn, SignInEvent, Step,
+    amr_of,
+};
+use crate::otp;
+use crate::session::{Session, SessionEvent, capped, new_refresh_token};
+use crate::tokens::Keys;
+use chrono::{DateTime, Duration, Utc};
+use gatehouse_core::ApiError;
+use gatehouse_core::crypto::Crypto;
+use gatehouse_core::passwords::Passwords;
+use gatehouse_directory::contact::{normalize_email, validate_phone};
+use gatehouse_directory::lockout::{Locked, Lockout, LockoutEvent};
+use gatehouse_directory::tenant::{MfaMethod, PrimaryMethod, TenantSettings};
+use gatehouse_directory::user::{
+    CODE_LIFETIME, Channel, EMAIL_CLAIM, Message, Profile, Status, User, UserEvent,
+};
+use gatehouse_events::{
+    Aggregate, AppendRequest, ClaimKey, DomainEvent, EventStore, ExpectedVersion, Loaded, Metadata,
+    StoreError,
+};
+use rand::Rng;
+use serde_json::json;
+use std::net::IpAddr;
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// Longest password accepted at sign-in.
+pub const MAX_PASSWORD: usize = 256;
+/// Purpose strings mixed into code digests.
+const FLOW_CODE: &str = "signin_code";
+const RECOVERY: &str = "recovery_code";
+
+/// What the caller asks of a flow.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Begin.
+    Start {
+        /// App client id.
+        client_id: String,
+        /// Typed email.
+        email: String,
+        /// Primary method.
+        method: Primary,
+    },
+    /// The password.
+    Password(String),
+    /// The emailed code (passwordless).
+    EmailCode(String),
+    /// Choose a second factor (again: resend).
+    SelectMfa(MfaMethod),
+    /// A second-factor code.
+    MfaCode(String),
+    /// A phone number to register.
+    PhoneNumber(String),
+    /// Its code.
+    PhoneCode(String),
+    /// Read.
+    Get,
+    /// Give up.
+    Cancel,
+    /// The deadline timer fired.
+    Expire,
+}
+
+/// Who may act on a flow: unauthenticated callers name the tenant and the app.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    /// Tenant.
+    pub tenant_id: Uuid,
+    /// App client id (`None`: the system, e.g. the deadline timer).
+    pub client_id: Option<String>,
+}
+
+/// Tokens of a completed sign-in or a refresh.
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    /// JWT.
+    pub access_token: String,
+    /// JWT.
+    pub id_token: String,
+    /// Opaque.
+    pub refresh_token: String,
+    /// Seconds.
+    pub expires_in: u32,
+}
+
+/// The answer to a command.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// The flow id.
+    pub id: Uuid,
+    /// The flow after the command.
+    pub flow: SignIn,
+    /// Set when this command completed the flow.
+    pub tokens: Option<Tokens>,
+}
+
+/// Decides sign-in steps.
+pub struct Engine {
+    store: Arc<dyn EventStore>,
+    crypto: Arc<Crypto>,
+    passwords: Passwords,
+    keys: Arc<Keys>,
+    directory: Arc<Directory>,
+    flow_lifetime: Duration,
+}
+
+/// What one command appends, built up stream by stream.
+struct Batch {
+    request: AppendRequest,
+    tenant_id: Uuid,
+    flow_events: Vec<SignInEvent>,
+    flow_stream: gatehouse_events::StreamId,
+    recorded_at: DateTime<Utc>,
+}
+
+impl Batch {
+    fn new(flow: &Loaded<SignIn>, tenant_id: Uuid, metadata: &Metadata) -> Self {
+        let recorded_at = Utc::now();
+        let mut request = AppendRequest::new(metadata.clone());
+        request.expect(&flow.stream, flow.expected());
+        request.recorded_at(recorded_at);
+        Batch {
+            request,
+            tenant_id,
+            flow_events: Vec::new(),
+            flow_stream: flow.stream.clone(),
+            recorded_at,
+        }
+    }
+
+    fn flow(&mut self, event: SignInEvent) -> Result<(), ApiError> {
+        self.request
+            .push(event.to_new_event(self.tenant_id, &self.flow_stream)?);
+        self.flow_events.push(event);
+        Ok(())
+    }
+
+    fn other<E: DomainEvent>(
+        &mut self,
+        stream: &gatehouse_events::StreamId,
+        expected: Option<ExpectedVersion>,
+        event: &E,
+    ) -> Result<(), ApiError> {
+        if let Some(expected) = expected {
+            self.request.expect(stream, expected);
+        }
+        self.request
+            .push(event.to_new_event(self.tenant_id, stream)?);
+        Ok(())
+    }
+}
+
+/// A six-digit code.
+fn new_code() -> String {
+    format!("{:06}", rand::rng().random_range(0..1_000_000u32))
+}
+
+/// The location an IP counts as for smart lockout: its /24 (IPv4) or /48 (IPv6).
+fn location_of(ip: Option<&str>) -> Option<String> {
+    match ip?.parse::<IpAddr>().ok()? {
+        IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
+            Some(format!("{a}.{b}.{c}.0/24"))
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            Some(format!("{:x}:{:x}:{:x}::/48", s[0], s[1], s[2]))
+        }
+    }
+}
+
+fn wrong_step(flow: &SignIn) -> ApiError {
+    let waiting = match flow.step {
+        Step::None => "to be started",
+        Step::Password => "for the password",
+        Step::EmailCode => "for the emailed code",
+        Step::SelectMfaMethod => "for a second-factor method",
+        Step::MfaCode => "for a second-factor code",
+        Step::PhoneNumber => "for a phone number",
+        Step::PhoneCode => "for the code sent to the phone",
+        Step::Done => return ApiError::FailedPrecondition("this sign-in has ended".into()),
+    };
+    ApiError::FailedPrecondition(format!("this sign-in is waiting {waiting}"))
+}
+
+fn wrong_credentials() -> ApiError {
+    ApiError::CredentialRefused("the email or password is incorrect".into())
+}
+
+fn wrong_code() -> ApiError {
+    ApiError::invalid("code", "is invalid or has expired")
+}
+
+impl Engine {
+    /// An engine over the store.
+    pub fn new(
+        store: Arc<dyn EventStore>,
+        crypto: Arc<Crypto>,
+        passwords: Passwords,
+        keys: Arc<Keys>,
+        directory: Arc<Directory>,
+    ) -> Self {
+        Engine {
+            store,
+            crypto,
+            passwords,
+            keys,
+            directory,
+            flow_lifetime: FLOW_LIFETIME,
+        }
+    }
+
+    /// Flows started from now on end after `lifetime` (default [`FLOW_LIFETIME`]).
+    pub fn with_flow_lifetime(mut self, lifetime: Duration) -> Self {
+        self.flow_lifetime = lifetime;
+        self
+    }
+
+    /// The token signer.
+    pub fn keys(&self) -> &Arc<Keys> {
+        &self.keys
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.store
+    }
+
+    /// Runs `command` on the flow `id` (loaded in `flow`), appending what it decides. On
+    /// success `flow` is the state after the command.
+    pub async fn handle(
+        &self,
+        id: Uuid,
+        flow: &mut Loaded<SignIn>,
+        command: Command,
+        scope: &Scope,
+        metadata: &Metadata,
+    ) -> Result<Reply, ApiError> {
+        let now = Utc::now();
+        if let Command::Start {
+            client_id,
+            email,
+            method,
+        } = &command
+        {
+            if flow.version != 0 {
+                return Err(ApiError::AlreadyExists("this sign-in exists".into()));
+            }
+            return self
+                .start(
+                    id,
+                    flow,
+                    scope.tenant_id,
+                    client_id,
+                    email,
+                    *method,
+                    metadata,
+                )
+                .await;
+        }
+        // Unauthenticated callers reach only flows of their tenant and app.
+        let in_scope = flow.version > 0
+            && flow.state.tenant_id == scope.tenant_id
+            && scope
+                .client_id
+                .as_ref()
+                .is_none_or(|c| *c == flow.state.client_id);
+        if !in_scope {
+            return Err(ApiError::NotFound("sign-in".into()));
+        }
+        if flow.state.is_overdue(now) {
+            self.append_flow(flow, metadata, vec![SignInEvent::SignInExpired])
+                .await?;
+            return match command {
+                Command::Get | Command::Expire => Ok(self.reply(id, flow, None)),
+                _ => Err(ApiError::FailedPrecondition(
+                    "this sign-in has expired; start a new one".into(),
+                )),
+            };
+        }
+        match command {
+            Command::Start { .. } | Command::Get | Command::Expire => {
+                Ok(self.reply(id, flow, None))
+            }
+            Command::Cancel => {
+                if flow.state.is_open() {
+                    self.append_flow(flow, metadata, vec![SignInEvent::SignInCancelled])
+                        .await?;
+                }
+                Ok(self.reply(id, flow, None))
+            }
+            Command::Password(password) => self.password(id, flow, password, metadata).await,
+            Command::EmailCode(code) => self.email_code(id, flow, &code, metadata).await,
+            Command::SelectMfa(method) => self.select_mfa(id, flow, method, metadata).await,
+            Command::MfaCode(code) => self.mfa_code(id, flow, &code, metadata).await,
+            Command::PhoneNumber(phone) => self.phone_number(id, flow, &phone, metadata).await,
+            Command::PhoneCode(code) => self.phone_code(id, flow, &code, metadata).await,
+        }
+    }
+
+    fn reply(&self, id: Uuid, flow: &Loaded<SignIn>, tokens: Option<Tokens>) -> Reply {
+        Reply {
+            id,
+            flow: flow.state.clone(),
+            tokens,
+        }
+    }
+
+    /// Appends flow-only events.
+    async fn append_flow(
+        &self,
+        flow: &mut Loaded<SignIn>,
+        metadata: &Metadata,
+        events: Vec<SignInEvent>,
+    ) -> Result<(), ApiError> {
+        let mut batch = Batch::new(flow, flow.state.tenant_id, metadata);
+        for event in events {
+            batch.flow(event)?;
+        }
+        self.commit(flow, batch).await
+    }
+
+    /// Appends a batch and folds its flow events into `flow`.
+    async fn commit(&self, flow: &mut Loaded<SignIn>, batch: Batch) -> Result<(), ApiError> {
+        let Batch {
+            request,
+            tenant_id,
+            flow_events,
+            flow_stream,
+            recorded_at,
+        } = batch;
+        let context = request.metadata().context.clone();
+        let outcome = self.store.append(request).await?;
+        let mut envelope =
+            gatehouse_events::RecordedEvent::pending(tenant_id, flow_stream, recorded_at);
+        envelope.context = context;
+        for event in flow_events {
+            flow.state.apply(event, &envelope);
+            flow.version += 1;
+        }
+        debug_assert!(!outcome.events.is_empty());
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn start(
+        &self,
+        id: Uuid,
+        flow: &mut Loaded<SignIn>,
+        tenant_id: Uuid,
+        client_id: &str,
+        email: &str,
+        method: Primary,
+        metadata: &Metadata,
+    ) -> Result<Reply, ApiError> {
+        let email = normalize_email(email).map_err(|e| ApiError::invalid("email", e))?;
+        let tenant = self.settings(tenant_id).await?;
+        let app = self
+            .directory
+            .application(tenant_id, client_id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound("application".into()))?
+            .id;
+        let allowed = match method {
+            Primary::Password => PrimaryMethod::Password,
+            Primary::EmailOtp => PrimaryMethod::EmailOtp,
+        };
+        if !tenant.allowed_primary_methods.contains(&allowed) {
+            return Err(ApiError::FailedPrecondition(
+                "this sign-in method is not enabled for the tenant".into(),
+            ));
+        }
+        let claim = ClaimKey {
+            tenant_id,
+            scope: EMAIL_CLAIM.into(),
+            value: self.crypto.blind_index(tenant_id, EMAIL_CLAIM, &email),
+        };
+        let user_id = self
+            .store
+            .claim_owner(&claim)
+            .await?
+            .filter(|s| s.kind == User::STREAM_TYPE)
+            .map(|s| s.id);
+        let lockout_id = user_id.unwrap_or_else(|| {
+            // An email without an account locks like one (nothing to learn from the lock).
+            let digest = self.crypto.blind_index(tenant_id, "lockout", &email);
+            let bytes = hex::decode(&digest[..32]).unwrap_or_default();
+            Uuid::from_slice(&bytes).unwrap_or_else(|_| Uuid::new_v4())
+        });
+        let mut batch = Batch::new(flow, tenant_id, metadata);
+        batch.flow(SignInEvent::SignInStarted {
+            application_id: app,
+            client_id: client_id.to_string(),
+            method,
+            user_id,
+            lockout_id,
+            expires_at: Utc::now() + self.flow_lifetime,
+        })?;
+        if method == Primary::EmailOtp {
+            let code = new_code();
+            let digest = self.crypto.code_digest(id, FLOW_CODE, &code);
+            batch.flow(SignInEvent::EmailCodeIssued {
+                digest,
+                expires_at: Utc::now() + CODE_LIFETIME,
+            })?;
+            if let Some(user_id) = user_id {
+                let user = Loaded::<User>::load(self.store.as_ref(), user_id).await?;
+                if user.state.status == Status::Active {
+                    let message = Message {
+                        to: email.clone(),
+                        subject: "Your sign-in code".into(),
+                        body: format!("Your sign-in code is {code}. It expires in 10 minutes."),
+                        code: Some(code),
+                    };
+                    let event = self
+                        .notification(tenant_id, user_id, Channel::Email, message)
+                        .await?;
+                    batch.other(&User::stream(user_id), None, &event)?;
+                }
+            }
+        }
+        self.commit(flow, batch).await?;
+        Ok(self.reply(id, flow, None))
+    }
+
+    async fn notification(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        channel: Channel,
+        message: Message,
+    ) -> Result<UserEvent, ApiError> {
+        Ok(UserEvent::NotificationRequested {
+            channel,
+            message: self.crypto.seal(tenant_id, user_id, &message).await?,
+        })
+    }
+
+    /// Loads the flow's user (an empty one for an unknown email).
+    async fn user(&self, flow: &SignIn) -> Result<Loaded<User>, ApiError> {
+        match flow.user_id {
+            Some(user_id) => Ok(Loaded::<User>::load(self.store.as_ref(), user_id).await?),
+            None => Ok(Loaded {
+                state: User::default(),
+                version: 0,
+                stream: User::stream(Uuid::nil()),
+            }),
+        }
+    }
+
+    async fn settings(&self, tenant_id: Uuid) -> Result<TenantSettings, ApiError> {
+        self.directory
+            .tenant(tenant_id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound("tenant".into()))
+    }
+
+    async fn password(
+        &self,
+        id: Uuid,
+        flow: &mut Loaded<SignIn>,
+        password: String,
+        metadata: &Metadata,
+    ) -> Result<Reply, ApiError> {
+        if flow.state.step != Step::Password {
+            return Err(wrong_step(&flow.state));
+        }
+        if password.is_empty() || password.chars().count() > MAX_PASSWORD {
+            return Err(ApiError::invalid(
+                "password",
+                format!("must be 1 to {MAX_PASSWORD} characters"),
+            ));
+        }
+        let tenant_id = flow.state.tenant_id;
+        let settings = self.settings(tenant_id).await?;
+        let policy = settings.lockout_policy.clone();
+        let lockout_id = flow.state.lockout_id;
+        let ip = metadata.context.as_ref().and_then(|c| c.ip.clone());
+        let location = location_of(ip.as_deref())
+            .map(|prefix| self.crypto.blind_index(tenant_id, "location", &prefix));
+
+        // 1. Reserve an attempt before anything is checked (the threshold holds under races).
+        let familiar = loop {
+            let lockout = Loaded::<Lockout>::load(self.store.as_ref(), lockout_id).await?;
+            let familiar = lockout.state.is_familiar(location.as_deref());
+            match lockout.state.reserve(id, familiar, &policy, Utc::now()) {
+                Err(Locked { until }) => {
+                    self.append_flow(
+                        flow,
+                        metadata,
+                        vec![SignInEvent::PasswordRejected {
+                            reason: "locked_out".into(),
+                        }],
+                    )
+                    .await?;
+                    let wait = until
+                        .map(|until| (until - Utc::now()).num_seconds().max(1))
+                        .map_or("later".to_string(), |s| format!("in {s} seconds"));
+                    return Err(ApiError::TooManyAttempts(format!(
+                        "too many failed sign-in attempts; try again {wait}"
+                    )));
+                }
+                Ok(events) => {
+                    let mut request = AppendRequest::new(metadata.clone());
+                    request.expect(&lockout.stream, lockout.expected());
+                    for event in &events {
+                        request.push(event.to_new_event(tenant_id, &lockout.stream)?);
+                    }
+                    match self.store.append(request).await {
+                        Ok(_) => break familiar,
+                        Err(StoreError::Conflict { .. }) => continue,
+                        Err(other) => return Err(other.into()),
+                    }
+                }
+            }
+        };
+
+        // 2. Check the password (a dummy hash for an unknown email: same time, same answer).
+        let user = self.user(&flow.state).await?;
+        let hash: Option<String> = match (&user.state.credential, user.state.exists()) {
+            (Some(sealed), true) => self.crypto.open(user.stream.id, sealed).await?,
+            _ => None,
+        };
+        let verified = self.passwords.verify(password, hash).await;
+
+        // 3. Record the outcome with the lockout's.
+        loop {
+            let lockout = Loaded::<Lockout>::load(self.store.as_ref(), lockout_id).await?;
+            let mut batch = Batch::new(flow, tenant_id, metadata);
+            let mut failed = None;
+            if verified {
+                batch.other(
+                    &lockout.stream,
+                    Some(lockout.expected()),
+                    &LockoutEvent::AttemptSucceeded {
+                        attempt: id,
+                        familiar,
+                        location: location.clone(),
+                    },
+                )?;
+                batch.flow(SignInEvent::PrimaryVerified {
+                    method: "pwd".into(),
+                })?;
+            } else {
+                let event = lockout.state.failure(id, familiar, &policy, Utc::now());
+                batch.other(&lockout.stream, Some(lockout.expected()), &event)?;
+                batch.flow(SignInEvent::PasswordRejected {
+                    reason: "invalid_credentials".into(),
+                })?;
+                failed = Some(());
+            }
+            let tokens = if verified {
+                self.after_primary(id, flow, &user, &settings, &mut batch, metadata)
+                    .await?
+            } else {
+                None
+            };
+            let flow_version = flow.version;
+            match self.commit(flow, batch).await {
+                Ok(()) => {
+                    return match failed {
+                        Some(()) => Err(wrong_credentials()),
+                        None => Ok(self.reply(id, flow, tokens)),
+                    };
+                }
+                Err(ApiError::Aborted) => {
+                    // Only the lockout may move under us; a moved flow is another process's.
+                    let current = Loaded::<SignIn>::load(self.store.as_ref(), id).await?;
+                    if current.version != flow_version {
+                        *flow = current;
+                        return Err(ApiError::Aborted);
+                    }
+                }
+                Err(other) => return Err(other),
+            }
+        }
+    }
+
+    /// The pipeline after the primary method: risk hook, policy hook, required controls,
+    /// completion. Adds its events to `batch`; returns the tokens when the flow completes.
+    async fn after_primary(
+        &self,
+        id: Uuid,
+        flow: &Loaded<SignIn>,
+        user: &Loaded<User>,
+        settings: &TenantSettings,
+        batch: &mut Batch,
+        metadata: &Metadata,
+    ) -> Result<Option<Tokens>, ApiError> {
+        match user.state.status {
+            Status::Active => {}
+            status => {
+                let reason = match status {
+                    Status::PendingVerification => "email_not_verified",
+                    _ => "account_disabled",
+                };
+                batch.flow(SignInEvent::SignInFailed {
+                    reason: reason.into(),
+                })?;
+                return Ok(None);
+            }
+        }
+        // Risk hook: real-time detections plug in here.
+        batch.flow(SignInEvent::RiskAssessed {
+            level: "none".into(),
+        })?;
+        // Policy hook: Conditional Access plugs in here.
+        let mut reasons = Vec::new();
+        if settings.require_mfa {
+            reasons.push("tenant".to_string());
+        }
+        if self
+            .directory
+            .application(flow.state.tenant_id, &flow.state.client_id)
+            .await?
+            .is_some_and(|app| app.require_mfa)
+        {
+            reasons.push("application".to_string());
+        }
+        let mfa_required = !reasons.is_empty();
+        batch.flow(SignInEvent::PolicyEvaluated {
+            mfa_required,
+            reasons,
+        })?;
+        if !mfa_required {
+            let amr = batch_amr(flow, batch);
+            return self
+                .complete(id, flow, user, settings, amr, batch, metadata)
+                .await
+                .map(Some);
+        }
+        let methods = available_methods(&user.state, settings, flow.state.method);
+        if !methods.is_empty() {
+            batch.flow(SignInEvent::MfaRequired { methods })?;
+        } else if settings.mfa_methods.contains(&MfaMethod::SmsOtp) {
+            batch.flow(SignInEvent::PhoneRegistrationRequired)?;
+        } else {
+            batch.flow(SignInEvent::SignInFailed {
+                reason: "no_second_factor".into(),
+            })?;
+        }
+        Ok(None)
+    }
+
+    /// Issues the session and its tokens.
+    #[allow(clippy::too_many_arguments)]
+    async fn complete(
+        &self,
+        id: Uuid,
+        flow: &Loaded<SignIn>,
+        user: &Loaded<User>,
+        settings: &TenantSettings,
+        amr: Vec<String>,
+        batch: &mut Batch,
+        metadata: &Metadata,
+    ) -> Result<Tokens, ApiError> {
+        let now = Utc::now();
+        let tenant_id = flow.state.tenant_id;
+        let lifetimes = &settings.token_lifetimes;
+        let session_id = Uuid::now_v7();
+        let (refresh_token, refresh_digest) = new_refresh_token(session_id);
+        let expires_at = now + Duration::seconds(i64::from(lifetimes.session_seconds));
+        let session = Session {
+            tenant_id,
+            user_id: user.stream.id,
+            application_id: flow.state.application_id,
+            client_id: flow.state.client_id.clone(),
+            sign_in_id: id,
+            amr: amr.clone(),
+            expires_at: Some(expires_at),
+            auth_time: Some(now),
+            ..Session::default()
+        };
+        let tokens = issue_tokens(
+            &self.keys,
+            &self.crypto,
+            session_id,
+            &session,
+            &user.state,
+            settings,
+            refresh_token,
+            metadata,
+        )
+        .await?;
+        batch.other(
+            &Session::stream(session_id),
+            Some(ExpectedVersion::Exact(0)),
+            &SessionEvent::SessionStarted {
+                user_id: user.stream.id,
+                application_id: flow.state.application_id,
+                client_id: flow.state.client_id.clone(),
+                sign_in_id: id,
+                amr,
+                refresh_digest,
+                refresh_expires_at: capped(now, lifetimes.refresh_token_seconds, Some(expires_at)),
+                expires_at,
+            },
+        )?;
+        batch.flow(SignInEvent::SignInCompleted { session_id })?;
+        Ok(tokens)
+    }
+
+    async fn email_code(
+        &self,
+        id: Uuid,
+        flow: &mut Loaded<SignIn>,
+        code: &str,
+        metadata: &Metadata,
+    ) -> Result<Reply, ApiError> {
+        if flow.state.step != Step::EmailCode {
+            return Err(wrong_step(&flow.state));
+        }
+        let settings = self.settings(flow.state.tenant_id).await?;
+        let user = self.user(&flow.state).await?;
+        let matched = self.challenge_matches(id, &flow.state, code);
+        let mut batch = Batch::new(flow, flow.state.tenant_id, metadata);
+        // An unknown email's code was never sent: it cannot match.
+        if matched && user.state.exists() {
+            batch.flow(SignInEvent::PrimaryVerified {
+                method: "otp".into(),
+            })?;
+            let tokens = self
+                .after_primary(id, flow, &user, &settings, &mut batch, metadata)
+                .await?;
+            self.commit(flow, batch).await?;
+            return Ok(self.reply(id, flow, tokens));
+        }
+        self.reject_code(flow, batch, "email_otp").await
+    }
+
+    /// Records a wrong code (failing the flow at the limit) and answers with the error.
+    async fn reject_code(
+        &self,
+        flow: &mut Loaded<SignIn>,
+        mut batch: Batch,
+        method: &str,
+    ) -> Result<Reply, ApiError> {
+        batch.flow(SignInEvent::CodeRejected {
+            method: method.into(),
+        })?;
+        let exhausted = flow.state.wrong_codes + 1 >= MAX_WRONG_CODES;
+        if exhausted {
+            batch.flow(SignInEvent::SignInFailed {
+                reason: "too_many_wrong_codes".into(),
+            })?;
+        }
+        self.commit(flow, batch).await?;
+        Err(if exhausted {
+            ApiError::FailedPrecondition("too many wrong codes; start a new sign-in".into())
+        } else {
+            wrong_code()
+        })
+    }
+
+    /// Whether `code` answers the flow's outstanding emailed / texted code, in time.
+    fn challenge_matches(&self, id: Uuid, flow: &SignIn, code: &str) -> bool {
+        match &flow.challenge {
+            Some(Challenge {
+                digest, expires_at, ..
+            }) if *expires_at > Utc::now() => {
+                let code = code.trim();
+                code.len() == 6 && self.crypto.code_matches(id, FLOW_CODE, code, digest)
+            }
+            _ => false,
+        }
+    }
+
+    async fn select_mfa(
+        &self,
+        id: Uuid,
+        flow: &mut Loaded<SignIn>,
+        method: MfaMethod,
+        metadata: &Metadata,
+    ) -> Result<Reply, ApiError> {
+        if !matches!(flow.state.step, Step::SelectMfaMethod | Step::MfaCode) {
+            return Err(wrong_step(&flow.state));
+        }
+        if !flow.state.mfa_methods.contains(&method) {
+            return Err(ApiError::invalid(
+                "method",
+                "is not available for this sign-in",
+            ));
+        }
+        let tenant_id = flow.state.tenant_id;
+        let mut batch = Batch::new(flow, tenant_id, metadata);
+        batch.flow(SignInEvent::MfaMethodSelected { method })?;
+        let channel = match method {
+            MfaMethod::EmailOtp => Some(Channel::Email),
+            MfaMethod::SmsOtp => Some(Channel::Sms),
+            MfaMethod::Totp | MfaMethod::RecoveryCode => None,
+        };
+        if let Some(channel) = channel {
+            if flow.state.challenges_sent >= MAX_CHALLENGES {
+                return Err(ApiError::TooManyAttempts(
+                    "too many codes sent for this sign-in; start a new one".into(),
+                ));
+            }
+            let user = self.user(&flow.state).await?;
+            let user_id = user.stream.id;
+            let to: Option<String> = match channel {
+                Channel::Email => match &user.state.profile {
+                    Some(sealed) => self
+                        .crypto
+                        .open::<Profile>(user_id, sealed)
+                        .await?
+                        .map(|p| p.email),
+                    None => None,
+                },
+                Channel::Sms => match &user.state.phone {
+                    Some(sealed) => self.crypto.open::<String>(user_id, sealed).await?,
+                    None => None,
+                },
+            };
+            let to = to.ok_or_else(|| ApiError::FailedPrecondition("no address".into()))?;
+            let code = new_code();
+            batch.flow(SignInEvent::ChallengeIssued {
+                method,
+                digest: self.crypto.code_digest(id, FLOW_CODE, &code),
+                expires_at: Utc::now() + CODE_LIFETIME,
+            })?;
+            let message = Message {
+                to,
+                subject: "Your sign-in code".into(),
+                body: format!("Your sign-in code is {code}. It expires in 10 minutes."),
+                code: Some(code),
+            };
+            let event = self
+                .notification(tenant_id, user_id, channel, message)
+                .await?;
+            batch.other(&user.stream, None, &event)?;
+        }
+        self.commit(flow, batch).await?;
+        Ok(self.reply(id, flow, None))
+    }
+
+    async fn mfa_code(
+        &self,
+        id: Uuid,
+        flow: &mut Loaded<SignIn>,
+        code: &str,
+        metadata: &Metadata,
+    ) -> Result<Reply, ApiError> {
+        if flow.state.step != Step::MfaCode {
+            return Err(wrong_step(&flow.state));
+        }
+        if code.is_empty() || code.len() > 64 {
+            return Err(wrong_code());
+        }
+        let Some(method) = flow.state.selected else {
+            return Err(wrong_step(&flow.state));
+        };
+        let tenant_id = flow.state.tenant_id;
+        let settings = self.settings(tenant_id).await?;
+        let user = self.user(&flow.state).await?;
+        let user_id = user.stream.id;
+        let mut batch = Batch::new(flow, tenant_id, metadata);
+        // The user event that spends the factor, appended at the user's exact version so
+        // that one code cannot be spent twice by racing requests.
+        let spent: Option<UserEvent> = match method {
+            MfaMethod::Totp => match &user.state.mfa.totp_secret {
+                Some(sealed) => {
+                    let secret: Option<String> = self.crypto.open(user_id, sealed).await?;
+                    let now = Utc::now().timestamp().max(0) as u64;
+                    secret
+                        .and_then(|s| otp::accept(&s, code, now, user.state.mfa.totp_last_step))
+                        .map(|step| UserEvent::TotpCodeAccepted { step })
+                }
+                None => None,
+            },
+            MfaMethod::RecoveryCode => {
+                let typed = otp::normalize_recovery_code(code);
+                let digest = self.crypto.code_digest(user_id, RECOVERY, &typed);
+                user.state
+                    .mfa
+                    .recovery_codes
+                    .iter()
+                    .position(|d| d.as_deref() == Some(digest.as_str()))
+                    .map(|index| UserEvent::RecoveryCodeUsed { index })
+            }
+            MfaMethod::EmailOtp | MfaMethod::SmsOtp => {
+                if self.challenge_matches(id, &flow.state, code) {
+                    None
+                } else {
+                    return self.reject_code(flow, batch, method_name(method)).await;
+                }
+            }
+        };
+        let otp_method = matches!(method, MfaMethod::EmailOtp | MfaMethod::SmsOtp);
+        match spent {
+            Some(event) => batch.other(&user.stream, Some(user.expected()), &event)?,
+            None if otp_method => {}
+            None => return self.reject_code(flow, batch, method_name(method)).await,
+        }
+        batch.flow(SignInEvent::MfaVerified { method })?;
+        let mut amr = flow.state.amr.clone();
+        amr.extend([amr_of(method).to_string(), "mfa".to_string()]);
+        let tokens = self
+            .complete(id, flow, &user, &settings, amr, &mut batch, metadata)
+            .await?;
+        match self.commit(flow, batch).await {
+            Ok(()) => Ok(self.reply(id, flow, Some(tokens))),
+            // The user moved: the same code may just have been spent by a racing request.
+            Err(ApiError::Aborted) if !otp_method => Err(wrong_code()),
+            Err(other) => Err(other),
+        }
+    }
+
+    async fn phone_number(
+        &self,
+        id: Uuid,
+        flow: &mut Loaded<SignIn>,
+        phone: &str,
+        metadata: &Metadata,
+    ) -> Result<Reply, ApiError> {
+        if !matches!(flow.state.step, Step::PhoneNumber | Step::PhoneCode) {
+            return Err(wrong_step(&flow.state));
+        }
+        let phone = validate_phone(phone).map_err(|e| ApiError::invalid("phone", e))?;
+        if flow.state.challenges_sent >= MAX_CHALLENGES {
+            return Err(ApiError::TooManyAttempts(
+                "too many codes sent for this sign-in; start a new one".into(),
+            ));
+        }
+        let tenant_id = flow.state.tenant_id;
+        let user = self.user(&flow.state).await?;
+        let user_id = user.stream.id;
+        let code = new_code();
+        let mut batch = Batch::new(flow, tenant_id, metadata);
+        batch.flow(SignInEvent::ChallengeIssued {
+            method: MfaMethod::SmsOtp,
+            digest: self.crypto.code_digest(id, FLOW_CODE, &code),
+            expires_at: Utc::now() + CODE_LIFETIME,
+        })?;
+        let sealed = self.crypto.seal(tenant_id, user_id, &phone).await?;
+        batch.other(&user.stream, None, &UserEvent::PhoneAdded { phone: sealed })?;
+        let message = Message {
+            to: phone,
+            subject: String::new(),
+            body: format!("Your verification code is {code}. It expires in 10 minutes."),
+            code: Some(code),
+        };
+        let event = self
+            .notification(tenant_id, user_id, Channel::Sms, message)
+            .await?;
+        batch.other(&user.stream, None, &event)?;
+        self.commit(flow, batch).await?;
+        Ok(self.reply(id, flow, None))
+    }
+
+    async fn phone_code(
+        &self,
+        id: Uuid,
+        flow: &mut Loaded<SignIn>,
+        code: &str,
+        metadata: &Metadata,
+    ) -> Result<Reply, ApiError> {
+        if flow.state.step != Step::PhoneCode {
+            return Err(wrong_step(&flow.state));
+        }
+        let tenant_id = flow.state.tenant_id;
+        let settings = self.settings(tenant_id).await?;
+        let user = self.user(&flow.state).await?;
+        let mut batch = Batch::new(flow, tenant_id, metadata);
+        if !self.challenge_matches(id, &flow.state, code) {
+            return self.reject_code(flow, batch, "sms_otp").await;
+        }
+        batch.other(&user.stream, None, &UserEvent::PhoneVerified)?;
+        batch.flow(SignInEvent::PhoneVerified)?;
+        batch.flow(SignInEvent::MfaVerified {
+            method: MfaMethod::SmsOtp,
+        })?;
+        let mut amr = flow.state.amr.clone();
+        amr.extend(["sms".to_string(), "mfa".to_string()]);
+        let tokens = self
+            .complete(id, flow, &user, &settings, amr, &mut batch, metadata)
+            .await?;
+        self.commit(flow, batch).await?;
+        Ok(self.reply(id, flow, Some(tokens)))
+    }
+}
+
+fn method_name(method: MfaMethod) -> &'static str {
+    match method {
+        MfaMethod::Totp => "totp",
+        MfaMethod::EmailOtp => "email_otp",
+        MfaMethod::SmsOtp => "sms_otp",
+        MfaMethod::RecoveryCode => "recovery_code",
+    }
+}
+
+/// The amr of a flow including the primary method decided in this batch.
+fn batch_amr(flow: &Loaded<SignIn>, batch: &Batch) -> Vec<String> {
+    let mut amr = flow.state.amr.clone();
+    for event in &batch.flow_events {
+        if let SignInEvent::PrimaryVerified { method } = event {
+            amr.push(method.clone());
+        }
+    }
+    amr
+}
+
+/// The second factors a user can use now, in the tenant's order.
+pub fn available_methods(
+    user: &User,
+    settings: &TenantSettings,
+    primary: Option<Primary>,
+) -> Vec<MfaMethod> {
+    settings
+        .mfa_methods
+        .iter()
+        .copied()
+        .filter(|method| match method {
+            MfaMethod::Totp => user.mfa.totp_secret.is_some(),
+            MfaMethod::EmailOtp => user.email_verified && primary != Some(Primary::EmailOtp),
+            MfaMethod::SmsOtp => user.phone_verified,
+            MfaMethod::RecoveryCode => user.mfa.recovery_codes_left() > 0,
+        })
+        .collect()
+}
+
+/// Signs the access and ID tokens of a session.
+#[allow(clippy::too_many_arguments)]
+pub async fn issue_tokens(
+    keys: &Keys,
+    crypto: &Crypto,
+    session_id: Uuid,
+    session: &Session,
+    user: &User,
+    settings: &TenantSettings,
+    refresh_token: String,
+    metadata: &Metadata,
+) -> Result<Tokens, ApiError> {
+    let now = Utc::now();
+    let tenant_id = session.tenant_id;
+    let lifetimes = &settings.token_lifetimes;
+    let email: Option<String> = match &user.profile {
+        Some(sealed) => crypto
+            .open::<Profile>(session.user_id, sealed)
+            .await?
+            .map(|p| p.email),
+        None => None,
+    };
+    let issuer = keys.issuer(tenant_id);
+    let iat = now.timestamp();
+    let access_exp = capped(now, lifetimes.access_token_seconds, session.expires_at);
+    let id_exp = capped(now, lifetimes.id_token_seconds, session.expires_at);
+    let auth_time = session.auth_time.unwrap_or(now).timestamp();
+    let access = json!({
+        "iss": issuer, "sub": session.user_id.to_string(), "aud": session.client_id,
+        "iat": iat, "nbf": iat, "exp": access_exp.timestamp(),
+        "jti": Uuid::now_v7().to_string(), "sid": session_id.to_string(),
+        "client_id": session.client_id, "tid": tenant_id.to_string(),
+        "amr": session.amr, "auth_time": auth_time, "scope": "openid",
+    });
+    let id = json!({
+        "iss": issuer, "sub": session.user_id.to_string(), "aud": session.client_id,
+        "iat": iat, "exp": id_exp.timestamp(), "auth_time": auth_time,
+        "sid": session_id.to_string(), "amr": session.amr, "tid": tenant_id.to_string(),
+        "email": email, "email_verified": user.email_verified,
+    });
+    let access_token = keys.sign(tenant_id, lifetimes, &access, metadata).await?;
+    let id_token = keys.sign(tenant_id, lifetimes, &id, metadata).await?;
+    Ok(Tokens {
+        access_token,
+        id_token,
+        refresh_token,
+        expires_in: (access_exp - now).num_seconds().max(0) as u32,
+    })
+}

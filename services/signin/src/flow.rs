@@ -1,0 +1,347 @@
+//! The SignIn aggregate: one attempt to sign in, as a state machine whose every step is an
+//! event of stream `signin/<id>`.
+//!
+//! ```text
+//!  SignInStarted ─┬─ password ──▶ [PASSWORD] ──PasswordRejected──▶ [PASSWORD] (lockout counts)
+//!                 │                   │ PrimaryVerified
+//!                 └─ email code ─▶ [EMAIL_CODE] ──PrimaryVerified─┐
+//!                                     ▼                            │
+//!              RiskAssessed (hook) ◀──────────────────────────────┘
+//!                     ▼
+//!              PolicyEvaluated (MFA required? tenant, app; Conditional Access later)
+//!                     ├── not required ───────────────────────────────▶ SignInCompleted
+//!                     ├── MfaRequired ──▶ [SELECT_MFA_METHOD] ──MfaMethodSelected──▶ [MFA_CODE]
+//!                     │                      ▲  (email/SMS: MfaChallengeIssued)       │
+//!                     │                      └──── MfaCodeRejected (≤ 5) ─────────────┤
+//!                     │                                                   MfaVerified ▼
+//!                     │                                                     SignInCompleted
+//!                     └── no second factor yet ─▶ [PHONE_NUMBER] ─PhoneCodeIssued─▶ [PHONE_CODE]
+//!                                                                    PhoneVerified ▼
+//!                                                                     SignInCompleted
+//!  any open step ── deadline ──▶ SignInExpired │ CancelSignIn ──▶ SignInCancelled
+//!                ── too many wrong codes, account disabled ──▶ SignInFailed
+//! ```
+//!
+//! The aggregate only folds facts; deciding (checking passwords and codes, issuing sessions)
+//! is [`crate::engine`]'s, run by the flow's actor ([`crate::actor`]).
+
+use chrono::{DateTime, Duration, Utc};
+use gatehouse_directory::tenant::MfaMethod;
+use gatehouse_events::{Aggregate, DomainEvent, RecordedEvent};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// How long a flow may take.
+pub const FLOW_LIFETIME: Duration = Duration::minutes(10);
+/// Wrong codes a flow accepts before it fails.
+pub const MAX_WRONG_CODES: u32 = 5;
+/// Codes (email, SMS) a flow may send.
+pub const MAX_CHALLENGES: u32 = 5;
+
+/// How the person proves who they are first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Primary {
+    /// Email and password.
+    Password,
+    /// A code sent by email.
+    EmailOtp,
+}
+
+/// Events of a sign-in flow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum SignInEvent {
+    /// A flow began. The email itself is not recorded: only the account it names (if any)
+    /// and the lockout stream it counts against.
+    SignInStarted {
+        /// The app (by id) the person signs in to.
+        application_id: Uuid,
+        /// Its client id.
+        client_id: String,
+        /// Primary method.
+        method: Primary,
+        /// The account, when the email has one.
+        user_id: Option<Uuid>,
+        /// The lockout stream.
+        lockout_id: Uuid,
+        /// When the flow ends by itself.
+        expires_at: DateTime<Utc>,
+    },
+    /// A code was sent for the email step (for an unknown email, nothing is sent).
+    EmailCodeIssued {
+        /// Digest of the code.
+        digest: String,
+        /// Expiry.
+        expires_at: DateTime<Utc>,
+    },
+    /// A wrong password, or a locked account whose password was not checked.
+    PasswordRejected {
+        /// `invalid_credentials` or `locked_out`.
+        reason: String,
+    },
+    /// The primary method succeeded.
+    PrimaryVerified {
+        /// `pwd` or `email_otp`.
+        method: String,
+    },
+    /// Real-time risk (a no-op until the risk detections exist).
+    RiskAssessed {
+        /// `none`, `low`, `medium`, `high`.
+        level: String,
+    },
+    /// Which controls the policies require.
+    PolicyEvaluated {
+        /// A second factor is required.
+        mfa_required: bool,
+        /// What required it (`tenant`, `application`), empty when nothing did.
+        reasons: Vec<String>,
+    },
+    /// A second factor is required; these may be used.
+    MfaRequired {
+        /// Usable methods.
+        methods: Vec<MfaMethod>,
+    },
+    /// The user has no second factor: they register a phone now.
+    PhoneRegistrationRequired,
+    /// A method was chosen.
+    MfaMethodSelected {
+        /// The method.
+        method: MfaMethod,
+    },
+    /// A code was sent (email / SMS second factor, or phone registration).
+    ChallengeIssued {
+        /// Email or SMS.
+        method: MfaMethod,
+        /// Digest of the code.
+        digest: String,
+        /// Expiry.
+        expires_at: DateTime<Utc>,
+    },
+    /// A wrong code.
+    CodeRejected {
+        /// For which method (`email_otp` primary included).
+        method: String,
+    },
+    /// The phone number was proved by its code.
+    PhoneVerified,
+    /// The second factor succeeded.
+    MfaVerified {
+        /// The method.
+        method: MfaMethod,
+    },
+    /// The flow ended with a session.
+    SignInCompleted {
+        /// The session.
+        session_id: Uuid,
+    },
+    /// The flow ended without one.
+    SignInFailed {
+        /// Why (`too_many_wrong_codes`, `account_disabled`, `email_not_verified`,
+        /// `no_second_factor`).
+        reason: String,
+    },
+    /// The deadline passed.
+    SignInExpired,
+    /// The person gave up.
+    SignInCancelled,
+}
+
+impl DomainEvent for SignInEvent {}
+
+/// Where a flow stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// Not started.
+    #[default]
+    None,
+    /// Waiting for the password.
+    Password,
+    /// Waiting for the emailed code (passwordless).
+    EmailCode,
+    /// Waiting for a second-factor choice.
+    SelectMfaMethod,
+    /// Waiting for a second-factor code.
+    MfaCode,
+    /// Waiting for a phone number to register.
+    PhoneNumber,
+    /// Waiting for the code sent to it.
+    PhoneCode,
+    /// Ended.
+    Done,
+}
+
+/// How a flow ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// With a session.
+    Completed(Uuid),
+    /// Refused.
+    Failed(String),
+    /// Deadline passed.
+    Expired,
+    /// Given up.
+    Cancelled,
+}
+
+/// An outstanding code.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Challenge {
+    /// Its method (`email_otp` for the passwordless step).
+    pub method: MfaMethod,
+    /// Digest.
+    pub digest: String,
+    /// Expiry.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A flow's state.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct SignIn {
+    /// Tenant.
+    pub tenant_id: Uuid,
+    /// App.
+    pub application_id: Uuid,
+    /// Client id.
+    pub client_id: String,
+    /// Primary method.
+    pub method: Option<Primary>,
+    /// The account (none for an unknown email).
+    pub user_id: Option<Uuid>,
+    /// The lockout stream.
+    pub lockout_id: Uuid,
+    /// Deadline.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Current step.
+    pub step: Step,
+    /// Usable second factors.
+    pub mfa_methods: Vec<MfaMethod>,
+    /// The chosen one.
+    pub selected: Option<MfaMethod>,
+    /// Outstanding code.
+    pub challenge: Option<Challenge>,
+    /// Codes sent.
+    pub challenges_sent: u32,
+    /// Wrong codes so far.
+    pub wrong_codes: u32,
+    /// Authentication methods used (RFC 8176 values).
+    pub amr: Vec<String>,
+    /// The ending.
+    pub outcome: Option<Outcome>,
+    /// Start time.
+    pub started_at: Option<DateTime<Utc>>,
+}
+
+impl Aggregate for SignIn {
+    const STREAM_TYPE: &'static str = "signin";
+    type Event = SignInEvent;
+
+    fn apply(&mut self, event: SignInEvent, envelope: &RecordedEvent) {
+        match event {
+            SignInEvent::SignInStarted {
+                application_id,
+                client_id,
+                method,
+                user_id,
+                lockout_id,
+                expires_at,
+            } => {
+                self.tenant_id = envelope.tenant_id;
+                self.application_id = application_id;
+                self.client_id = client_id;
+                self.method = Some(method);
+                self.user_id = user_id;
+                self.lockout_id = lockout_id;
+                self.expires_at = Some(expires_at);
+                self.started_at = Some(envelope.recorded_at);
+                self.step = match method {
+                    Primary::Password => Step::Password,
+                    Primary::EmailOtp => Step::EmailCode,
+                };
+            }
+            SignInEvent::EmailCodeIssued { digest, expires_at } => {
+                self.challenge = Some(Challenge {
+                    method: MfaMethod::EmailOtp,
+                    digest,
+                    expires_at,
+                });
+                self.challenges_sent += 1;
+            }
+            SignInEvent::PasswordRejected { .. } => {}
+            SignInEvent::PrimaryVerified { method } => {
+                self.amr.push(method);
+                self.challenge = None;
+                self.wrong_codes = 0;
+            }
+            SignInEvent::RiskAssessed { .. } | SignInEvent::PolicyEvaluated { .. } => {}
+            SignInEvent::MfaRequired { methods } => {
+                self.mfa_methods = methods;
+                self.step = Step::SelectMfaMethod;
+            }
+            SignInEvent::PhoneRegistrationRequired => self.step = Step::PhoneNumber,
+            SignInEvent::MfaMethodSelected { method } => {
+                self.selected = Some(method);
+                self.challenge = None;
+                self.step = Step::MfaCode;
+            }
+            SignInEvent::ChallengeIssued {
+                method,
+                digest,
+                expires_at,
+            } => {
+                self.challenge = Some(Challenge {
+                    method,
+                    digest,
+                    expires_at,
+                });
+                self.challenges_sent += 1;
+                if self.step == Step::PhoneNumber {
+                    self.step = Step::PhoneCode;
+                }
+            }
+            SignInEvent::CodeRejected { .. } => self.wrong_codes += 1,
+            SignInEvent::PhoneVerified => self.challenge = None,
+            SignInEvent::MfaVerified { method } => {
+                self.amr.push(amr_of(method).into());
+                self.amr.push("mfa".into());
+                self.challenge = None;
+            }
+            SignInEvent::SignInCompleted { session_id } => {
+                self.finish(Outcome::Completed(session_id))
+            }
+            SignInEvent::SignInFailed { reason } => self.finish(Outcome::Failed(reason)),
+            SignInEvent::SignInExpired => self.finish(Outcome::Expired),
+            SignInEvent::SignInCancelled => self.finish(Outcome::Cancelled),
+        }
+    }
+}
+
+/// The RFC 8176 `amr` value of a second factor.
+pub fn amr_of(method: MfaMethod) -> &'static str {
+    match method {
+        MfaMethod::Totp => "otp",
+        MfaMethod::EmailOtp => "email",
+        MfaMethod::SmsOtp => "sms",
+        MfaMethod::RecoveryCode => "kba",
+    }
+}
+
+impl SignIn {
+    fn finish(&mut self, outcome: Outcome) {
+        self.outcome = Some(outcome);
+        self.step = Step::Done;
+        self.challenge = None;
+    }
+
+    /// Started and not ended.
+    pub fn is_open(&self) -> bool {
+        self.started_at.is_some() && self.outcome.is_none()
+    }
+
+    /// Open but past its deadline.
+    pub fn is_overdue(&self, now: DateTime<Utc>) -> bool {
+        self.is_open() && self.expires_at.is_some_and(|deadline| deadline <= now)
+    }
+}

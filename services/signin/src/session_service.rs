@@ -1,0 +1,355 @@
+//! `gatehouse.v1.SessionService`: refresh-token rotation with reuse detection, revocation,
+//! listing, and the signing keys.
+
+use crate::directory::Directory;
+use crate::engine::issue_tokens;
+use crate::session::{
+    Presented, Session, SessionEvent, capped, new_refresh_token, refresh_digest, session_of,
+};
+use crate::tokens::Keys;
+use chrono::Utc;
+use gatehouse_core::crypto::Crypto;
+use gatehouse_core::keys::Caller;
+use gatehouse_core::{ApiError, request};
+use gatehouse_directory::tenant_service::{parse_id, rfc3339};
+use gatehouse_directory::user::{Status as UserStatus, User};
+use gatehouse_events::view::LiveView;
+use gatehouse_events::{
+    Actor, Aggregate, AppendRequest, DomainEvent, EventFilter, EventStore, Loaded, RecordedEvent,
+    StoreError,
+};
+use gatehouse_proto::v1 as pb;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+/// Sessions per user (ids only; each is loaded from its stream when listed).
+#[derive(Default)]
+struct ByUser(HashMap<Uuid, Vec<Uuid>>);
+
+fn index(by_user: &mut ByUser, event: &RecordedEvent) {
+    if event.event_type == "SessionStarted" {
+        #[derive(serde::Deserialize)]
+        struct Started {
+            user_id: Uuid,
+        }
+        if let Ok(started) = event.payload_as::<Started>() {
+            by_user
+                .0
+                .entry(started.user_id)
+                .or_default()
+                .push(event.stream.id);
+        }
+    }
+}
+
+/// The SessionService implementation.
+pub struct SessionApi {
+    store: Arc<dyn EventStore>,
+    crypto: Arc<Crypto>,
+    keys: Arc<Keys>,
+    directory: Arc<Directory>,
+    by_user: LiveView<ByUser>,
+}
+
+fn refused() -> ApiError {
+    ApiError::CredentialRefused("the refresh token is invalid or has expired".into())
+}
+
+fn session_to_proto(id: Uuid, session: &Session) -> pb::Session {
+    pb::Session {
+        id: id.to_string(),
+        tenant_id: session.tenant_id.to_string(),
+        user_id: session.user_id.to_string(),
+        application_id: session.application_id.to_string(),
+        sign_in_id: session.sign_in_id.to_string(),
+        amr: session.amr.clone(),
+        created_at: session.created_at.map(rfc3339).unwrap_or_default(),
+        expires_at: session.expires_at.map(rfc3339).unwrap_or_default(),
+        revoked: session.revoked.is_some(),
+        revoked_reason: session.revoked.clone().unwrap_or_default(),
+        ip: session.ip.clone().unwrap_or_default(),
+        user_agent: session.user_agent.clone().unwrap_or_default(),
+    }
+}
+
+impl SessionApi {
+    /// Catches up the per-user session index.
+    pub async fn new(
+        store: Arc<dyn EventStore>,
+        crypto: Arc<Crypto>,
+        keys: Arc<Keys>,
+        directory: Arc<Directory>,
+    ) -> Result<Self, StoreError> {
+        let filter = EventFilter {
+            stream_types: vec![Session::STREAM_TYPE.into()],
+            event_types: vec!["SessionStarted".into()],
+            ..EventFilter::default()
+        };
+        let by_user = LiveView::start(store.clone(), filter, ByUser::default(), index).await?;
+        Ok(SessionApi {
+            store,
+            crypto,
+            keys,
+            directory,
+            by_user,
+        })
+    }
+
+    fn tenant_of<T>(request: &Request<T>, tenant_id: &str) -> Result<(Uuid, Caller), ApiError> {
+        let caller = Caller::of(request)?;
+        let tenant_id = parse_id("tenant_id", tenant_id)?;
+        caller.require_tenant(tenant_id, "tenant")?;
+        Ok((tenant_id, caller))
+    }
+
+    async fn refresh(
+        &self,
+        request: Request<pb::RefreshSessionRequest>,
+    ) -> Result<pb::Tokens, ApiError> {
+        let m = request.get_ref();
+        let tenant_id = parse_id("tenant_id", &m.tenant_id)?;
+        if let Some(caller) = request.extensions().get::<Caller>() {
+            caller.require_tenant(tenant_id, "tenant")?;
+        }
+        let session_id = session_of(&m.refresh_token).ok_or_else(refused)?;
+        let digest = refresh_digest(&m.refresh_token);
+        let metadata = request::metadata(&request, Actor::Anonymous);
+        let settings = self
+            .directory
+            .tenant(tenant_id)
+            .await?
+            .ok_or_else(refused)?;
+        for _ in 0..5 {
+            let now = Utc::now();
+            let session = Loaded::<Session>::load(self.store.as_ref(), session_id).await?;
+            let state = &session.state;
+            if !state.exists() || state.tenant_id != tenant_id || state.client_id != m.client_id {
+                return Err(refused());
+            }
+            let mut append = AppendRequest::new(metadata.clone());
+            append.expect(&session.stream, session.expected());
+            match state.presented(&digest, now) {
+                Presented::Invalid => return Err(refused()),
+                Presented::Rotated(generation) => {
+                    // Two holders of one family: end it for both.
+                    for event in [
+                        SessionEvent::RefreshTokenReused { generation },
+                        SessionEvent::SessionRevoked {
+                            reason: "token_reuse".into(),
+                        },
+                    ] {
+                        append.push(event.to_new_event(tenant_id, &session.stream)?);
+                    }
+                    match self.store.append(append).await {
+                        Ok(_) => return Err(refused()),
+                        Err(StoreError::Conflict { .. }) => continue,
+                        Err(other) => return Err(other.into()),
+                    }
+                }
+                Presented::Current => {
+                    let user = Loaded::<User>::load(self.store.as_ref(), state.user_id).await?;
+                    if user.state.status != UserStatus::Active {
+                        return Err(refused());
+                    }
+                    let (token, new_digest) = new_refresh_token(session_id);
+                    let tokens = issue_tokens(
+                        &self.keys,
+                        &self.crypto,
+                        session_id,
+                        state,
+                        &user.state,
+                        &settings,
+                        token,
+                        &metadata,
+                    )
+                    .await?;
+                    let event = SessionEvent::RefreshTokenRotated {
+                        refresh_digest: new_digest,
+                        refresh_expires_at: capped(
+                            now,
+                            settings.token_lifetimes.refresh_token_seconds,
+                            state.expires_at,
+                        ),
+                    };
+                    append.push(event.to_new_event(tenant_id, &session.stream)?);
+                    match self.store.append(append).await {
+                        Ok(_) => {
+                            return Ok(pb::Tokens {
+                                access_token: tokens.access_token,
+                                id_token: tokens.id_token,
+                                refresh_token: tokens.refresh_token,
+                                token_type: "Bearer".into(),
+                                expires_in: tokens.expires_in,
+                            });
+                        }
+                        // A racing refresh with the same token won; ours is now a reuse.
+                        Err(StoreError::Conflict { .. }) => continue,
+                        Err(other) => return Err(other.into()),
+                    }
+                }
+            }
+        }
+        Err(ApiError::Aborted)
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<pb::RevokeSessionRequest>,
+    ) -> Result<pb::Session, ApiError> {
+        let m = request.get_ref();
+        let (tenant_id, caller) = Self::tenant_of(&request, &m.tenant_id)?;
+        let session_id = parse_id("session_id", &m.session_id)?;
+        let metadata = request::metadata(&request, caller.actor());
+        let executed = gatehouse_events::execute::<Session, ApiError, _>(
+            self.store.as_ref(),
+            tenant_id,
+            session_id,
+            &metadata,
+            |session| {
+                if !session.exists() || session.tenant_id != tenant_id {
+                    return Err(ApiError::NotFound("session".into()));
+                }
+                Ok(if session.revoked.is_some() {
+                    Vec::new()
+                } else {
+                    vec![SessionEvent::SessionRevoked {
+                        reason: "revoked".into(),
+                    }]
+                })
+            },
+        )
+        .await?;
+        Ok(session_to_proto(session_id, &executed.state))
+    }
+
+    async fn list(
+        &self,
+        request: Request<pb::ListSessionsRequest>,
+    ) -> Result<pb::ListSessionsResponse, ApiError> {
+        let m = request.get_ref();
+        let (tenant_id, _) = Self::tenant_of(&request, &m.tenant_id)?;
+        let user_id = parse_id("user_id", &m.user_id)?;
+        let ids = self
+            .by_user
+            .read(|index| index.0.get(&user_id).cloned().unwrap_or_default());
+        let now = Utc::now();
+        let mut sessions = Vec::new();
+        for id in ids.into_iter().rev() {
+            let session = Loaded::<Session>::load(self.store.as_ref(), id)
+                .await?
+                .state;
+            if session.tenant_id != tenant_id || (!m.include_ended && !session.is_active(now)) {
+                continue;
+            }
+            sessions.push(session_to_proto(id, &session));
+        }
+        Ok(pb::ListSessionsResponse { sessions })
+    }
+}
+
+fn answer<T>(result: Result<T, ApiError>) -> Result<Response<T>, Status> {
+    result.map(Response::new).map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl pb::session_service_server::SessionService for SessionApi {
+    async fn refresh_session(
+        &self,
+        request: Request<pb::RefreshSessionRequest>,
+    ) -> Result<Response<pb::Tokens>, Status> {
+        answer(self.refresh(request).await)
+    }
+
+    async fn revoke_session(
+        &self,
+        request: Request<pb::RevokeSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        answer(self.revoke(request).await)
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        answer(self.list(request).await)
+    }
+
+    async fn get_jwks(
+        &self,
+        request: Request<pb::GetJwksRequest>,
+    ) -> Result<Response<pb::GetJwksResponse>, Status> {
+        answer(
+            async {
+                let tenant_id = parse_id("tenant_id", &request.get_ref().tenant_id)?;
+                let jwks = self.keys.jwks(tenant_id).await?;
+                Ok(pb::GetJwksResponse {
+                    jwks_json: jwks.to_string(),
+                })
+            }
+            .await,
+        )
+    }
+
+    async fn rotate_signing_key(
+        &self,
+        request: Request<pb::GetJwksRequest>,
+    ) -> Result<Response<pb::GetJwksResponse>, Status> {
+        answer(
+            async {
+                let (tenant_id, caller) = Self::tenant_of(&request, &request.get_ref().tenant_id)?;
+                let settings = self
+                    .directory
+                    .tenant(tenant_id)
+                    .await?
+                    .ok_or_else(|| ApiError::NotFound("tenant".into()))?;
+                let metadata = request::metadata(&request, caller.actor());
+                self.keys
+                    .add_key(tenant_id, &settings.token_lifetimes, true, &metadata)
+                    .await?;
+                let jwks = self.keys.jwks(tenant_id).await?;
+                Ok(pb::GetJwksResponse {
+                    jwks_json: jwks.to_string(),
+                })
+            }
+            .await,
+        )
+    }
+
+    async fn verify_access_token(
+        &self,
+        request: Request<pb::VerifyAccessTokenRequest>,
+    ) -> Result<Response<pb::VerifyAccessTokenResponse>, Status> {
+        answer(
+            async {
+                let m = request.get_ref();
+                let (tenant_id, _) = Self::tenant_of(&request, &m.tenant_id)?;
+                let claims = self
+                    .keys
+                    .verify(tenant_id, &m.access_token, Utc::now())
+                    .await
+                    .map_err(|e| {
+                        ApiError::CredentialRefused(format!("the token is not valid: {e}"))
+                    })?;
+                // A revoked session's tokens stop working at once here (resource servers that
+                // only check signatures accept them until they expire).
+                let session_id = claims
+                    .get("sid")
+                    .and_then(|s| s.as_str())
+                    .and_then(|s| Uuid::try_parse(s).ok())
+                    .ok_or_else(|| ApiError::CredentialRefused("the token is not valid".into()))?;
+                let session = Loaded::<Session>::load(self.store.as_ref(), session_id).await?;
+                if !session.state.is_active(Utc::now()) {
+                    return Err(ApiError::CredentialRefused(
+                        "the token's session has ended".into(),
+                    ));
+                }
+                Ok(pb::VerifyAccessTokenResponse {
+                    claims_json: claims.to_string(),
+                })
+            }
+            .await,
+        )
+    }
+}

@@ -1,0 +1,300 @@
+//! `gatehouse.v1.SignInService`: unauthenticated, scoped by tenant and app client id.
+
+use crate::actor::Flows;
+use crate::engine::{Command, Reply, Scope};
+use crate::flow::{Outcome, Primary, Step};
+use gatehouse_core::keys::Caller;
+use gatehouse_core::{ApiError, request};
+use gatehouse_directory::tenant::MfaMethod;
+use gatehouse_directory::tenant_service::{parse_id, rfc3339};
+use gatehouse_events::Actor;
+use gatehouse_proto::v1 as pb;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+/// The SignInService implementation.
+pub struct SignInApi {
+    flows: Arc<Flows>,
+}
+
+/// A method from the wire.
+pub fn mfa_from_proto(value: i32) -> Option<MfaMethod> {
+    match pb::MfaMethod::try_from(value).ok()? {
+        pb::MfaMethod::Totp => Some(MfaMethod::Totp),
+        pb::MfaMethod::EmailOtp => Some(MfaMethod::EmailOtp),
+        pb::MfaMethod::SmsOtp => Some(MfaMethod::SmsOtp),
+        pb::MfaMethod::RecoveryCode => Some(MfaMethod::RecoveryCode),
+        pb::MfaMethod::Unspecified => None,
+    }
+}
+
+/// A method for the wire.
+pub fn mfa_to_proto(method: MfaMethod) -> i32 {
+    (match method {
+        MfaMethod::Totp => pb::MfaMethod::Totp,
+        MfaMethod::EmailOtp => pb::MfaMethod::EmailOtp,
+        MfaMethod::SmsOtp => pb::MfaMethod::SmsOtp,
+        MfaMethod::RecoveryCode => pb::MfaMethod::RecoveryCode,
+    }) as i32
+}
+
+fn to_proto(reply: Reply) -> pb::SignIn {
+    let flow = &reply.flow;
+    let (status, reason, session_id) = match &flow.outcome {
+        None => (pb::SignInStatus::InProgress, String::new(), String::new()),
+        Some(Outcome::Completed(session)) => (
+            pb::SignInStatus::Completed,
+            String::new(),
+            session.to_string(),
+        ),
+        Some(Outcome::Failed(reason)) => (
+            pb::SignInStatus::Failed,
+            reason_text(reason).into(),
+            String::new(),
+        ),
+        Some(Outcome::Expired) => (pb::SignInStatus::Expired, String::new(), String::new()),
+        Some(Outcome::Cancelled) => (pb::SignInStatus::Cancelled, String::new(), String::new()),
+    };
+    let step = match flow.step {
+        Step::None => pb::SignInStep::Unspecified,
+        Step::Password => pb::SignInStep::Password,
+        Step::EmailCode => pb::SignInStep::EmailCode,
+        Step::SelectMfaMethod => pb::SignInStep::SelectMfaMethod,
+        Step::MfaCode => pb::SignInStep::MfaCode,
+        Step::PhoneNumber => pb::SignInStep::PhoneNumber,
+        Step::PhoneCode => pb::SignInStep::PhoneCode,
+        Step::Done => pb::SignInStep::None,
+    };
+    pb::SignIn {
+        id: reply.id.to_string(),
+        status: status as i32,
+        next_step: step as i32,
+        mfa_methods: flow.mfa_methods.iter().copied().map(mfa_to_proto).collect(),
+        challenge_method: flow.selected.map(mfa_to_proto).unwrap_or_default(),
+        expires_at: flow.expires_at.map(rfc3339).unwrap_or_default(),
+        reason,
+        session_id,
+        tokens: reply.tokens.map(|t| pb::Tokens {
+            access_token: t.access_token,
+            id_token: t.id_token,
+            refresh_token: t.refresh_token,
+            token_type: "Bearer".into(),
+            expires_in: t.expires_in,
+        }),
+    }
+}
+
+fn reason_text(reason: &str) -> &'static str {
+    match reason {
+        "too_many_wrong_codes" => "too many wrong codes",
+        "account_disabled" => "the account is disabled",
+        "email_not_verified" => "the email address is not verified yet",
+        "no_second_factor" => "a second factor is required and none is available",
+        _ => "the sign-in failed",
+    }
+}
+
+impl SignInApi {
+    /// Serves flows through `flows`.
+    pub fn new(flows: Arc<Flows>) -> Self {
+        SignInApi { flows }
+    }
+
+    async fn run<T>(
+        &self,
+        request: &Request<T>,
+        tenant_id: &str,
+        client_id: &str,
+        sign_in_id: Option<&str>,
+        command: Command,
+    ) -> Result<pb::SignIn, ApiError> {
+        let tenant_id = parse_id("tenant_id", tenant_id)?;
+        // A key, when sent, must be the tenant's (a backend calling on a customer's behalf).
+        if let Some(caller) = request.extensions().get::<Caller>() {
+            caller.require_tenant(tenant_id, "tenant")?;
+        }
+        if client_id.is_empty() || client_id.len() > 128 {
+            return Err(ApiError::invalid("client_id", "is required"));
+        }
+        let id = match sign_in_id {
+            Some(id) => parse_id("sign_in_id", id)?,
+            None => Uuid::now_v7(),
+        };
+        let scope = Scope {
+            tenant_id,
+            client_id: Some(client_id.to_string()),
+        };
+        let metadata = request::metadata(request, Actor::Anonymous);
+        let reply = self.flows.call(id, command, scope, metadata).await?;
+        Ok(to_proto(reply))
+    }
+}
+
+fn answer(result: Result<pb::SignIn, ApiError>) -> Result<Response<pb::SignIn>, Status> {
+    result.map(Response::new).map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl pb::sign_in_service_server::SignInService for SignInApi {
+    async fn start_sign_in(
+        &self,
+        request: Request<pb::StartSignInRequest>,
+    ) -> Result<Response<pb::SignIn>, Status> {
+        let m = request.get_ref();
+        let method = match pb::PrimaryMethod::try_from(m.method) {
+            Ok(pb::PrimaryMethod::Unspecified | pb::PrimaryMethod::Password) => {
+                Ok(Primary::Password)
+            }
+            Ok(pb::PrimaryMethod::EmailOtp) => Ok(Primary::EmailOtp),
+            _ => Err(ApiError::invalid(
+                "method",
+                "must be PASSWORD or EMAIL_OTP (federation has its own RPCs)",
+            )),
+        };
+        let command = method.map(|method| Command::Start {
+            client_id: m.client_id.clone(),
+            email: m.email.clone(),
+            method,
+        });
+        answer(match command {
+            Ok(command) => {
+                self.run(&request, &m.tenant_id, &m.client_id, None, command)
+                    .await
+            }
+            Err(error) => Err(error),
+        })
+    }
+
+    async fn submit_password(
+        &self,
+        request: Request<pb::SubmitPasswordRequest>,
+    ) -> Result<Response<pb::SignIn>, Status> {
+        let m = request.get_ref();
+        let command = Command::Password(m.password.clone());
+        answer(
+            self.run(
+                &request,
+                &m.tenant_id,
+                &m.client_id,
+                Some(&m.sign_in_id),
+                command,
+            )
+            .await,
+        )
+    }
+
+    async fn submit_email_code(
+        &self,
+        request: Request<pb::SubmitCodeRequest>,
+    ) -> Result<Response<pb::SignIn>, Status> {
+        let m = request.get_ref();
+        let command = Command::EmailCode(m.code.clone());
+        answer(
+            self.run(
+                &request,
+                &m.tenant_id,
+                &m.client_id,
+                Some(&m.sign_in_id),
+                command,
+            )
+            .await,
+        )
+    }
+
+    async fn select_mfa_method(
+        &self,
+        request: Request<pb::SelectMfaMethodRequest>,
+    ) -> Result<Response<pb::SignIn>, Status> {
+        let m = request.get_ref();
+        let Some(method) = mfa_from_proto(m.method) else {
+            return Err(ApiError::invalid("method", "is required").into());
+        };
+        answer(
+            self.run(
+                &request,
+                &m.tenant_id,
+                &m.client_id,
+                Some(&m.sign_in_id),
+                Command::SelectMfa(method),
+            )
+            .await,
+        )
+    }
+
+    async fn submit_mfa_code(
+        &self,
+        request: Request<pb::SubmitCodeRequest>,
+    ) -> Result<Response<pb::SignIn>, Status> {
+        let m = request.get_ref();
+        let command = Command::MfaCode(m.code.clone());
+        answer(
+            self.run(
+                &request,
+                &m.tenant_id,
+                &m.client_id,
+                Some(&m.sign_in_id),
+                command,
+            )
+            .await,
+        )
+    }
+
+    async fn submit_phone_verification(
+        &self,
+        request: Request<pb::SubmitPhoneVerificationRequest>,
+    ) -> Result<Response<pb::SignIn>, Status> {
+        let m = request.get_ref();
+        let command = match (m.phone.is_empty(), m.code.is_empty()) {
+            (false, true) => Command::PhoneNumber(m.phone.clone()),
+            (true, false) => Command::PhoneCode(m.code.clone()),
+            _ => {
+                return Err(ApiError::invalid("phone", "send either the phone or the code").into());
+            }
+        };
+        answer(
+            self.run(
+                &request,
+                &m.tenant_id,
+                &m.client_id,
+                Some(&m.sign_in_id),
+                command,
+            )
+            .await,
+        )
+    }
+
+    async fn get_sign_in(
+        &self,
+        request: Request<pb::SignInRef>,
+    ) -> Result<Response<pb::SignIn>, Status> {
+        let m = request.get_ref();
+        answer(
+            self.run(
+                &request,
+                &m.tenant_id,
+                &m.client_id,
+                Some(&m.sign_in_id),
+                Command::Get,
+            )
+            .await,
+        )
+    }
+
+    async fn cancel_sign_in(
+        &self,
+        request: Request<pb::SignInRef>,
+    ) -> Result<Response<pb::SignIn>, Status> {
+        let m = request.get_ref();
+        answer(
+            self.run(
+                &request,
+                &m.tenant_id,
+                &m.client_id,
+                Some(&m.sign_in_id),
+                Command::Cancel,
+            )
+            .await,
+        )
+    }
+}
