@@ -66,7 +66,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .public_url
         .clone()
         .unwrap_or_else(|| format!("http://{http_addr}"));
-    let directory = Arc::new(Directory::start(store.clone()).await?);
+    let directory = Arc::new(Directory::new(store.clone()));
     let signing = Arc::new(Keys::new(store.clone(), crypto.clone(), issuer_base));
     let engine = Arc::new(
         Engine::new(

@@ -131,17 +131,29 @@ impl FlowActor {
         scope: &Scope,
         metadata: &Metadata,
     ) -> Result<Reply, ApiError> {
-        let mut flow = match state.flow.take() {
-            Some(flow) => flow,
-            None => Loaded::<SignIn>::load(self.engine.store().as_ref(), state.id).await?,
-        };
-        let result = self
-            .engine
-            .handle(state.id, &mut flow, command, scope, metadata)
-            .await;
-        // After a lost race the copy is stale: the next message reloads it.
-        if !matches!(result, Err(ApiError::Aborted | ApiError::Internal(_))) {
-            state.flow = Some(flow);
+        // A read is answered from the log, not the copy: another process may have moved on.
+        if matches!(command, Command::Get) {
+            state.flow = None;
+        }
+        let mut result = Err(ApiError::Aborted);
+        for _ in 0..2 {
+            let mut flow = match state.flow.take() {
+                Some(flow) => flow,
+                None => Loaded::<SignIn>::load(self.engine.store().as_ref(), state.id).await?,
+            };
+            result = self
+                .engine
+                .handle(state.id, &mut flow, command.clone(), scope, metadata)
+                .await;
+            match result {
+                // The copy was stale (another process appended): reload and decide again.
+                Err(ApiError::Aborted) => continue,
+                Err(ApiError::Internal(_)) => return result,
+                _ => {
+                    state.flow = Some(flow);
+                    return result;
+                }
+            }
         }
         result
     }
