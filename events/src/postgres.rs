@@ -65,6 +65,7 @@ pub struct PgStore {
     changes: Arc<watch::Sender<u64>>,
     queue: mpsc::Sender<Pending>,
     tasks: Vec<JoinHandle<()>>,
+    tail: crate::subscription::Tail,
 }
 
 impl PgStore {
@@ -100,6 +101,7 @@ impl PgStore {
             changes,
             queue,
             tasks,
+            tail: Default::default(),
         })
     }
 
@@ -712,6 +714,10 @@ impl EventStore for PgStore {
 
     fn poll_interval(&self) -> Duration {
         Duration::from_millis(50)
+    }
+
+    fn tail(&self) -> &crate::subscription::Tail {
+        &self.tail
     }
 
     fn backend(&self) -> &'static str {

@@ -53,6 +53,7 @@ pub struct SqliteStore {
     readers: Arc<Mutex<Vec<Connection>>>,
     path: PathBuf,
     changes: Arc<watch::Sender<u64>>,
+    tail: crate::subscription::Tail,
 }
 
 impl SqliteStore {
@@ -92,6 +93,7 @@ impl SqliteStore {
             readers: Arc::new(Mutex::new(Vec::new())),
             path,
             changes,
+            tail: Default::default(),
         })
     }
 
@@ -659,6 +661,10 @@ impl EventStore for SqliteStore {
     fn poll_interval(&self) -> Duration {
         // Appends from this process wake subscribers at once; this catches other processes.
         Duration::from_millis(200)
+    }
+
+    fn tail(&self) -> &crate::subscription::Tail {
+        &self.tail
     }
 
     fn backend(&self) -> &'static str {

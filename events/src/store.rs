@@ -132,6 +132,9 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Backend name for logs and benchmarks: `postgres` or `sqlite`.
     fn backend(&self) -> &'static str;
+
+    /// The process's shared reader of the log ([`crate::subscription::Tail`]).
+    fn tail(&self) -> &crate::subscription::Tail;
 }
 
 /// Opens the store named by `url`: `postgres://…` or `sqlite://PATH` (a file path also works),

@@ -12,6 +12,7 @@ use crate::error::StoreError;
 use crate::store::{EventFilter, EventStore, ReadBatch};
 use futures::{Stream, StreamExt};
 use std::sync::Arc;
+use tokio::sync::broadcast;
 
 /// Events read per round trip.
 pub const BATCH: usize = 1000;
@@ -35,19 +36,21 @@ pub fn subscribe(
 /// The same subscription as batches, each with the position it is safe to resume from
 /// ([`ReadBatch::next`], which also moves past events the filter skipped). Empty batches
 /// are not yielded.
+///
+/// Catching up reads the store with the subscriber's filter. Following live does not: every
+/// subscription of a process shares one reader of the log, the store's [`Tail`], and filters
+/// its batches in memory, so an append costs one read however many views follow the log.
+/// A tail batch that starts past the subscriber's cursor (it fell behind, or the tail started
+/// later) is bridged by reading the store, so nothing is skipped; events at or below the
+/// cursor are dropped, so nothing is seen twice.
 pub fn subscribe_batches(
     store: Arc<dyn EventStore>,
     after: Position,
     filter: EventFilter,
 ) -> impl Stream<Item = Result<ReadBatch, StoreError>> + Send + 'static {
     async_stream::try_stream! {
-        let mut changes = store.changes();
-        let poll = store.poll_interval();
         let mut cursor = after;
         loop {
-            // Mark the signal seen before reading, so an append that lands during the read
-            // wakes the next wait instead of being missed.
-            changes.borrow_and_update();
             let batch = store.read_all(cursor, &filter, BATCH).await?;
             let caught_up = batch.events.len() < BATCH;
             let moved = batch.next > cursor;
@@ -56,8 +59,134 @@ pub fn subscribe_batches(
                 yield batch;
             }
             if caught_up {
-                let _ = tokio::time::timeout(poll, changes.changed()).await;
+                break;
             }
+        }
+        loop {
+            let mut batches = Tail::subscribe(&store, cursor);
+            loop {
+                let shared = match batches.recv().await {
+                    Ok(shared) => shared,
+                    // Missed batches are bridged by the gap rule below.
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => break,
+                };
+                if shared.next <= cursor {
+                    continue;
+                }
+                while cursor < shared.from {
+                    let batch = store.read_all(cursor, &filter, BATCH).await?;
+                    let moved = batch.next > cursor;
+                    cursor = cursor.max(batch.next);
+                    if moved && !batch.events.is_empty() {
+                        yield batch;
+                    }
+                    if !moved {
+                        break;
+                    }
+                }
+                let events: Vec<RecordedEvent> = shared
+                    .events
+                    .iter()
+                    .filter(|e| e.position > cursor && filter.matches(e))
+                    .cloned()
+                    .collect();
+                cursor = cursor.max(shared.next);
+                if !events.is_empty() {
+                    yield ReadBatch { events, next: cursor };
+                }
+            }
+        }
+    }
+}
+
+/// A batch of the whole log as the tail read it: every event in `(from, next]`.
+#[derive(Debug)]
+pub struct TailBatch {
+    /// The tail's cursor before the read.
+    pub from: Position,
+    /// Every event after `from`, in position order.
+    pub events: Vec<RecordedEvent>,
+    /// The read's resume position.
+    pub next: Position,
+}
+
+/// Batches kept for slow subscribers before they must bridge by reading.
+const TAIL_CAPACITY: usize = 256;
+
+/// One reader of the whole log per store and process, fanning its batches out to every live
+/// subscription. It starts with the first live subscriber and stops when the last one is
+/// gone (or the store is dropped: it holds the store weakly).
+#[derive(Default)]
+pub struct Tail {
+    sender: std::sync::Mutex<Option<broadcast::Sender<Arc<TailBatch>>>>,
+}
+
+impl Tail {
+    /// A receiver of the store's tail, starting the tail at `cursor` if it is not running.
+    pub fn subscribe(
+        store: &Arc<dyn EventStore>,
+        cursor: Position,
+    ) -> broadcast::Receiver<Arc<TailBatch>> {
+        let tail = store.tail();
+        let mut sender = match tail.sender.lock() {
+            Ok(sender) => sender,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(running) = sender.as_ref().filter(|s| s.receiver_count() > 0) {
+            return running.subscribe();
+        }
+        let (tx, rx) = broadcast::channel(TAIL_CAPACITY);
+        *sender = Some(tx.clone());
+        tokio::spawn(follow(Arc::downgrade(store), tx, cursor));
+        rx
+    }
+}
+
+async fn follow(
+    store: std::sync::Weak<dyn EventStore>,
+    sender: broadcast::Sender<Arc<TailBatch>>,
+    mut cursor: Position,
+) {
+    let everything = EventFilter::default();
+    let Some(first) = store.upgrade() else {
+        return;
+    };
+    let mut changes = first.changes();
+    let poll = first.poll_interval();
+    drop(first);
+    loop {
+        if sender.receiver_count() == 0 {
+            return;
+        }
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        changes.borrow_and_update();
+        let batch = match store.read_all(cursor, &everything, BATCH).await {
+            Ok(batch) => batch,
+            Err(error) => {
+                tracing::warn!(%error, "log tail read failed; retrying");
+                drop(store);
+                tokio::time::sleep(poll).await;
+                continue;
+            }
+        };
+        drop(store);
+        let caught_up = batch.events.len() < BATCH;
+        if batch.next > cursor {
+            let shared = TailBatch {
+                from: cursor,
+                events: batch.events,
+                next: batch.next,
+            };
+            cursor = shared.next;
+            if sender.send(Arc::new(shared)).is_err() {
+                return;
+            }
+        }
+        if caught_up {
+            let _ = tokio::time::timeout(poll, changes.changed()).await;
         }
     }
 }

@@ -424,3 +424,68 @@ async fn a_stream_reads_back_up_to_a_position_or_time() -> TestResult {
     }
     Ok(())
 }
+
+/// Live subscriptions share one reader of the log (the tail). A subscriber that falls far
+/// behind it (more batches than the tail keeps) and one that starts late with a filter both
+/// still see every event once, in order: gaps are bridged by reading the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn subscribers_sharing_the_tail_lose_nothing_when_they_lag() -> TestResult {
+    for test_store in testing::all().await? {
+        let store = test_store.store.clone();
+        let backend = store.backend();
+        let tenant = Uuid::now_v7();
+        let (odd, even) = (
+            StreamId::new("odd", Uuid::now_v7()),
+            StreamId::new("even", Uuid::now_v7()),
+        );
+        store.append(append_of([event(tenant, &even, 0)])).await?;
+        // A slow subscriber: caught up and following the tail (its next() is waiting), then
+        // not read while 799 appends go by, far more batches than the tail keeps.
+        let mut slow = Box::pin(subscribe(store.clone(), 0, EventFilter::default()));
+        let mut slow_seen = vec![slow.next().await.ok_or("no first event")??];
+        let waiting = tokio::time::timeout(Duration::from_millis(200), slow.next()).await;
+        assert!(
+            waiting.is_err(),
+            "{backend}: an event before any was appended"
+        );
+        // A fast one keeps the tail running and busy.
+        let fast = tokio::spawn(collect(store.clone(), 0, EventFilter::default(), 800));
+        for n in 1..800 {
+            let stream = if n % 2 == 0 { &even } else { &odd };
+            store.append(append_of([event(tenant, stream, n)])).await?;
+        }
+        let fast = fast.await??;
+        let late = collect(
+            store.clone(),
+            0,
+            EventFilter {
+                stream_types: vec!["odd".into()],
+                ..EventFilter::default()
+            },
+            400,
+        )
+        .await?;
+        while slow_seen.len() < 800 {
+            match tokio::time::timeout(Duration::from_secs(60), slow.next()).await {
+                Ok(Some(event)) => slow_seen.push(event?),
+                _ => break,
+            }
+        }
+        for (name, seen, expected) in [
+            ("fast", &fast, (0..800).collect::<Vec<u64>>()),
+            ("slow", &slow_seen, (0..800).collect()),
+            ("late odd", &late, (0..800).filter(|n| n % 2 == 1).collect()),
+        ] {
+            assert_strictly_increasing(seen, backend);
+            let ns: Vec<u64> = seen
+                .iter()
+                .filter_map(|e| e.payload_value().ok()?["n"].as_u64())
+                .collect();
+            assert_eq!(
+                ns, expected,
+                "{backend}: {name} subscriber lost or repeated events"
+            );
+        }
+    }
+    Ok(())
+}

@@ -172,7 +172,11 @@ impl World {
         Ok(())
     }
 
-    async fn start(&self, email: &str, method: pb::PrimaryMethod) -> Result<pb::SignIn, tonic::Status> {
+    async fn start(
+        &self,
+        email: &str,
+        method: pb::PrimaryMethod,
+    ) -> Result<pb::SignIn, tonic::Status> {
         self.signin()
             .start_sign_in(pb::StartSignInRequest {
                 tenant_id: self.tenant_id.clone(),
@@ -184,7 +188,11 @@ impl World {
             .map(|r| r.into_inner())
     }
 
-    async fn password(&self, flow: &pb::SignIn, password: &str) -> Result<pb::SignIn, tonic::Status> {
+    async fn password(
+        &self,
+        flow: &pb::SignIn,
+        password: &str,
+    ) -> Result<pb::SignIn, tonic::Status> {
         self.signin()
             .submit_password(pb::SubmitPasswordRequest {
                 tenant_id: self.tenant_id.clone(),
@@ -196,7 +204,11 @@ impl World {
             .map(|r| r.into_inner())
     }
 
-    async fn select(&self, flow: &pb::SignIn, method: pb::MfaMethod) -> Result<pb::SignIn, tonic::Status> {
+    async fn select(
+        &self,
+        flow: &pb::SignIn,
+        method: pb::MfaMethod,
+    ) -> Result<pb::SignIn, tonic::Status> {
         self.signin()
             .select_mfa_method(pb::SelectMfaMethodRequest {
                 tenant_id: self.tenant_id.clone(),
@@ -329,7 +341,9 @@ async fn run_all(data: &Path, database_url: Option<&str>) -> TestResult {
 
     // SIGKILL while a flow waits for its MFA code; the restarted process completes it.
     world.set_require_mfa(true).await?;
-    let flow = world.start("mfa@example.com", pb::PrimaryMethod::Password).await?;
+    let flow = world
+        .start("mfa@example.com", pb::PrimaryMethod::Password)
+        .await?;
     let flow = world.password(&flow, PASSWORD).await?;
     step_is(&flow, pb::SignInStep::SelectMfaMethod)?;
     let flow = world.select(&flow, pb::MfaMethod::EmailOtp).await?;
@@ -459,13 +473,25 @@ async fn tokens_and_refresh(world: &World) -> TestResult {
 
 /// An unknown email and a wrong password get the same answer.
 async fn enumeration(world: &World) -> TestResult {
-    let known = world.start("plain@example.com", pb::PrimaryMethod::Password).await?;
-    let unknown = world.start("nobody@example.com", pb::PrimaryMethod::Password).await?;
+    let known = world
+        .start("plain@example.com", pb::PrimaryMethod::Password)
+        .await?;
+    let unknown = world
+        .start("nobody@example.com", pb::PrimaryMethod::Password)
+        .await?;
     if known.next_step != unknown.next_step || known.status != unknown.status {
         return Err("start differs for an unknown email".into());
     }
-    let a = world.password(&known, "wrong password!").await.err().ok_or("accepted")?;
-    let b = world.password(&unknown, PASSWORD).await.err().ok_or("accepted")?;
+    let a = world
+        .password(&known, "wrong password!")
+        .await
+        .err()
+        .ok_or("accepted")?;
+    let b = world
+        .password(&unknown, PASSWORD)
+        .await
+        .err()
+        .ok_or("accepted")?;
     if a.code() != Code::Unauthenticated || a.code() != b.code() || a.message() != b.message() {
         return Err(format!("answers differ: {a:?} / {b:?}").into());
     }
@@ -487,7 +513,9 @@ async fn enumeration(world: &World) -> TestResult {
 /// Passwordless: a code by email instead of a password.
 async fn passwordless(world: &World, data: &Path) -> TestResult {
     world.create_user("otp@example.com", true).await?;
-    let flow = world.start("otp@example.com", pb::PrimaryMethod::EmailOtp).await?;
+    let flow = world
+        .start("otp@example.com", pb::PrimaryMethod::EmailOtp)
+        .await?;
     step_is(&flow, pb::SignInStep::EmailCode)?;
     let sent = wait_for_message(data, "otp@example.com", 0)?;
     let code = sent.code.ok_or("no code")?;
@@ -512,10 +540,14 @@ async fn lockout(world: &World) -> TestResult {
     world.create_user("victim@example.com", true).await?;
     let mut attempts = Vec::new();
     for _ in 0..50 {
-        let flow = world.start("victim@example.com", pb::PrimaryMethod::Password).await?;
+        let flow = world
+            .start("victim@example.com", pb::PrimaryMethod::Password)
+            .await?;
         attempts.push(flow);
     }
-    let guesses = attempts.iter().map(|flow| world.password(flow, "guess guess guess"));
+    let guesses = attempts
+        .iter()
+        .map(|flow| world.password(flow, "guess guess guess"));
     let results = futures::future::join_all(guesses).await;
     let checked = results
         .iter()
@@ -529,12 +561,17 @@ async fn lockout(world: &World) -> TestResult {
         return Err(format!("threshold 5: {checked} checked, {locked} locked").into());
     }
     let locked_at = Instant::now();
-    let flow = world.start("victim@example.com", pb::PrimaryMethod::Password).await?;
+    let flow = world
+        .start("victim@example.com", pb::PrimaryMethod::Password)
+        .await?;
     if code_of(world.password(&flow, PASSWORD).await)? != Code::ResourceExhausted {
         return Err("the right password was checked during the lock".into());
     }
     // The first lock lasts 3 s.
-    tokio::time::sleep(Duration::from_secs(3).saturating_sub(locked_at.elapsed()) + Duration::from_millis(500)).await;
+    tokio::time::sleep(
+        Duration::from_secs(3).saturating_sub(locked_at.elapsed()) + Duration::from_millis(500),
+    )
+    .await;
     let done = world.password(&flow, PASSWORD).await?;
     completed(&done)
 }
@@ -593,10 +630,16 @@ async fn mfa_flows(world: &World, data: &Path) -> Result<String, Error> {
     world.set_require_mfa(true).await?;
 
     // TOTP with a code from pyotp; the same code is refused in the next flow.
-    let flow = world.start("mfa@example.com", pb::PrimaryMethod::Password).await?;
+    let flow = world
+        .start("mfa@example.com", pb::PrimaryMethod::Password)
+        .await?;
     let flow = world.password(&flow, PASSWORD).await?;
     step_is(&flow, pb::SignInStep::SelectMfaMethod)?;
-    for method in [pb::MfaMethod::Totp, pb::MfaMethod::EmailOtp, pb::MfaMethod::RecoveryCode] {
+    for method in [
+        pb::MfaMethod::Totp,
+        pb::MfaMethod::EmailOtp,
+        pb::MfaMethod::RecoveryCode,
+    ] {
         if !flow.mfa_methods.contains(&(method as i32)) {
             return Err(format!("{method:?} not offered: {flow:?}").into());
         }
@@ -615,7 +658,9 @@ async fn mfa_flows(world: &World, data: &Path) -> Result<String, Error> {
     if amr["amr"] != serde_json::json!(["pwd", "otp", "mfa"]) {
         return Err(format!("amr {amr}").into());
     }
-    let flow = world.start("mfa@example.com", pb::PrimaryMethod::Password).await?;
+    let flow = world
+        .start("mfa@example.com", pb::PrimaryMethod::Password)
+        .await?;
     let flow = world.password(&flow, PASSWORD).await?;
     let flow = world.select(&flow, pb::MfaMethod::Totp).await?;
     if code_of(world.mfa_code(&flow, &code).await)? != Code::InvalidArgument {
@@ -625,7 +670,9 @@ async fn mfa_flows(world: &World, data: &Path) -> Result<String, Error> {
     // A recovery code works once.
     let flow = world.select(&flow, pb::MfaMethod::RecoveryCode).await?;
     completed(&world.mfa_code(&flow, &codes[0].to_uppercase()).await?)?;
-    let flow = world.start("mfa@example.com", pb::PrimaryMethod::Password).await?;
+    let flow = world
+        .start("mfa@example.com", pb::PrimaryMethod::Password)
+        .await?;
     let flow = world.password(&flow, PASSWORD).await?;
     let flow = world.select(&flow, pb::MfaMethod::RecoveryCode).await?;
     if code_of(world.mfa_code(&flow, &codes[0]).await)? != Code::InvalidArgument {
@@ -638,15 +685,25 @@ async fn mfa_flows(world: &World, data: &Path) -> Result<String, Error> {
     completed(&world.mfa_code(&flow, &sent.code.ok_or("no code")?).await?)?;
 
     // Wrong codes exhausted: the fifth ends the flow.
-    let flow = world.start("mfa@example.com", pb::PrimaryMethod::Password).await?;
+    let flow = world
+        .start("mfa@example.com", pb::PrimaryMethod::Password)
+        .await?;
     let flow = world.password(&flow, PASSWORD).await?;
     let flow = world.select(&flow, pb::MfaMethod::EmailOtp).await?;
     let sent = wait_for_message(data, "mfa@example.com", 1)?;
     let right = sent.code.ok_or("no code")?;
-    let wrong = if right == "111111" { "222222" } else { "111111" };
+    let wrong = if right == "111111" {
+        "222222"
+    } else {
+        "111111"
+    };
     for attempt in 1..=5 {
         let code = code_of(world.mfa_code(&flow, wrong).await)?;
-        let expected = if attempt < 5 { Code::InvalidArgument } else { Code::FailedPrecondition };
+        let expected = if attempt < 5 {
+            Code::InvalidArgument
+        } else {
+            Code::FailedPrecondition
+        };
         if code != expected {
             return Err(format!("wrong code #{attempt}: {code:?}").into());
         }
@@ -659,7 +716,9 @@ async fn mfa_flows(world: &World, data: &Path) -> Result<String, Error> {
 
     // A user with no second factor registers a phone during sign-in; the code comes by SMS.
     world.create_user("newphone@example.com", false).await?;
-    let flow = world.start("newphone@example.com", pb::PrimaryMethod::Password).await?;
+    let flow = world
+        .start("newphone@example.com", pb::PrimaryMethod::Password)
+        .await?;
     let flow = world.password(&flow, PASSWORD).await?;
     step_is(&flow, pb::SignInStep::PhoneNumber)?;
     let phone = |phone: &str, code: &str| pb::SubmitPhoneVerificationRequest {
@@ -669,7 +728,10 @@ async fn mfa_flows(world: &World, data: &Path) -> Result<String, Error> {
         phone: phone.into(),
         code: code.into(),
     };
-    let bad = world.signin().submit_phone_verification(phone("12345", "")).await;
+    let bad = world
+        .signin()
+        .submit_phone_verification(phone("12345", ""))
+        .await;
     if bad.map_err(|s| s.code()).err() != Some(Code::InvalidArgument) {
         return Err("a bad phone number was accepted".into());
     }
@@ -690,7 +752,9 @@ async fn mfa_flows(world: &World, data: &Path) -> Result<String, Error> {
         .into_inner();
     completed(&done)?;
     // The phone is now a second factor of that user.
-    let flow = world.start("newphone@example.com", pb::PrimaryMethod::Password).await?;
+    let flow = world
+        .start("newphone@example.com", pb::PrimaryMethod::Password)
+        .await?;
     let flow = world.password(&flow, PASSWORD).await?;
     if flow.mfa_methods != vec![pb::MfaMethod::SmsOtp as i32] {
         return Err(format!("SMS not offered: {flow:?}").into());
@@ -730,16 +794,28 @@ async fn key_rotation(world: &World) -> TestResult {
         return Err("the new key does not sign".into());
     }
     for token in [&before.id_token, &after.id_token] {
-        let (ok, reason) = py(&["verify", &world.jwks_url(), &world.issuer(), &world.client_id, token])?;
+        let (ok, reason) = py(&[
+            "verify",
+            &world.jwks_url(),
+            &world.issuer(),
+            &world.client_id,
+            token,
+        ])?;
         if !ok {
             return Err(format!("PyJWT after rotation: {reason}").into());
         }
     }
     // Discovery names the issuer and the JWKS.
-    let server_path = format!("/tenants/{}/.well-known/openid-configuration", world.tenant_id);
+    let server_path = format!(
+        "/tenants/{}/.well-known/openid-configuration",
+        world.tenant_id
+    );
     let mut stream = std::net::TcpStream::connect(world.http)?;
     use std::io::{Read, Write};
-    write!(stream, "GET {server_path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET {server_path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     if !response.contains(&format!("\"jwks_uri\":\"{}\"", world.jwks_url())) {
@@ -775,11 +851,16 @@ async fn a_flow_moves_between_processes() -> TestResult {
     let a = Server::start(dir_a.path(), Some(&url))?;
     let admin = a.printed_admin_key().ok_or("no admin key")?;
     // Both processes must share the master key to read each other's sealed data.
-    std::fs::copy(dir_a.path().join("master.key"), dir_b.path().join("master.key"))?;
+    std::fs::copy(
+        dir_a.path().join("master.key"),
+        dir_b.path().join("master.key"),
+    )?;
     let b = Server::start(dir_b.path(), Some(&url))?;
     let on_a = World::new(&a, &admin).await?;
     on_a.create_user("roamer@example.com", true).await?;
-    let flow = on_a.start("roamer@example.com", pb::PrimaryMethod::Password).await?;
+    let flow = on_a
+        .start("roamer@example.com", pb::PrimaryMethod::Password)
+        .await?;
     let on_b = World {
         channel: connect(&b).await?,
         http: b.http,
@@ -807,7 +888,9 @@ async fn an_abandoned_flow_expires() -> TestResult {
     let admin = server.printed_admin_key().ok_or("no admin key")?;
     let world = World::new(&server, &admin).await?;
     world.create_user("slow@example.com", true).await?;
-    let flow = world.start("slow@example.com", pb::PrimaryMethod::Password).await?;
+    let flow = world
+        .start("slow@example.com", pb::PrimaryMethod::Password)
+        .await?;
     tokio::time::sleep(Duration::from_secs(4)).await;
     let now = world.get(&flow).await?;
     if now.status != pb::SignInStatus::Expired as i32 {

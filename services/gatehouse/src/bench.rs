@@ -29,6 +29,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let result = match args.which {
         BenchKind::Append => append(&target, &args).await,
         BenchKind::Replay => replay(&target, &args).await,
+        BenchKind::Signin => {
+            let durability = target.durability().await?;
+            crate::bench_signin::run(target.server_url(), &args, durability).await
+        }
     };
     target.remove().await;
     let report = result?;
@@ -75,6 +79,14 @@ impl Target {
         match self {
             Target::Postgres { url, .. } => url.clone(),
             Target::Sqlite { path, .. } => format!("sqlite://{}", path.display()),
+        }
+    }
+
+    /// What `gatehouse serve --database-url` takes (`None`: SQLite in its own data dir).
+    fn server_url(&self) -> Option<String> {
+        match self {
+            Target::Postgres { url, .. } => Some(url.clone()),
+            Target::Sqlite { .. } => None,
         }
     }
 

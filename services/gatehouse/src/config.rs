@@ -74,6 +74,10 @@ pub struct ServeArgs {
     /// (`<public_url>/tenants/<id>`) [default: http://<http address>].
     #[arg(long, env = "GATEHOUSE_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// Seconds a flow's actor outlives its last message; a flow waiting longer than that is
+    /// only its events until the next message rebuilds it [default: 30].
+    #[arg(long, env = "GATEHOUSE_FLOW_IDLE_SECONDS")]
+    pub flow_idle_seconds: Option<u32>,
     /// Seconds a sign-in flow may take before it expires [default: 600].
     #[arg(long, env = "GATEHOUSE_SIGN_IN_LIFETIME")]
     pub sign_in_lifetime: Option<u32>,
@@ -102,6 +106,12 @@ pub struct BenchArgs {
     /// Events in the log (replay).
     #[arg(long, default_value_t = 1_000_000)]
     pub events: u64,
+    /// Flows brought to the TOTP step (signin).
+    #[arg(long, default_value_t = 400)]
+    pub flows: usize,
+    /// Pending flows for the memory measurement (signin).
+    #[arg(long, default_value_t = 100_000)]
+    pub pending: usize,
 }
 
 /// The benchmarks.
@@ -111,6 +121,8 @@ pub enum BenchKind {
     Append,
     /// Projection rebuild throughput vs a raw scan.
     Replay,
+    /// Password sign-ins end to end vs raw argon2; commands without a password; memory.
+    Signin,
 }
 
 /// Log line format.
@@ -150,6 +162,8 @@ pub struct FileConfig {
     pub public_url: Option<String>,
     /// See [`ServeArgs::sign_in_lifetime`].
     pub sign_in_lifetime: Option<u32>,
+    /// See [`ServeArgs::flow_idle_seconds`].
+    pub flow_idle_seconds: Option<u32>,
 }
 
 impl FileConfig {
@@ -193,6 +207,8 @@ pub struct Config {
     pub public_url: Option<String>,
     /// Seconds a sign-in flow may take.
     pub sign_in_lifetime: u32,
+    /// Seconds a flow actor outlives its last message.
+    pub flow_idle_seconds: u32,
 }
 
 impl Config {
@@ -240,6 +256,11 @@ impl Config {
                 .sms_webhook_url
                 .or(file.sms_webhook_url)
                 .filter(|u| !u.is_empty()),
+            flow_idle_seconds: args
+                .flow_idle_seconds
+                .or(file.flow_idle_seconds)
+                .unwrap_or(30)
+                .clamp(1, 3600),
             sign_in_lifetime: match args.sign_in_lifetime.or(file.sign_in_lifetime) {
                 Some(seconds) if !(1..=86_400).contains(&seconds) => {
                     anyhow::bail!("sign_in_lifetime must be 1 to 86400 seconds")

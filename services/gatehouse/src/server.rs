@@ -24,8 +24,6 @@ use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
 
-/// How long a flow's actor outlives its last message (then the flow is only its events).
-const FLOW_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 /// How often overdue flows are looked for.
 const DEADLINE_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -80,7 +78,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             config.sign_in_lifetime,
         ))),
     );
-    let flows = Arc::new(Flows::start(engine, FLOW_IDLE).await?);
+    let idle = std::time::Duration::from_secs(u64::from(config.flow_idle_seconds));
+    let flows = Arc::new(Flows::start(engine, idle).await?);
     let _deadlines = Deadlines::start(store.clone(), flows.clone(), DEADLINE_TICK).await?;
     let sign_in = Arc::new(SignInApi::new(flows));
     let mfa = Arc::new(MfaApi::new(

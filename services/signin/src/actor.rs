@@ -41,18 +41,21 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// A message to a flow actor.
 pub enum FlowMsg {
     /// Run a command and answer.
-    Command {
-        /// What to do.
-        command: Command,
-        /// Who asks.
-        scope: Scope,
-        /// Event metadata (client context, correlation id).
-        metadata: Metadata,
-        /// Where the answer goes.
-        reply: RpcReplyPort<Result<Reply, ApiError>>,
-    },
+    Command(Box<Request>),
     /// Stop if nothing happened since the message numbered so.
     Idle(u64),
+}
+
+/// A command with who asks and where the answer goes.
+pub struct Request {
+    /// What to do.
+    command: Command,
+    /// Who asks.
+    scope: Scope,
+    /// Event metadata (client context, correlation id).
+    metadata: Metadata,
+    /// Where the answer goes.
+    reply: RpcReplyPort<Result<Reply, ApiError>>,
 }
 
 /// The actor of one flow.
@@ -92,12 +95,13 @@ impl Actor for FlowActor {
         state: &mut FlowState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            FlowMsg::Command {
-                command,
-                scope,
-                metadata,
-                reply,
-            } => {
+            FlowMsg::Command(request) => {
+                let Request {
+                    command,
+                    scope,
+                    metadata,
+                    reply,
+                } = *request;
                 state.messages += 1;
                 let result = self.run(state, command, &scope, &metadata).await;
                 // Ended, or never existed (a mistyped id must not leave an actor behind).
@@ -254,11 +258,13 @@ impl Flows {
             let (command, scope, metadata) = (command.clone(), scope.clone(), metadata.clone());
             let sent = actor
                 .call(
-                    |reply| FlowMsg::Command {
-                        command,
-                        scope,
-                        metadata,
-                        reply,
+                    |reply| {
+                        FlowMsg::Command(Box::new(Request {
+                            command,
+                            scope,
+                            metadata,
+                            reply,
+                        }))
                     },
                     Some(CALL_TIMEOUT),
                 )

@@ -56,11 +56,23 @@ impl Directory {
         if owner.kind != Application::STREAM_TYPE {
             return Ok(None);
         }
-        let app = Loaded::<Application>::load(self.store.as_ref(), owner.id).await?;
-        let state = app.state;
-        Ok((state.exists() && state.tenant_id == Some(tenant_id)).then(|| AppInfo {
-            id: owner.id,
-            require_mfa: state.config.as_ref().is_some_and(|c| c.require_mfa),
-        }))
+        self.application_by_id(tenant_id, owner.id).await
+    }
+
+    /// The live app of a tenant with this id.
+    pub async fn application_by_id(
+        &self,
+        tenant_id: Uuid,
+        id: Uuid,
+    ) -> Result<Option<AppInfo>, StoreError> {
+        let state = Loaded::<Application>::load(self.store.as_ref(), id)
+            .await?
+            .state;
+        Ok(
+            (state.exists() && state.tenant_id == Some(tenant_id)).then(|| AppInfo {
+                id,
+                require_mfa: state.config.as_ref().is_some_and(|c| c.require_mfa),
+            }),
+        )
     }
 }

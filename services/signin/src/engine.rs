@@ -495,7 +495,7 @@ impl Engine {
             .map(|prefix| self.crypto.blind_index(tenant_id, "location", &prefix));
 
         // 1. Reserve an attempt before anything is checked (the threshold holds under races).
-        let familiar = loop {
+        let (familiar, reserved) = loop {
             let lockout = Loaded::<Lockout>::load(self.store.as_ref(), lockout_id).await?;
             let familiar = lockout.state.is_familiar(location.as_deref());
             match lockout.state.reserve(id, familiar, &policy, Utc::now()) {
@@ -522,7 +522,27 @@ impl Engine {
                         request.push(event.to_new_event(tenant_id, &lockout.stream)?);
                     }
                     match self.store.append(request).await {
-                        Ok(_) => break familiar,
+                        Ok(outcome) => {
+                            // The lockout as it is after the reservation (saves a reload).
+                            let mut state = lockout.state.clone();
+                            let envelope = gatehouse_events::RecordedEvent::pending(
+                                tenant_id,
+                                lockout.stream.clone(),
+                                Utc::now(),
+                            );
+                            for event in events {
+                                state.apply(event, &envelope);
+                            }
+                            let version = outcome.events.last().map_or(lockout.version, |e| e.2);
+                            break (
+                                familiar,
+                                Loaded {
+                                    state,
+                                    version,
+                                    stream: lockout.stream,
+                                },
+                            );
+                        }
                         Err(StoreError::Conflict { .. }) => continue,
                         Err(other) => return Err(other.into()),
                     }
@@ -538,9 +558,13 @@ impl Engine {
         };
         let verified = self.passwords.verify(password, hash).await;
 
-        // 3. Record the outcome with the lockout's.
+        // 3. Record the outcome with the lockout's (reloaded only if it moved meanwhile).
+        let mut known = Some(reserved);
         loop {
-            let lockout = Loaded::<Lockout>::load(self.store.as_ref(), lockout_id).await?;
+            let lockout = match known.take() {
+                Some(lockout) => lockout,
+                None => Loaded::<Lockout>::load(self.store.as_ref(), lockout_id).await?,
+            };
             let mut batch = Batch::new(flow, tenant_id, metadata);
             let mut failed = None;
             if verified {
@@ -626,7 +650,7 @@ impl Engine {
         }
         if self
             .directory
-            .application(flow.state.tenant_id, &flow.state.client_id)
+            .application_by_id(flow.state.tenant_id, flow.state.application_id)
             .await?
             .is_some_and(|app| app.require_mfa)
         {
