@@ -531,7 +531,27 @@ async fn passwordless(world: &World, data: &Path) -> TestResult {
         .submit_email_code(world.code_request(&flow, &code))
         .await?
         .into_inner();
-    completed(&done)
+    completed(&done)?;
+    // Guessing codes flow after flow meets the lockout (threshold 5), for an unknown email too.
+    for attempt in 1..=6 {
+        let flow = world
+            .start("ghost@example.com", pb::PrimaryMethod::EmailOtp)
+            .await?;
+        let guess = world
+            .signin()
+            .submit_email_code(world.code_request(&flow, "123456"))
+            .await
+            .map(|r| r.into_inner());
+        let expected = if attempt <= 5 {
+            Code::InvalidArgument
+        } else {
+            Code::ResourceExhausted
+        };
+        if code_of(guess)? != expected {
+            return Err(format!("email code guess #{attempt}: expected {expected:?}").into());
+        }
+    }
+    Ok(())
 }
 
 /// 50 concurrent wrong passwords: exactly the threshold is checked; then even the right

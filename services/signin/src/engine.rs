@@ -749,10 +749,26 @@ impl Engine {
         if flow.state.step != Step::EmailCode {
             return Err(wrong_step(&flow.state));
         }
-        let settings = self.settings(flow.state.tenant_id).await?;
+        let tenant_id = flow.state.tenant_id;
+        let settings = self.settings(tenant_id).await?;
+        // Emailed codes count against the account's lockout like passwords: without that,
+        // an attacker could start flow after flow and guess five codes in each.
+        let lockout = Loaded::<Lockout>::load(self.store.as_ref(), flow.state.lockout_id).await?;
+        let now = Utc::now();
+        let reserved = match lockout
+            .state
+            .reserve(id, false, &settings.lockout_policy, now)
+        {
+            Ok(events) => events,
+            Err(Locked { .. }) => {
+                return Err(ApiError::TooManyAttempts(
+                    "too many failed sign-in attempts; try again later".into(),
+                ));
+            }
+        };
         let user = self.user(&flow.state).await?;
         let matched = self.challenge_matches(id, &flow.state, code);
-        let mut batch = Batch::new(flow, flow.state.tenant_id, metadata);
+        let mut batch = Batch::new(flow, tenant_id, metadata);
         // An unknown email's code was never sent: it cannot match.
         if matched && user.state.exists() {
             batch.flow(SignInEvent::PrimaryVerified {
@@ -763,6 +779,18 @@ impl Engine {
                 .await?;
             self.commit(flow, batch).await?;
             return Ok(self.reply(id, flow, tokens));
+        }
+        // The failure, as a reservation and its outcome at the lockout's exact version.
+        let mut state = lockout.state.clone();
+        let envelope =
+            gatehouse_events::RecordedEvent::pending(tenant_id, lockout.stream.clone(), now);
+        for event in &reserved {
+            state.apply(event.clone(), &envelope);
+        }
+        let failed = state.failure(id, false, &settings.lockout_policy, now);
+        let mut expected = Some(lockout.expected());
+        for event in reserved.iter().chain([&failed]) {
+            batch.other(&lockout.stream, expected.take(), event)?;
         }
         self.reject_code(flow, batch, "email_otp").await
     }
