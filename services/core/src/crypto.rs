@@ -43,10 +43,20 @@ pub enum CryptoError {
 pub struct Sealed(pub String);
 
 /// The master key and the subject keys it wraps.
+///
+/// Unwrapped subject keys are cached (every sign-in step opens sealed data, and each fetch was
+/// a store round trip). An erased subject is remembered as erased, never cached again, and
+/// evicted: by [`Crypto::erase`] in this process, and by [`Crypto::follow_erasures`] for
+/// `UserErased` events appended by any process.
 pub struct Crypto {
     master: [u8; 32],
     store: Arc<dyn EventStore>,
+    keys: std::sync::Mutex<std::collections::HashMap<Uuid, [u8; 32]>>,
+    erased: std::sync::Mutex<std::collections::HashSet<Uuid>>,
 }
+
+/// Most subject keys kept unwrapped in memory (about 6 MiB); the cache starts over when full.
+const KEY_CACHE: usize = 100_000;
 
 fn hmac_with(key: &[u8]) -> Hmac<Sha256> {
     match <Hmac<Sha256> as Mac>::new_from_slice(key) {
@@ -92,7 +102,71 @@ fn open_with(key: &[u8; 32], sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>, Crypt
 impl Crypto {
     /// Uses `master` over `store`'s subject keys.
     pub fn new(master: [u8; 32], store: Arc<dyn EventStore>) -> Self {
-        Crypto { master, store }
+        Crypto {
+            master,
+            store,
+            keys: Default::default(),
+            erased: Default::default(),
+        }
+    }
+
+    /// Forgets erased users' keys as their `UserErased` events arrive from the log (from any
+    /// process). Runs until the store's subscription ends.
+    pub async fn follow_erasures(self: Arc<Self>) {
+        let filter = gatehouse_events::EventFilter {
+            event_types: vec!["UserErased".into()],
+            ..Default::default()
+        };
+        let mut erasures = Box::pin(gatehouse_events::subscription::subscribe(
+            self.store.clone(),
+            0,
+            filter,
+        ));
+        while let Some(event) = futures::StreamExt::next(&mut erasures).await {
+            match event {
+                Ok(event) => self.forget(event.stream.id),
+                Err(error) => {
+                    tracing::warn!(%error, "erasure follower stopped; clearing the key cache");
+                    self.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn forget(&self, subject_id: Uuid) {
+        if let Ok(mut erased) = self.erased.lock() {
+            erased.insert(subject_id);
+        }
+        if let Ok(mut keys) = self.keys.lock() {
+            keys.remove(&subject_id);
+        }
+    }
+
+    fn clear(&self) {
+        if let Ok(mut keys) = self.keys.lock() {
+            keys.clear();
+        }
+    }
+
+    fn cached(&self, subject_id: Uuid) -> Result<Option<[u8; 32]>, ()> {
+        if self.erased.lock().is_ok_and(|e| e.contains(&subject_id)) {
+            return Err(());
+        }
+        Ok(self
+            .keys
+            .lock()
+            .ok()
+            .and_then(|keys| keys.get(&subject_id).copied()))
+    }
+
+    fn remember(&self, subject_id: Uuid, key: [u8; 32]) {
+        if let Ok(mut keys) = self.keys.lock() {
+            if keys.len() >= KEY_CACHE {
+                keys.clear();
+            }
+            keys.insert(subject_id, key);
+        }
     }
 
     /// The master key from `configured` (base64url of 32 bytes), else `<data>/master.key`,
@@ -170,6 +244,11 @@ impl Crypto {
         subject_id: Uuid,
         create: bool,
     ) -> Result<Option<[u8; 32]>, CryptoError> {
+        match self.cached(subject_id) {
+            Err(()) => return Ok(None),
+            Ok(Some(key)) => return Ok(Some(key)),
+            Ok(None) => {}
+        }
         let wrapped = match self.store.subject_key(subject_id).await? {
             Some(wrapped) => wrapped,
             None if create => {
@@ -184,7 +263,9 @@ impl Crypto {
             None => return Ok(None),
         };
         let key = open_with(&self.master, &wrapped, subject_id.as_bytes())?;
-        Ok(Some(key.try_into().map_err(|_| CryptoError::Tampered)?))
+        let key: [u8; 32] = key.try_into().map_err(|_| CryptoError::Tampered)?;
+        self.remember(subject_id, key);
+        Ok(Some(key))
     }
 
     /// Seals `value` (as JSON) for a subject, creating its data key on first use.
@@ -227,6 +308,7 @@ impl Crypto {
 
     /// Destroys a subject's data key: everything sealed for it becomes unreadable.
     pub async fn erase(&self, subject_id: Uuid) -> Result<(), CryptoError> {
+        self.forget(subject_id);
         Ok(self.store.destroy_subject_key(subject_id).await?)
     }
 }

@@ -53,6 +53,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let applications = Arc::new(ApplicationApi::new(store.clone()).await?);
     let master_key = Crypto::load_master_key(config.master_key.as_deref(), &config.data_dir)?;
     let crypto = Arc::new(Crypto::new(master_key, store.clone()));
+    let erasures = tokio::spawn(crypto.clone().follow_erasures());
     let breached = BreachedPasswords::load(config.breached_passwords.as_deref())?;
     let passwords = Passwords::new(breached);
     let users = Arc::new(UserApi::new(store.clone(), crypto.clone(), passwords.clone()).await?);
@@ -192,6 +193,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
     notifier.abort();
+    erasures.abort();
     health_reporter
         .set_service_status("", ServingStatus::NotServing)
         .await;

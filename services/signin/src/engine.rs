@@ -12,8 +12,8 @@
 
 use crate::directory::Directory;
 use crate::flow::{
-    Challenge, FLOW_LIFETIME, MAX_CHALLENGES, MAX_WRONG_CODES, Primary, SignIn, SignInEvent, Step,
-    amr_of,
+    Challenge, FLOW_LIFETIME, FlowPolicy, MAX_CHALLENGES, MAX_WRONG_CODES, Primary, SignIn,
+    SignInEvent, Step, amr_of,
 };
 use crate::otp;
 use crate::session::{Session, SessionEvent, capped, new_refresh_token};
@@ -370,12 +370,16 @@ impl Engine {
     ) -> Result<Reply, ApiError> {
         let email = normalize_email(email).map_err(|e| ApiError::invalid("email", e))?;
         let tenant = self.settings(tenant_id).await?;
-        let app = self
+        let app_info = self
             .directory
             .application(tenant_id, client_id)
             .await?
-            .ok_or_else(|| ApiError::NotFound("application".into()))?
-            .id;
+            .ok_or_else(|| ApiError::NotFound("application".into()))?;
+        let app = app_info.id;
+        let policy = Arc::new(FlowPolicy {
+            settings: tenant.clone(),
+            app_requires_mfa: app_info.require_mfa,
+        });
         let allowed = match method {
             Primary::Password => PrimaryMethod::Password,
             Primary::EmailOtp => PrimaryMethod::EmailOtp,
@@ -435,6 +439,7 @@ impl Engine {
             }
         }
         self.commit(flow, batch).await?;
+        flow.state.policy = Some(policy);
         Ok(self.reply(id, flow, None))
     }
 
@@ -463,6 +468,26 @@ impl Engine {
         }
     }
 
+    /// The tenant's settings and the app's MFA requirement, read once per loaded copy of the
+    /// flow (a flow keeps the policy it started under while its actor lives).
+    async fn policy(&self, flow: &mut Loaded<SignIn>) -> Result<Arc<FlowPolicy>, ApiError> {
+        if let Some(policy) = &flow.state.policy {
+            return Ok(policy.clone());
+        }
+        let settings = self.settings(flow.state.tenant_id).await?;
+        let app_requires_mfa = self
+            .directory
+            .application_by_id(flow.state.tenant_id, flow.state.application_id)
+            .await?
+            .is_some_and(|app| app.require_mfa);
+        let policy = Arc::new(FlowPolicy {
+            settings,
+            app_requires_mfa,
+        });
+        flow.state.policy = Some(policy.clone());
+        Ok(policy)
+    }
+
     async fn settings(&self, tenant_id: Uuid) -> Result<TenantSettings, ApiError> {
         self.directory
             .tenant(tenant_id)
@@ -487,7 +512,8 @@ impl Engine {
             ));
         }
         let tenant_id = flow.state.tenant_id;
-        let settings = self.settings(tenant_id).await?;
+        let flow_policy = self.policy(flow).await?;
+        let settings = flow_policy.settings.clone();
         let policy = settings.lockout_policy.clone();
         let lockout_id = flow.state.lockout_id;
         let ip = metadata.context.as_ref().and_then(|c| c.ip.clone());
@@ -648,11 +674,11 @@ impl Engine {
         if settings.require_mfa {
             reasons.push("tenant".to_string());
         }
-        if self
-            .directory
-            .application_by_id(flow.state.tenant_id, flow.state.application_id)
-            .await?
-            .is_some_and(|app| app.require_mfa)
+        if flow
+            .state
+            .policy
+            .as_ref()
+            .is_none_or(|policy| policy.app_requires_mfa)
         {
             reasons.push("application".to_string());
         }
@@ -750,7 +776,7 @@ impl Engine {
             return Err(wrong_step(&flow.state));
         }
         let tenant_id = flow.state.tenant_id;
-        let settings = self.settings(tenant_id).await?;
+        let settings = self.policy(flow).await?.settings.clone();
         // Emailed codes count against the account's lockout like passwords: without that,
         // an attacker could start flow after flow and guess five codes in each.
         let lockout = Loaded::<Lockout>::load(self.store.as_ref(), flow.state.lockout_id).await?;
@@ -917,7 +943,7 @@ impl Engine {
             return Err(wrong_step(&flow.state));
         };
         let tenant_id = flow.state.tenant_id;
-        let settings = self.settings(tenant_id).await?;
+        let settings = self.policy(flow).await?.settings.clone();
         let user = self.user(&flow.state).await?;
         let user_id = user.stream.id;
         let mut batch = Batch::new(flow, tenant_id, metadata);
@@ -1025,7 +1051,7 @@ impl Engine {
             return Err(wrong_step(&flow.state));
         }
         let tenant_id = flow.state.tenant_id;
-        let settings = self.settings(tenant_id).await?;
+        let settings = self.policy(flow).await?.settings.clone();
         let user = self.user(&flow.state).await?;
         let mut batch = Batch::new(flow, tenant_id, metadata);
         if !self.challenge_matches(id, &flow.state, code) {

@@ -232,6 +232,19 @@ pub struct SignIn {
     pub outcome: Option<Outcome>,
     /// Start time.
     pub started_at: Option<DateTime<Utc>>,
+    /// The policy this copy of the flow runs under (a cache, not a fact: never stored, read
+    /// again whenever the flow is reloaded).
+    #[serde(skip)]
+    pub policy: Option<std::sync::Arc<FlowPolicy>>,
+}
+
+/// What a flow's steps need of the tenant and app.
+#[derive(Debug, Clone)]
+pub struct FlowPolicy {
+    /// The tenant's settings.
+    pub settings: gatehouse_directory::tenant::TenantSettings,
+    /// The app requires a second factor.
+    pub app_requires_mfa: bool,
 }
 
 impl Aggregate for SignIn {
