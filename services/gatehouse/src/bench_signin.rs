@@ -5,7 +5,8 @@
 //!    thread per core verifying in a loop, each reusing its memory — `argon2_per_s`.
 //! 2. A real `gatehouse serve` child process (this binary) on the scratch store. Concurrent
 //!    clients run StartSignIn + SubmitPassword (events written, tokens issued) —
-//!    `signins_per_s`, and `ratio` = signins / argon2 (target ≥ 0.9).
+//!    `signins_per_s`, and `ratio` = signins / argon2 (target ≥ 0.9). Raw and end to end are
+//!    measured twice, alternating, and the better of each is kept.
 //! 3. **Latency**: sign-ins arriving at a fixed rate of 50 % and 80 % of that throughput
 //!    (open loop); p50 and p99 as multiples of one verify (targets 1.3 and 3).
 //! 4. **Commands without a password**: `--flows` users with TOTP enrolled are brought to the
@@ -416,7 +417,11 @@ pub async fn run(
     let emails: Vec<String> = users.iter().map(|(e, _)| e.clone()).collect();
     // Warm up, then measure.
     throughput(&setup, &emails, threads * 4, 0.5).await?;
-    let signins_per_s = throughput(&setup, &emails, threads * 4, seconds).await?;
+    let mut signins_per_s = throughput(&setup, &emails, threads * 4, seconds).await?;
+    // The machine is shared: alternate raw and end to end once more, keep the better of each.
+    let (_, raw_again) = raw_argon2(threads, seconds)?;
+    let argon2_per_s = argon2_per_s.max(raw_again);
+    signins_per_s = signins_per_s.max(throughput(&setup, &emails, threads * 4, seconds).await?);
     let ratio = signins_per_s / argon2_per_s;
     println!(
         "password sign-ins end to end: {signins_per_s:.1}/s, ratio {ratio:.2} (target >= 0.9)"
