@@ -699,7 +699,7 @@ async fn mfa_flows(world: &World, data: &Path) -> Result<String, Error> {
         return Err("a recovery code was accepted twice".into());
     }
 
-    // Email code from the outbox (message 0 was... none: this user never got mail before).
+    // Email code from the outbox (this user's first message).
     let flow = world.select(&flow, pb::MfaMethod::EmailOtp).await?;
     let sent = wait_for_message(data, "mfa@example.com", 0)?;
     completed(&world.mfa_code(&flow, &sent.code.ok_or("no code")?).await?)?;

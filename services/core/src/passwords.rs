@@ -127,7 +127,6 @@ fn sha1(password: &str) -> [u8; 20] {
 pub struct Passwords {
     jobs: std::sync::mpsc::Sender<Job>,
     breached: Arc<BreachedPasswords>,
-    threads: usize,
 }
 
 type Job = Box<dyn FnOnce(&mut Vec<Block>) + Send>;
@@ -258,13 +257,7 @@ impl Passwords {
         Passwords {
             jobs,
             breached: Arc::new(breached),
-            threads: threads.max(1),
         }
-    }
-
-    /// Hashing threads.
-    pub fn threads(&self) -> usize {
-        self.threads
     }
 
     /// The breached-password list.

@@ -175,6 +175,15 @@ impl Lockout {
         location.is_some_and(|l| self.locations.contains(l))
     }
 
+    /// The state after events decided but not yet appended.
+    pub fn after(&self, events: &[LockoutEvent], now: DateTime<Utc>) -> Lockout {
+        let mut state = self.clone();
+        for event in events {
+            apply_local(&mut state, event, now);
+        }
+        state
+    }
+
     /// The events that fail stale reservations (their processes died mid-check).
     fn fail_stale(&self, policy: &LockoutPolicy, now: DateTime<Utc>) -> Vec<LockoutEvent> {
         let mut state = self.clone();
@@ -203,10 +212,7 @@ impl Lockout {
         now: DateTime<Utc>,
     ) -> Result<Vec<LockoutEvent>, Locked> {
         let mut events = self.fail_stale(policy, now);
-        let mut state = self.clone();
-        for event in &events {
-            apply_local(&mut state, event, now);
-        }
+        let state = self.after(&events, now);
         let counter = state.counter(familiar);
         if let Some(until) = counter.locked_until
             && until > now

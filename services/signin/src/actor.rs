@@ -210,21 +210,6 @@ impl Flows {
         })
     }
 
-    /// The engine.
-    pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
-    }
-
-    /// How long an actor outlives its last message.
-    pub fn idle(&self) -> Duration {
-        self.idle
-    }
-
-    /// Flow actors alive in this process.
-    pub fn live(&self) -> usize {
-        self.supervisor.get_children().len()
-    }
-
     async fn actor(&self, id: Uuid) -> Result<ActorRef<FlowMsg>, ApiError> {
         loop {
             if let Some(actor) = ActorRef::<FlowMsg>::where_is(name(id)) {
@@ -295,16 +280,6 @@ pub struct OpenFlows {
 }
 
 impl OpenFlows {
-    /// Flows not ended.
-    pub fn len(&self) -> usize {
-        self.by_id.len()
-    }
-
-    /// None open.
-    pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
-    }
-
     fn overdue(&self, now: DateTime<Utc>) -> Vec<(Uuid, Uuid)> {
         self.by_deadline
             .iter()
@@ -339,7 +314,6 @@ fn track(open: &mut OpenFlows, event: &RecordedEvent) {
 /// Ends overdue flows with `SignInExpired`, in every process that runs it (the exact-version
 /// append lets one win).
 pub struct Deadlines {
-    open: Arc<LiveView<OpenFlows>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -354,8 +328,7 @@ impl Deadlines {
             stream_types: vec![SignIn::STREAM_TYPE.into()],
             ..EventFilter::default()
         };
-        let open = Arc::new(LiveView::start(store, filter, OpenFlows::default(), track).await?);
-        let view = open.clone();
+        let view = LiveView::start(store, filter, OpenFlows::default(), track).await?;
         let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(tick).await;
@@ -374,12 +347,7 @@ impl Deadlines {
                 }
             }
         });
-        Ok(Deadlines { open, task })
-    }
-
-    /// Open flows known.
-    pub fn open(&self) -> usize {
-        self.open.read(OpenFlows::len)
+        Ok(Deadlines { task })
     }
 }
 

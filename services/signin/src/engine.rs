@@ -231,11 +231,6 @@ impl Engine {
         self
     }
 
-    /// The token signer.
-    pub fn keys(&self) -> &Arc<Keys> {
-        &self.keys
-    }
-
     /// The store.
     pub fn store(&self) -> &Arc<dyn EventStore> {
         &self.store
@@ -550,15 +545,7 @@ impl Engine {
                     match self.store.append(request).await {
                         Ok(outcome) => {
                             // The lockout as it is after the reservation (saves a reload).
-                            let mut state = lockout.state.clone();
-                            let envelope = gatehouse_events::RecordedEvent::pending(
-                                tenant_id,
-                                lockout.stream.clone(),
-                                Utc::now(),
-                            );
-                            for event in events {
-                                state.apply(event, &envelope);
-                            }
+                            let state = lockout.state.after(&events, Utc::now());
                             let version = outcome.events.last().map_or(lockout.version, |e| e.2);
                             break (
                                 familiar,
@@ -807,13 +794,11 @@ impl Engine {
             return Ok(self.reply(id, flow, tokens));
         }
         // The failure, as a reservation and its outcome at the lockout's exact version.
-        let mut state = lockout.state.clone();
-        let envelope =
-            gatehouse_events::RecordedEvent::pending(tenant_id, lockout.stream.clone(), now);
-        for event in &reserved {
-            state.apply(event.clone(), &envelope);
-        }
-        let failed = state.failure(id, false, &settings.lockout_policy, now);
+        let failed =
+            lockout
+                .state
+                .after(&reserved, now)
+                .failure(id, false, &settings.lockout_policy, now);
         let mut expected = Some(lockout.expected());
         for event in reserved.iter().chain([&failed]) {
             batch.other(&lockout.stream, expected.take(), event)?;

@@ -224,11 +224,6 @@ impl Keys {
         format!("{}/tenants/{tenant_id}", self.issuer_base)
     }
 
-    /// The base URL tenants' issuers live under.
-    pub fn issuer_base(&self) -> &str {
-        &self.issuer_base
-    }
-
     /// Adds a key to a tenant: the first one when `rotate` is false and it has none, a new
     /// current one when `rotate` is true.
     pub async fn add_key(
