@@ -161,51 +161,7 @@ impl UserApi {
         policy: &PasswordPolicy,
         validation: &mut Validation,
     ) {
-        let length = password.chars().count();
-        if length < policy.min_length as usize {
-            validation.add(
-                field,
-                format!("needs at least {} characters", policy.min_length),
-            );
-            return;
-        }
-        if length > MAX_PASSWORD {
-            validation.add(field, format!("must be at most {MAX_PASSWORD} characters"));
-            return;
-        }
-        let classes = [
-            (
-                policy.require_uppercase,
-                password.chars().any(char::is_uppercase),
-                "an uppercase letter",
-            ),
-            (
-                policy.require_lowercase,
-                password.chars().any(char::is_lowercase),
-                "a lowercase letter",
-            ),
-            (
-                policy.require_digit,
-                password.chars().any(|c| c.is_ascii_digit()),
-                "a digit",
-            ),
-            (
-                policy.require_symbol,
-                password.chars().any(|c| !c.is_alphanumeric()),
-                "a symbol",
-            ),
-        ];
-        for (required, present, what) in classes {
-            if required && !present {
-                validation.add(field, format!("needs {what}"));
-            }
-        }
-        if policy.reject_breached && self.passwords.breached().contains(password) {
-            validation.add(
-                field,
-                "appears in a list of breached passwords; choose another",
-            );
-        }
+        check_new_password(field, password, policy, &self.passwords, validation);
     }
 
     fn check_attributes(
@@ -1160,5 +1116,60 @@ impl pb::user_service_server::UserService for UserApi {
         request: Request<pb::UserRef>,
     ) -> Result<Response<pb::EraseUserResponse>, GrpcStatus> {
         Ok(Response::new(self.erase(request).await?))
+    }
+}
+
+/// Checks a new password against the tenant's policy and the breached list.
+pub fn check_new_password(
+    field: &str,
+    password: &str,
+    policy: &PasswordPolicy,
+    passwords: &Passwords,
+    validation: &mut Validation,
+) {
+    let length = password.chars().count();
+    if length < policy.min_length as usize {
+        validation.add(
+            field,
+            format!("needs at least {} characters", policy.min_length),
+        );
+        return;
+    }
+    if length > MAX_PASSWORD {
+        validation.add(field, format!("must be at most {MAX_PASSWORD} characters"));
+        return;
+    }
+    let classes = [
+        (
+            policy.require_uppercase,
+            password.chars().any(char::is_uppercase),
+            "an uppercase letter",
+        ),
+        (
+            policy.require_lowercase,
+            password.chars().any(char::is_lowercase),
+            "a lowercase letter",
+        ),
+        (
+            policy.require_digit,
+            password.chars().any(|c| c.is_ascii_digit()),
+            "a digit",
+        ),
+        (
+            policy.require_symbol,
+            password.chars().any(|c| !c.is_alphanumeric()),
+            "a symbol",
+        ),
+    ];
+    for (required, present, what) in classes {
+        if required && !present {
+            validation.add(field, format!("needs {what}"));
+        }
+    }
+    if policy.reject_breached && passwords.breached().contains(password) {
+        validation.add(
+            field,
+            "appears in a list of breached passwords; choose another",
+        );
     }
 }

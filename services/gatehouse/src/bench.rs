@@ -25,6 +25,14 @@ const WRITERS: usize = 8;
 
 /// Runs one benchmark.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.which == BenchKind::Policy {
+        // Pure computation: no store.
+        let report = crate::bench_policy::run(&args);
+        if args.json {
+            println!("{report}");
+        }
+        return Ok(());
+    }
     let target = Target::create(args.database_url.as_deref()).await?;
     let result = match args.which {
         BenchKind::Append => append(&target, &args).await,
@@ -33,6 +41,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             let durability = target.durability().await?;
             crate::bench_signin::run(target.server_url(), &args, durability).await
         }
+        BenchKind::Policy => unreachable!("handled above"),
     };
     target.remove().await;
     let report = result?;

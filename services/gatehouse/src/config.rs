@@ -115,7 +115,7 @@ pub struct BenchArgs {
 }
 
 /// The benchmarks.
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BenchKind {
     /// Append throughput vs a raw multi-row INSERT.
     Append,
@@ -123,6 +123,8 @@ pub enum BenchKind {
     Replay,
     /// Password sign-ins end to end vs raw argon2; commands without a password; memory.
     Signin,
+    /// Conditional Access: one sign-in evaluated against 100 policies.
+    Policy,
 }
 
 /// Log line format.

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bench_policy;
 pub mod bench_signin;
 pub mod config;
 pub mod http;

@@ -10,8 +10,10 @@ use gatehouse_core::platform::ensure_admin_key;
 use gatehouse_directory::UserApi;
 use gatehouse_directory::notifier::{self, ByChannel, NdjsonOutbox, SmtpSender, WebhookSender};
 use gatehouse_directory::{ApplicationApi, TenantApi};
+use gatehouse_policy::{PolicyApi, PolicyView};
 use gatehouse_proto::v1::application_service_server::ApplicationServiceServer;
 use gatehouse_proto::v1::mfa_service_server::MfaServiceServer;
+use gatehouse_proto::v1::policy_service_server::PolicyServiceServer;
 use gatehouse_proto::v1::session_service_server::SessionServiceServer;
 use gatehouse_proto::v1::sign_in_service_server::SignInServiceServer;
 use gatehouse_proto::v1::tenant_service_server::TenantServiceServer;
@@ -67,6 +69,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("http://{http_addr}"));
     let directory = Arc::new(Directory::new(store.clone()));
     let signing = Arc::new(Keys::new(store.clone(), crypto.clone(), issuer_base));
+    let policy_view = Arc::new(PolicyView::start(store.clone()).await?);
+    let policies = Arc::new(PolicyApi::new(store.clone(), policy_view.clone()));
     let engine = Arc::new(
         Engine::new(
             store.clone(),
@@ -74,6 +78,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             passwords,
             signing.clone(),
             directory.clone(),
+            policy_view,
         )
         .with_flow_lifetime(chrono::Duration::seconds(i64::from(
             config.sign_in_lifetime,
@@ -110,6 +115,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await;
     health_reporter
         .set_serving::<SessionServiceServer<SessionApi>>()
+        .await;
+    health_reporter
+        .set_serving::<PolicyServiceServer<PolicyApi>>()
         .await;
     health_reporter
         .set_service_status("", ServingStatus::Serving)
@@ -155,6 +163,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .add_service(InterceptedService::new(
             SessionServiceServer::from_arc(sessions),
             AuthenticateIfPresent(keys.clone()),
+        ))
+        .add_service(InterceptedService::new(
+            PolicyServiceServer::from_arc(policies),
+            Authenticate(keys.clone()),
         ))
         .serve_with_incoming_shutdown(
             tokio_stream_listener(grpc_listener),

@@ -12,8 +12,8 @@
 
 use crate::directory::Directory;
 use crate::flow::{
-    Challenge, FLOW_LIFETIME, FlowPolicy, MAX_CHALLENGES, MAX_WRONG_CODES, Primary, SignIn,
-    SignInEvent, Step, amr_of,
+    Challenge, Control, FLOW_LIFETIME, FlowPolicy, MAX_CHALLENGES, MAX_WRONG_CODES, PolicyRecord,
+    Primary, SignIn, SignInEvent, Step,
 };
 use crate::otp;
 use crate::session::{Session, SessionEvent, capped, new_refresh_token};
@@ -21,6 +21,7 @@ use crate::tokens::Keys;
 use chrono::{DateTime, Duration, Utc};
 use gatehouse_core::ApiError;
 use gatehouse_core::crypto::Crypto;
+use gatehouse_core::error::Validation;
 use gatehouse_core::passwords::Passwords;
 use gatehouse_directory::contact::{normalize_email, validate_phone};
 use gatehouse_directory::lockout::{Locked, Lockout, LockoutEvent};
@@ -28,10 +29,14 @@ use gatehouse_directory::tenant::{MfaMethod, PrimaryMethod, TenantSettings};
 use gatehouse_directory::user::{
     CODE_LIFETIME, Channel, EMAIL_CLAIM, Message, Profile, Status, User, UserEvent,
 };
+use gatehouse_directory::user_service::check_new_password;
 use gatehouse_events::{
     Aggregate, AppendRequest, ClaimKey, DomainEvent, EventStore, ExpectedVersion, Loaded, Metadata,
     StoreError,
 };
+use gatehouse_policy::PolicyView;
+use gatehouse_policy::engine::{Context, Outcome, PrimaryKind};
+use gatehouse_policy::model::{Controls, Platform, RiskLevel};
 use rand::Rng;
 use serde_json::json;
 use std::net::IpAddr;
@@ -68,6 +73,8 @@ pub enum Command {
     PhoneNumber(String),
     /// Its code.
     PhoneCode(String),
+    /// A new password (a policy asks for a change).
+    NewPassword(String),
     /// Read.
     Get,
     /// Give up.
@@ -116,6 +123,7 @@ pub struct Engine {
     passwords: Passwords,
     keys: Arc<Keys>,
     directory: Arc<Directory>,
+    policies: Arc<PolicyView>,
     flow_lifetime: Duration,
 }
 
@@ -148,6 +156,20 @@ impl Batch {
             .push(event.to_new_event(self.tenant_id, &self.flow_stream)?);
         self.flow_events.push(event);
         Ok(())
+    }
+
+    /// The flow as it will be once this batch is appended.
+    fn preview(&self, flow: &Loaded<SignIn>) -> SignIn {
+        let mut state = flow.state.clone();
+        let envelope = gatehouse_events::RecordedEvent::pending(
+            self.tenant_id,
+            self.flow_stream.clone(),
+            self.recorded_at,
+        );
+        for event in &self.flow_events {
+            state.apply(event.clone(), &envelope);
+        }
+        state
     }
 
     fn other<E: DomainEvent>(
@@ -193,6 +215,7 @@ fn wrong_step(flow: &SignIn) -> ApiError {
         Step::MfaCode => "for a second-factor code",
         Step::PhoneNumber => "for a phone number",
         Step::PhoneCode => "for the code sent to the phone",
+        Step::NewPassword => "for a new password",
         Step::Done => return ApiError::FailedPrecondition("this sign-in has ended".into()),
     };
     ApiError::FailedPrecondition(format!("this sign-in is waiting {waiting}"))
@@ -214,6 +237,7 @@ impl Engine {
         passwords: Passwords,
         keys: Arc<Keys>,
         directory: Arc<Directory>,
+        policies: Arc<PolicyView>,
     ) -> Self {
         Engine {
             store,
@@ -221,6 +245,7 @@ impl Engine {
             passwords,
             keys,
             directory,
+            policies,
             flow_lifetime: FLOW_LIFETIME,
         }
     }
@@ -305,6 +330,7 @@ impl Engine {
             Command::MfaCode(code) => self.mfa_code(id, flow, &code, metadata).await,
             Command::PhoneNumber(phone) => self.phone_number(id, flow, &phone, metadata).await,
             Command::PhoneCode(code) => self.phone_code(id, flow, &code, metadata).await,
+            Command::NewPassword(password) => self.new_password(id, flow, password, metadata).await,
         }
     }
 
@@ -656,11 +682,67 @@ impl Engine {
         batch.flow(SignInEvent::RiskAssessed {
             level: "none".into(),
         })?;
-        // Policy hook: Conditional Access plugs in here.
+        let evaluated = self.evaluate_policies(flow, user, settings, RiskLevel::None, metadata);
+        let blocked = matches!(
+            &evaluated,
+            SignInEvent::PolicyEvaluated {
+                blocked_by: Some(_),
+                ..
+            }
+        );
+        batch.flow(evaluated)?;
+        if blocked {
+            batch.flow(SignInEvent::SignInFailed {
+                reason: "blocked_by_policy".into(),
+            })?;
+            return Ok(None);
+        }
+        self.advance(id, flow, user, settings, batch, metadata)
+            .await
+    }
+
+    /// The policy hook: Conditional Access and the tenant's and app's MFA requirement,
+    /// decided as one event that records every policy's result.
+    fn evaluate_policies(
+        &self,
+        flow: &Loaded<SignIn>,
+        user: &Loaded<User>,
+        settings: &TenantSettings,
+        sign_in_risk: RiskLevel,
+        metadata: &Metadata,
+    ) -> SignInEvent {
+        let user_id = user.stream.id;
+        let (set, groups) = self.policies.for_sign_in(flow.state.tenant_id, user_id);
+        let client = metadata.context.as_ref();
+        let primary = match flow.state.method {
+            Some(Primary::EmailOtp) => PrimaryKind::EmailOtp,
+            _ => PrimaryKind::Password,
+        };
+        let context = Context {
+            user_id,
+            groups: &groups,
+            app_id: flow.state.application_id,
+            ip: client.and_then(|c| c.ip.as_deref()?.parse().ok()),
+            country: None,
+            platform: client
+                .and_then(|c| c.user_agent.as_deref())
+                .map_or(Platform::Other, Platform::of_user_agent),
+            sign_in_risk,
+            user_risk: RiskLevel::None,
+            primary,
+            satisfied: if user.state.phone_verified {
+                Controls::of(&[Control::PhoneVerified])
+            } else {
+                Controls::NONE
+            },
+        };
+        let decision = set.evaluate(&context);
+        let mut required = decision.required;
         let mut reasons = Vec::new();
         if settings.require_mfa {
             reasons.push("tenant".to_string());
         }
+        // A flow whose app could not be read asks for MFA (fail closed).
         if flow
             .state
             .policy
@@ -669,28 +751,99 @@ impl Engine {
         {
             reasons.push("application".to_string());
         }
-        let mfa_required = !reasons.is_empty();
-        batch.flow(SignInEvent::PolicyEvaluated {
-            mfa_required,
+        if !reasons.is_empty() {
+            required = required.union(Controls::of(&[Control::Mfa]));
+        }
+        if decision.required.has(Control::Mfa) {
+            reasons.push("policy".to_string());
+        }
+        let policies = decision
+            .results
+            .iter()
+            .map(|result| {
+                let (outcome, failed, controls) = match result.outcome {
+                    Outcome::NotApplied(condition) => {
+                        ("not_applied", Some(condition.as_str().to_string()), vec![])
+                    }
+                    Outcome::Block => ("block", None, vec![]),
+                    Outcome::Grant(controls) => ("grant", None, controls.list()),
+                };
+                PolicyRecord {
+                    policy_id: result.policy,
+                    report_only: result.report_only,
+                    result: outcome.into(),
+                    failed_condition: failed,
+                    controls,
+                }
+            })
+            .collect();
+        let mfa_methods = (decision.mfa_methods != u8::MAX).then(|| {
+            settings
+                .mfa_methods
+                .iter()
+                .copied()
+                .filter(|m| decision.allows(*m))
+                .collect()
+        });
+        SignInEvent::PolicyEvaluated {
+            mfa_required: required.has(Control::Mfa),
             reasons,
-        })?;
-        if !mfa_required {
-            let amr = batch_amr(flow, batch);
-            return self
-                .complete(id, flow, user, settings, amr, batch, metadata)
-                .await
-                .map(Some);
+            controls: required.list(),
+            policies,
+            blocked_by: decision.blocked_by,
+            mfa_methods,
+            sign_in_frequency_seconds: decision.sign_in_frequency,
+            persistent: decision.persistent,
         }
-        let methods = available_methods(&user.state, settings, flow.state.method);
-        if !methods.is_empty() {
-            batch.flow(SignInEvent::MfaRequired { methods })?;
-        } else if settings.mfa_methods.contains(&MfaMethod::SmsOtp) {
-            batch.flow(SignInEvent::PhoneRegistrationRequired)?;
-        } else {
-            batch.flow(SignInEvent::SignInFailed {
-                reason: "no_second_factor".into(),
-            })?;
-        }
+    }
+
+    /// Asks for the next control still to meet, or completes the flow when none is left.
+    async fn advance(
+        &self,
+        id: Uuid,
+        flow: &Loaded<SignIn>,
+        user: &Loaded<User>,
+        settings: &TenantSettings,
+        batch: &mut Batch,
+        metadata: &Metadata,
+    ) -> Result<Option<Tokens>, ApiError> {
+        let preview = batch.preview(flow);
+        let counts = |method: &MfaMethod| {
+            preview
+                .mfa_allowed
+                .as_ref()
+                .is_none_or(|allowed| allowed.contains(method))
+        };
+        let next = match preview.pending.first() {
+            None => {
+                return self
+                    .complete(id, flow, user, settings, &preview, batch, metadata)
+                    .await
+                    .map(Some);
+            }
+            Some(Control::Mfa) => {
+                let methods: Vec<MfaMethod> =
+                    available_methods(&user.state, settings, flow.state.method)
+                        .into_iter()
+                        .filter(counts)
+                        .collect();
+                if !methods.is_empty() {
+                    SignInEvent::MfaRequired { methods }
+                } else if settings.mfa_methods.contains(&MfaMethod::SmsOtp)
+                    && counts(&MfaMethod::SmsOtp)
+                {
+                    // Enrolment within the flow: a phone, proved by a texted code.
+                    SignInEvent::PhoneRegistrationRequired
+                } else {
+                    SignInEvent::SignInFailed {
+                        reason: "no_second_factor".into(),
+                    }
+                }
+            }
+            Some(Control::PhoneVerified) => SignInEvent::PhoneRegistrationRequired,
+            Some(Control::PasswordChange) => SignInEvent::PasswordChangeRequired,
+        };
+        batch.flow(next)?;
         Ok(None)
     }
 
@@ -702,10 +855,11 @@ impl Engine {
         flow: &Loaded<SignIn>,
         user: &Loaded<User>,
         settings: &TenantSettings,
-        amr: Vec<String>,
+        preview: &SignIn,
         batch: &mut Batch,
         metadata: &Metadata,
     ) -> Result<Tokens, ApiError> {
+        let amr = preview.amr.clone();
         let now = Utc::now();
         let tenant_id = flow.state.tenant_id;
         let lifetimes = &settings.token_lifetimes;
@@ -721,6 +875,7 @@ impl Engine {
             amr: amr.clone(),
             expires_at: Some(expires_at),
             auth_time: Some(now),
+            sign_in_frequency_seconds: preview.sign_in_frequency_seconds,
             ..Session::default()
         };
         let tokens = issue_tokens(
@@ -746,6 +901,8 @@ impl Engine {
                 refresh_digest,
                 refresh_expires_at: capped(now, lifetimes.refresh_token_seconds, Some(expires_at)),
                 expires_at,
+                sign_in_frequency_seconds: preview.sign_in_frequency_seconds,
+                persistent: preview.persistent,
             },
         )?;
         batch.flow(SignInEvent::SignInCompleted { session_id })?;
@@ -970,13 +1127,11 @@ impl Engine {
             None => return self.reject_code(flow, batch, method_name(method)).await,
         }
         batch.flow(SignInEvent::MfaVerified { method })?;
-        let mut amr = flow.state.amr.clone();
-        amr.extend([amr_of(method).to_string(), "mfa".to_string()]);
         let tokens = self
-            .complete(id, flow, &user, &settings, amr, &mut batch, metadata)
+            .advance(id, flow, &user, &settings, &mut batch, metadata)
             .await?;
         match self.commit(flow, batch).await {
-            Ok(()) => Ok(self.reply(id, flow, Some(tokens))),
+            Ok(()) => Ok(self.reply(id, flow, tokens)),
             // The user moved: the same code may just have been spent by a racing request.
             Err(ApiError::Aborted) if !otp_method => Err(wrong_code()),
             Err(other) => Err(other),
@@ -1044,16 +1199,73 @@ impl Engine {
         }
         batch.other(&user.stream, None, &UserEvent::PhoneVerified)?;
         batch.flow(SignInEvent::PhoneVerified)?;
-        batch.flow(SignInEvent::MfaVerified {
-            method: MfaMethod::SmsOtp,
-        })?;
-        let mut amr = flow.state.amr.clone();
-        amr.extend(["sms".to_string(), "mfa".to_string()]);
+        // A phone registered because no second factor existed is that second factor.
+        if flow.state.pending.first() == Some(&Control::Mfa) {
+            batch.flow(SignInEvent::MfaVerified {
+                method: MfaMethod::SmsOtp,
+            })?;
+        }
         let tokens = self
-            .complete(id, flow, &user, &settings, amr, &mut batch, metadata)
+            .advance(id, flow, &user, &settings, &mut batch, metadata)
             .await?;
         self.commit(flow, batch).await?;
-        Ok(self.reply(id, flow, Some(tokens)))
+        Ok(self.reply(id, flow, tokens))
+    }
+
+    async fn new_password(
+        &self,
+        id: Uuid,
+        flow: &mut Loaded<SignIn>,
+        password: String,
+        metadata: &Metadata,
+    ) -> Result<Reply, ApiError> {
+        if flow.state.step != Step::NewPassword {
+            return Err(wrong_step(&flow.state));
+        }
+        let tenant_id = flow.state.tenant_id;
+        let settings = self.policy(flow).await?.settings.clone();
+        let mut validation = Validation::new();
+        check_new_password(
+            "password",
+            &password,
+            &settings.password_policy,
+            &self.passwords,
+            &mut validation,
+        );
+        validation.finish()?;
+        let user = self.user(&flow.state).await?;
+        let user_id = user.stream.id;
+        let current: Option<String> = match &user.state.credential {
+            Some(sealed) => self.crypto.open(user_id, sealed).await?,
+            None => None,
+        };
+        if current.is_some() && self.passwords.verify(password.clone(), current).await {
+            return Err(ApiError::invalid(
+                "password",
+                "must differ from the current password",
+            ));
+        }
+        let hash = self
+            .passwords
+            .hash(password)
+            .await
+            .map_err(ApiError::Internal)?;
+        let credential = self.crypto.seal(tenant_id, user_id, &hash).await?;
+        let mut batch = Batch::new(flow, tenant_id, metadata);
+        batch.other(
+            &user.stream,
+            Some(user.expected()),
+            &UserEvent::PasswordChanged {
+                credential,
+                reason: "policy".into(),
+            },
+        )?;
+        batch.flow(SignInEvent::PasswordChanged)?;
+        let tokens = self
+            .advance(id, flow, &user, &settings, &mut batch, metadata)
+            .await?;
+        self.commit(flow, batch).await?;
+        Ok(self.reply(id, flow, tokens))
     }
 }
 
@@ -1064,17 +1276,6 @@ fn method_name(method: MfaMethod) -> &'static str {
         MfaMethod::SmsOtp => "sms_otp",
         MfaMethod::RecoveryCode => "recovery_code",
     }
-}
-
-/// The amr of a flow including the primary method decided in this batch.
-fn batch_amr(flow: &Loaded<SignIn>, batch: &Batch) -> Vec<String> {
-    let mut amr = flow.state.amr.clone();
-    for event in &batch.flow_events {
-        if let SignInEvent::PrimaryVerified { method } = event {
-            amr.push(method.clone());
-        }
-    }
-    amr
 }
 
 /// The second factors a user can use now, in the tenant's order.

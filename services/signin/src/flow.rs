@@ -8,16 +8,21 @@
 //!                                     ▼                            │
 //!              RiskAssessed (hook) ◀──────────────────────────────┘
 //!                     ▼
-//!              PolicyEvaluated (MFA required? tenant, app; Conditional Access later)
-//!                     ├── not required ───────────────────────────────▶ SignInCompleted
+//!              PolicyEvaluated (Conditional Access + tenant/app MFA: block, or the
+//!                     │             controls to meet, in order MFA → phone → new password)
+//!                     ├── blocked ────────────────────────────────────▶ SignInFailed
+//!                     ├── nothing (left) to meet ─────────────────────▶ SignInCompleted
 //!                     ├── MfaRequired ──▶ [SELECT_MFA_METHOD] ──MfaMethodSelected──▶ [MFA_CODE]
 //!                     │                      ▲  (email/SMS: MfaChallengeIssued)       │
 //!                     │                      └──── MfaCodeRejected (≤ 5) ─────────────┤
 //!                     │                                                   MfaVerified ▼
-//!                     │                                                     SignInCompleted
-//!                     └── no second factor yet ─▶ [PHONE_NUMBER] ─PhoneCodeIssued─▶ [PHONE_CODE]
-//!                                                                    PhoneVerified ▼
-//!                                                                     SignInCompleted
+//!                     │                                           next control, or SignInCompleted
+//!                     ├── no second factor yet, or phone required ─▶ [PHONE_NUMBER]
+//!                     │       ─ChallengeIssued─▶ [PHONE_CODE] ─PhoneVerified (+ MfaVerified
+//!                     │       when MFA was pending)─▶ next control, or SignInCompleted
+//!                     └── password change ─PasswordChangeRequired─▶ [NEW_PASSWORD]
+//!                             ─PasswordChanged─▶ next control, or SignInCompleted
+//!  (after each control met, the next pending one is asked; the last completes the flow)
 //!  any open step ── deadline ──▶ SignInExpired │ CancelSignIn ──▶ SignInCancelled
 //!                ── too many wrong codes, account disabled ──▶ SignInFailed
 //! ```
@@ -28,6 +33,7 @@
 use chrono::{DateTime, Duration, Utc};
 use gatehouse_directory::tenant::MfaMethod;
 use gatehouse_events::{Aggregate, DomainEvent, RecordedEvent};
+pub use gatehouse_policy::model::Control;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -90,13 +96,36 @@ pub enum SignInEvent {
         /// `none`, `low`, `medium`, `high`.
         level: String,
     },
-    /// Which controls the policies require.
+    /// What the policies decided: every evaluated policy's result (report-only ones
+    /// included), the block, the controls to ask for and the session controls.
     PolicyEvaluated {
         /// A second factor is required.
         mfa_required: bool,
-        /// What required it (`tenant`, `application`), empty when nothing did.
+        /// What required it (`tenant`, `application`, `policy`), empty when nothing did.
         reasons: Vec<String>,
+        /// Controls still required, in the order they are asked for.
+        #[serde(default)]
+        controls: Vec<Control>,
+        /// Each Conditional Access policy's result.
+        #[serde(default)]
+        policies: Vec<PolicyRecord>,
+        /// The enabled policy that blocks the sign-in.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        blocked_by: Option<Uuid>,
+        /// The second factors that count (authentication strength); `None`: any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mfa_methods: Option<Vec<MfaMethod>>,
+        /// Sign in again after this many seconds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sign_in_frequency_seconds: Option<u32>,
+        /// Persistent browser session.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        persistent: Option<bool>,
     },
+    /// A Conditional Access policy asks for a new password.
+    PasswordChangeRequired,
+    /// The new password was set.
+    PasswordChanged,
     /// A second factor is required; these may be used.
     MfaRequired {
         /// Usable methods.
@@ -168,6 +197,8 @@ pub enum Step {
     PhoneNumber,
     /// Waiting for the code sent to it.
     PhoneCode,
+    /// Waiting for a new password (a policy asks for a change).
+    NewPassword,
     /// Ended.
     Done,
 }
@@ -195,6 +226,24 @@ pub struct Challenge {
     pub digest: String,
     /// Expiry.
     pub expires_at: DateTime<Utc>,
+}
+
+/// One Conditional Access policy's result, as recorded on the flow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    /// The policy.
+    pub policy_id: Uuid,
+    /// Evaluated for the record only.
+    #[serde(default)]
+    pub report_only: bool,
+    /// `not_applied`, `block` or `grant`.
+    pub result: String,
+    /// For `not_applied`: the first condition that did not match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_condition: Option<String>,
+    /// For `grant`: the controls it still asked for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controls: Vec<Control>,
 }
 
 /// A flow's state.
@@ -232,6 +281,14 @@ pub struct SignIn {
     pub outcome: Option<Outcome>,
     /// Start time.
     pub started_at: Option<DateTime<Utc>>,
+    /// Controls still to meet, in order.
+    pub pending: Vec<Control>,
+    /// The second factors that count (authentication strength); `None`: any.
+    pub mfa_allowed: Option<Vec<MfaMethod>>,
+    /// Session controls decided by the policies.
+    pub sign_in_frequency_seconds: Option<u32>,
+    /// Persistent browser session.
+    pub persistent: Option<bool>,
     /// The policy this copy of the flow runs under (a cache, not a fact: never stored, read
     /// again whenever the flow is reloaded).
     #[serde(skip)]
@@ -288,7 +345,27 @@ impl Aggregate for SignIn {
                 self.challenge = None;
                 self.wrong_codes = 0;
             }
-            SignInEvent::RiskAssessed { .. } | SignInEvent::PolicyEvaluated { .. } => {}
+            SignInEvent::RiskAssessed { .. } => {}
+            SignInEvent::PolicyEvaluated {
+                mfa_required,
+                controls,
+                mfa_methods,
+                sign_in_frequency_seconds,
+                persistent,
+                ..
+            } => {
+                // Flows recorded before Conditional Access only said `mfa_required`.
+                self.pending = if controls.is_empty() && mfa_required {
+                    vec![Control::Mfa]
+                } else {
+                    controls
+                };
+                self.mfa_allowed = mfa_methods;
+                self.sign_in_frequency_seconds = sign_in_frequency_seconds;
+                self.persistent = persistent;
+            }
+            SignInEvent::PasswordChangeRequired => self.step = Step::NewPassword,
+            SignInEvent::PasswordChanged => self.pending.retain(|c| *c != Control::PasswordChange),
             SignInEvent::MfaRequired { methods } => {
                 self.mfa_methods = methods;
                 self.step = Step::SelectMfaMethod;
@@ -315,11 +392,15 @@ impl Aggregate for SignIn {
                 }
             }
             SignInEvent::CodeRejected { .. } => self.wrong_codes += 1,
-            SignInEvent::PhoneVerified => self.challenge = None,
+            SignInEvent::PhoneVerified => {
+                self.challenge = None;
+                self.pending.retain(|c| *c != Control::PhoneVerified);
+            }
             SignInEvent::MfaVerified { method } => {
                 self.amr.push(amr_of(method).into());
                 self.amr.push("mfa".into());
                 self.challenge = None;
+                self.pending.retain(|c| *c != Control::Mfa);
             }
             SignInEvent::SignInCompleted { session_id } => {
                 self.finish(Outcome::Completed(session_id))

@@ -38,6 +38,12 @@ pub enum SessionEvent {
         refresh_expires_at: DateTime<Utc>,
         /// Absolute end of the session.
         expires_at: DateTime<Utc>,
+        /// Conditional Access sign-in frequency: refresh stops this long after sign-in.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sign_in_frequency_seconds: Option<u32>,
+        /// Conditional Access persistent browser session.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        persistent: Option<bool>,
     },
     /// The refresh token was rotated.
     RefreshTokenRotated {
@@ -91,6 +97,10 @@ pub struct Session {
     pub ip: Option<String>,
     /// With what.
     pub user_agent: Option<String>,
+    /// Sign in again this long after `auth_time`.
+    pub sign_in_frequency_seconds: Option<u32>,
+    /// Persistent browser session (Conditional Access).
+    pub persistent: Option<bool>,
 }
 
 impl Aggregate for Session {
@@ -108,7 +118,11 @@ impl Aggregate for Session {
                 refresh_digest,
                 refresh_expires_at,
                 expires_at,
+                sign_in_frequency_seconds,
+                persistent,
             } => {
+                self.sign_in_frequency_seconds = sign_in_frequency_seconds;
+                self.persistent = persistent;
                 self.tenant_id = envelope.tenant_id;
                 self.user_id = user_id;
                 self.application_id = application_id;
@@ -158,6 +172,14 @@ impl Session {
     /// Started, not revoked, not past its absolute expiry.
     pub fn is_active(&self, now: DateTime<Utc>) -> bool {
         self.exists() && self.revoked.is_none() && self.expires_at.is_some_and(|at| at > now)
+    }
+
+    /// The sign-in frequency of a Conditional Access policy has passed: sign in again.
+    pub fn needs_reauthentication(&self, now: DateTime<Utc>) -> bool {
+        match (self.sign_in_frequency_seconds, self.auth_time) {
+            (Some(seconds), Some(at)) => at + Duration::seconds(i64::from(seconds)) <= now,
+            _ => false,
+        }
     }
 
     /// Classifies a presented token by its digest (compared in constant time).

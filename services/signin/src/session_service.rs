@@ -148,6 +148,22 @@ impl SessionApi {
                         Err(other) => return Err(other.into()),
                     }
                 }
+                Presented::Current if state.needs_reauthentication(now) => {
+                    // A policy's sign-in frequency has passed: the session ends here.
+                    let event = SessionEvent::SessionRevoked {
+                        reason: "sign_in_frequency".into(),
+                    };
+                    append.push(event.to_new_event(tenant_id, &session.stream)?);
+                    match self.store.append(append).await {
+                        Ok(_) => {
+                            return Err(ApiError::CredentialRefused(
+                                "sign in again: this session's sign-in frequency has passed".into(),
+                            ));
+                        }
+                        Err(StoreError::Conflict { .. }) => continue,
+                        Err(other) => return Err(other.into()),
+                    }
+                }
                 Presented::Current => {
                     let user = Loaded::<User>::load(self.store.as_ref(), state.user_id).await?;
                     if user.state.status != UserStatus::Active {

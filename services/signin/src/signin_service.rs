@@ -49,7 +49,11 @@ fn to_proto(reply: Reply) -> pb::SignIn {
             session.to_string(),
         ),
         Some(Outcome::Failed(reason)) => (
-            pb::SignInStatus::Failed,
+            if reason == "blocked_by_policy" {
+                pb::SignInStatus::Blocked
+            } else {
+                pb::SignInStatus::Failed
+            },
             reason_text(reason).into(),
             String::new(),
         ),
@@ -64,6 +68,7 @@ fn to_proto(reply: Reply) -> pb::SignIn {
         Step::MfaCode => pb::SignInStep::MfaCode,
         Step::PhoneNumber => pb::SignInStep::PhoneNumber,
         Step::PhoneCode => pb::SignInStep::PhoneCode,
+        Step::NewPassword => pb::SignInStep::NewPassword,
         Step::Done => pb::SignInStep::None,
     };
     pb::SignIn {
@@ -91,6 +96,7 @@ fn reason_text(reason: &str) -> &'static str {
         "account_disabled" => "the account is disabled",
         "email_not_verified" => "the email address is not verified yet",
         "no_second_factor" => "a second factor is required and none is available",
+        "blocked_by_policy" => "an access policy of this organisation blocks this sign-in",
         _ => "the sign-in failed",
     }
 }
@@ -259,6 +265,23 @@ impl pb::sign_in_service_server::SignInService for SignInApi {
                 &m.client_id,
                 Some(&m.sign_in_id),
                 command,
+            )
+            .await,
+        )
+    }
+
+    async fn submit_new_password(
+        &self,
+        request: Request<pb::SubmitPasswordRequest>,
+    ) -> Result<Response<pb::SignIn>, Status> {
+        let m = request.get_ref();
+        answer(
+            self.run(
+                &request,
+                &m.tenant_id,
+                &m.client_id,
+                Some(&m.sign_in_id),
+                Command::NewPassword(m.password.clone()),
             )
             .await,
         )
