@@ -1,7 +1,8 @@
 //! Conditional Access over gRPC against a running server: the seed's two scenarios (MFA for
 //! one app; a verified phone for "home insurance" only), blocks by CIDR named location with a
 //! break-glass exclusion, trusted-location exclusion, report-only policies recorded on the
-//! flow but not enforced, block winning over grant, password change, sign-in frequency at
+//! flow but not enforced, blocks by country (GeoIP database written by the test), block
+//! winning over grant, password change, sign-in frequency at
 //! refresh, validation, What If explanations and a Backtest over a recorded history.
 //! Sign-ins come from different loopback source addresses (127.0.0.x), which the server sees
 //! as the client IP. SQLite always; PostgreSQL when configured.
@@ -170,8 +171,24 @@ async fn enroll_totp(world: &World, user_id: &str) -> Result<String, Error> {
     Ok(enrollment.secret)
 }
 
+/// A GeoIP database in MaxMind format, written by `mmdb-writer`: 127.0.0.88 is in North
+/// Korea, 127.0.0.1 in France.
+fn geoip_database(dir: &Path) -> Result<std::path::PathBuf, Error> {
+    let mut writer = mmdb_writer::Writer::new("GeoLite2-Country");
+    for (network, country) in [("127.0.0.88/32", "KP"), ("127.0.0.1/32", "FR")] {
+        let record = serde_json::json!({ "country": { "iso_code": country } });
+        writer.insert(network.parse::<mmdb_writer::ipnet::IpNet>()?, &record)?;
+    }
+    let path = dir.join("countries.mmdb");
+    std::fs::write(&path, writer.to_bytes()?)?;
+    Ok(path)
+}
+
 async fn run_all(data: &Path, database_url: Option<&str>) -> TestResult {
-    let server = Server::start(data, database_url)?;
+    let geoip = geoip_database(data)?;
+    let geoip = geoip.to_str().ok_or("path")?;
+    let server =
+        Server::start_with_env(data, database_url, &[("GATEHOUSE_GEOIP_DATABASE", geoip)])?;
     let admin = server.printed_admin_key().ok_or("no admin key")?;
     let auto = World::new(&server, &admin).await?;
     let home = auto.with_app("Home insurance").await?;
@@ -188,6 +205,7 @@ async fn run_all(data: &Path, database_url: Option<&str>) -> TestResult {
     sign_in_frequency(&auto).await?;
     validation(&auto).await?;
     what_if(&auto, &home).await?;
+    country_block(&server, &auto, &store).await?;
     let fresh = World::new(&server, &admin).await?;
     backtest(&server, &fresh).await?;
     server.stop()?;
@@ -777,6 +795,74 @@ async fn what_if(auto: &World, home: &World) -> TestResult {
         return Err("What If accepted a bad IP".into());
     }
     set_state(auto, &embargo, pb::PolicyState::Disabled).await?;
+    Ok(())
+}
+
+/// A block of a country named location, located by the GeoIP database; recorded country.
+async fn country_block(server: &Server, auto: &World, store: &Arc<dyn EventStore>) -> TestResult {
+    let embargoed = policies(auto)
+        .create_named_location(req(
+            pb::CreateNamedLocationRequest {
+                tenant_id: auto.tenant_id.clone(),
+                name: "North Korea".into(),
+                ranges: vec![],
+                countries: vec!["KP".into()],
+                trusted: false,
+            },
+            &auto.key,
+        )?)
+        .await?
+        .into_inner();
+    let policy = create(
+        auto,
+        pb::PolicyDefinition {
+            name: "Block North Korea".into(),
+            users: Some(all_users()),
+            apps: Some(pb::AppAssignment {
+                all: true,
+                ..Default::default()
+            }),
+            conditions: Some(pb::PolicyConditions {
+                locations: Some(pb::LocationCondition {
+                    include: vec![embargoed.id],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            grant: Some(block()),
+            ..Default::default()
+        },
+        pb::PolicyState::Enabled,
+    )
+    .await?;
+    let from_kp = from(auto, server, "127.0.0.88").await?;
+    let flow = password_step(&from_kp, "alice@example.com").await?;
+    status_is(&flow, pb::SignInStatus::Blocked)?;
+    let recorded = evaluation(store, &flow).await?;
+    if recorded["country"] != "KP" || recorded["blocked_by"] != policy.id.as_str() {
+        return Err(format!("country block not recorded: {recorded}").into());
+    }
+    let flow = password_step(auto, "alice@example.com").await?;
+    completed(&flow)?;
+    // What If locates an IP the same way when no country is given.
+    let alice = find_user(auto, "alice@example.com").await?;
+    let answer = policies(auto)
+        .what_if(req(
+            pb::WhatIfRequest {
+                tenant_id: auto.tenant_id.clone(),
+                user_id: alice,
+                application_id: auto.app_id.clone(),
+                ip: "127.0.0.88".into(),
+                ..Default::default()
+            },
+            &auto.key,
+        )?)
+        .await?
+        .into_inner();
+    if !answer.blocked || answer.blocked_by != policy.id {
+        return Err(format!("What If did not locate the IP: {answer:?}").into());
+    }
+    set_state(auto, &policy, pb::PolicyState::Disabled).await?;
     Ok(())
 }
 

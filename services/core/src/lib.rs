@@ -15,6 +15,7 @@
 pub mod crypto;
 pub mod error;
 pub mod files;
+pub mod geo;
 pub mod keys;
 pub mod passwords;
 pub mod platform;

@@ -85,6 +85,10 @@ pub struct ServeArgs {
     /// Been Pwned publishes it; added to a small built-in list of common passwords.
     #[arg(long, env = "GATEHOUSE_BREACHED_PASSWORDS")]
     pub breached_passwords: Option<PathBuf>,
+    /// GeoIP database (MaxMind format with `country.iso_code`, e.g. GeoLite2-Country) for
+    /// country named locations; without it no address has a country.
+    #[arg(long, env = "GATEHOUSE_GEOIP_DATABASE")]
+    pub geoip_database: Option<PathBuf>,
 }
 
 /// `gatehouse bench`.
@@ -154,6 +158,8 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     /// See [`ServeArgs::breached_passwords`].
     pub breached_passwords: Option<PathBuf>,
+    /// See [`ServeArgs::geoip_database`].
+    pub geoip_database: Option<PathBuf>,
     /// See [`ServeArgs::smtp_url`].
     pub smtp_url: Option<String>,
     /// See [`ServeArgs::smtp_from`].
@@ -199,6 +205,8 @@ pub struct Config {
     pub master_key: Option<String>,
     /// Breached-password file.
     pub breached_passwords: Option<PathBuf>,
+    /// GeoIP database.
+    pub geoip_database: Option<PathBuf>,
     /// SMTP server for email.
     pub smtp_url: Option<String>,
     /// From address of email.
@@ -249,6 +257,7 @@ impl Config {
                 .ok()
                 .filter(|k| !k.is_empty()),
             breached_passwords: args.breached_passwords.or(file.breached_passwords),
+            geoip_database: args.geoip_database.or(file.geoip_database),
             smtp_url: args.smtp_url.or(file.smtp_url).filter(|u| !u.is_empty()),
             smtp_from: args
                 .smtp_from

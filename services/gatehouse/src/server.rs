@@ -4,6 +4,7 @@ use crate::config::{Config, LogFormat};
 use crate::http;
 use gatehouse_core::KeyRing;
 use gatehouse_core::crypto::Crypto;
+use gatehouse_core::geo::Geo;
 use gatehouse_core::keys::{Authenticate, AuthenticateIfPresent};
 use gatehouse_core::passwords::{BreachedPasswords, Passwords};
 use gatehouse_core::platform::ensure_admin_key;
@@ -69,8 +70,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("http://{http_addr}"));
     let directory = Arc::new(Directory::new(store.clone()));
     let signing = Arc::new(Keys::new(store.clone(), crypto.clone(), issuer_base));
+    let geo =
+        Arc::new(Geo::open_optional(config.geoip_database.as_deref()).map_err(anyhow::Error::msg)?);
     let policy_view = Arc::new(PolicyView::start(store.clone()).await?);
-    let policies = Arc::new(PolicyApi::new(store.clone(), policy_view.clone()));
+    let policies = Arc::new(PolicyApi::new(
+        store.clone(),
+        policy_view.clone(),
+        geo.clone(),
+    ));
     let engine = Arc::new(
         Engine::new(
             store.clone(),
@@ -82,7 +89,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         )
         .with_flow_lifetime(chrono::Duration::seconds(i64::from(
             config.sign_in_lifetime,
-        ))),
+        )))
+        .with_geo(geo),
     );
     let idle = std::time::Duration::from_secs(u64::from(config.flow_idle_seconds));
     let flows = Arc::new(Flows::start(engine, idle).await?);

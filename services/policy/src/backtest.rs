@@ -2,8 +2,9 @@
 //!
 //! Reads the tenant's `signin` streams straight from the log (not a projection): each flow
 //! that reached the policy step (its primary method succeeded) in the time range is rebuilt
-//! as the context policies saw — user, app, client IP and user agent of the step, sign-in
-//! risk, primary method, and whether the user's phone was verified *at that position* — and
+//! as the context policies saw — user, app, client IP and user agent of the step, the country
+//! recorded then, sign-in risk, primary method, and whether the user's phone was verified *at
+//! that position* — and
 //! the draft is evaluated against it as if enabled. Groups and named locations are today's:
 //! the draft is judged as it would be saved now.
 //!
@@ -67,6 +68,12 @@ struct Risk {
     level: String,
 }
 
+#[derive(Deserialize)]
+struct Evaluated {
+    #[serde(default)]
+    country: Option<String>,
+}
+
 #[derive(Default)]
 struct Flow {
     app: Uuid,
@@ -76,6 +83,7 @@ struct Flow {
     ip: Option<IpAddr>,
     user_agent: String,
     risk: RiskLevel,
+    country: Option<[u8; 2]>,
     mfa: bool,
     completed: bool,
 }
@@ -97,6 +105,7 @@ pub async fn run(
             "SignInStarted".into(),
             "PrimaryVerified".into(),
             "RiskAssessed".into(),
+            "PolicyEvaluated".into(),
             "MfaVerified".into(),
             "SignInCompleted".into(),
         ],
@@ -138,6 +147,13 @@ pub async fn run(
                 "RiskAssessed" => {
                     if let Ok(risk) = serde_json::from_str::<Risk>(payload) {
                         flow.risk = RiskLevel::parse(&risk.level).unwrap_or_default();
+                    }
+                }
+                "PolicyEvaluated" => {
+                    if let Ok(evaluated) = serde_json::from_str::<Evaluated>(payload) {
+                        flow.country = evaluated
+                            .country
+                            .and_then(|c| <[u8; 2]>::try_from(c.as_bytes()).ok());
                     }
                 }
                 "MfaVerified" => flow.mfa = true,
@@ -182,7 +198,7 @@ pub async fn run(
             groups: tenant.groups_of(user_id),
             app_id: flow.app,
             ip: flow.ip,
-            country: None,
+            country: flow.country,
             platform: Platform::of_user_agent(&flow.user_agent),
             sign_in_risk: flow.risk,
             user_risk: RiskLevel::None,

@@ -11,6 +11,7 @@ use crate::model::{
 use crate::view::{PolicyView, TenantPolicies};
 use chrono::{DateTime, SecondsFormat, Utc};
 use gatehouse_core::error::Validation;
+use gatehouse_core::geo::Geo;
 use gatehouse_core::{ApiError, Caller, request};
 use gatehouse_directory::application::Application;
 use gatehouse_directory::tenant::{MfaMethod, Tenant};
@@ -33,6 +34,7 @@ pub const MAX_LOCATIONS: usize = 200;
 pub struct PolicyApi {
     store: Arc<dyn EventStore>,
     view: Arc<PolicyView>,
+    geo: Arc<Geo>,
 }
 
 fn answer<T>(result: Result<T, ApiError>) -> Result<Response<T>, Status> {
@@ -362,8 +364,8 @@ async fn user_of(
 
 impl PolicyApi {
     /// The service over a store and the live policy view.
-    pub fn new(store: Arc<dyn EventStore>, view: Arc<PolicyView>) -> Self {
-        PolicyApi { store, view }
+    pub fn new(store: Arc<dyn EventStore>, view: Arc<PolicyView>, geo: Arc<Geo>) -> Self {
+        PolicyApi { store, view, geo }
     }
 
     /// The tenant named in a request, checked against the caller and required to exist.
@@ -829,6 +831,8 @@ impl PolicyApi {
             );
         }
         v.finish()?;
+        // No country given: the GeoIP database's, as a real sign-in would get.
+        let country = country.or_else(|| ip.and_then(|ip| self.geo.country(ip)));
         let (Some(user_id), Some(app_id)) = (user_id, app_id) else {
             return Err(ApiError::Internal("validated ids".into()));
         };

@@ -22,6 +22,7 @@ use chrono::{DateTime, Duration, Utc};
 use gatehouse_core::ApiError;
 use gatehouse_core::crypto::Crypto;
 use gatehouse_core::error::Validation;
+use gatehouse_core::geo::Geo;
 use gatehouse_core::passwords::Passwords;
 use gatehouse_directory::contact::{normalize_email, validate_phone};
 use gatehouse_directory::lockout::{Locked, Lockout, LockoutEvent};
@@ -124,6 +125,7 @@ pub struct Engine {
     keys: Arc<Keys>,
     directory: Arc<Directory>,
     policies: Arc<PolicyView>,
+    geo: Arc<Geo>,
     flow_lifetime: Duration,
 }
 
@@ -246,6 +248,7 @@ impl Engine {
             keys,
             directory,
             policies,
+            geo: Arc::new(Geo::none()),
             flow_lifetime: FLOW_LIFETIME,
         }
     }
@@ -253,6 +256,12 @@ impl Engine {
     /// Flows started from now on end after `lifetime` (default [`FLOW_LIFETIME`]).
     pub fn with_flow_lifetime(mut self, lifetime: Duration) -> Self {
         self.flow_lifetime = lifetime;
+        self
+    }
+
+    /// Locates client IPs with `geo` (country named locations).
+    pub fn with_geo(mut self, geo: Arc<Geo>) -> Self {
+        self.geo = geo;
         self
     }
 
@@ -718,12 +727,14 @@ impl Engine {
             Some(Primary::EmailOtp) => PrimaryKind::EmailOtp,
             _ => PrimaryKind::Password,
         };
+        let ip: Option<std::net::IpAddr> = client.and_then(|c| c.ip.as_deref()?.parse().ok());
+        let country = ip.and_then(|ip| self.geo.country(ip));
         let context = Context {
             user_id,
             groups: &groups,
             app_id: flow.state.application_id,
-            ip: client.and_then(|c| c.ip.as_deref()?.parse().ok()),
-            country: None,
+            ip,
+            country,
             platform: client
                 .and_then(|c| c.user_agent.as_deref())
                 .map_or(Platform::Other, Platform::of_user_agent),
@@ -794,6 +805,7 @@ impl Engine {
             mfa_methods,
             sign_in_frequency_seconds: decision.sign_in_frequency,
             persistent: decision.persistent,
+            country: country.map(|c| String::from_utf8_lossy(&c).into_owned()),
         }
     }
 

@@ -121,6 +121,9 @@ pub enum SignInEvent {
         /// Persistent browser session.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         persistent: Option<bool>,
+        /// The client IP's country (GeoIP), when known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        country: Option<String>,
     },
     /// A Conditional Access policy asks for a new password.
     PasswordChangeRequired,
