@@ -27,7 +27,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server (embedded SQLite store by default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply the event store's migrations and exit.
     Migrate(StoreArgs),
     /// Measure the event store (see README, Benchmarks).
@@ -338,7 +338,7 @@ mod tests {
         let Command::Serve(serve) = cli.command else {
             anyhow::bail!("not serve");
         };
-        let config = Config::resolve(serve, file)?;
+        let config = Config::resolve(*serve, file)?;
         assert_eq!(config.grpc, "127.0.0.1:7000".parse()?, "the flag wins");
         assert_eq!(
             config.data_dir,

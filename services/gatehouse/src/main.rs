@@ -11,7 +11,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Serve(args) => {
-            runtime.block_on(gatehouse::server::serve(Config::resolve(args, file)?))
+            runtime.block_on(gatehouse::server::serve(Config::resolve(*args, file)?))
         }
         Command::Migrate(args) => runtime.block_on(async {
             let data = args.data.or(file.data).unwrap_or_else(|| "data".into());
