@@ -40,6 +40,24 @@ fn apps(ids: &[&str]) -> pb::AppAssignment {
     }
 }
 
+fn all_apps() -> pb::AppAssignment {
+    pb::AppAssignment {
+        all: true,
+        ..Default::default()
+    }
+}
+
+/// Conditions: inside one of these named locations.
+fn in_locations(include: Vec<String>) -> Option<pb::PolicyConditions> {
+    Some(pb::PolicyConditions {
+        locations: Some(pb::LocationCondition {
+            include,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
 fn grant(controls: &[pb::GrantControl]) -> pb::GrantControls {
     pb::GrantControls {
         controls: controls.iter().map(|c| *c as i32).collect(),
@@ -311,17 +329,8 @@ async fn locations_report_only_and_block_wins(
                 exclude_users: vec![breakglass.clone()],
                 ..Default::default()
             }),
-            apps: Some(pb::AppAssignment {
-                all: true,
-                ..Default::default()
-            }),
-            conditions: Some(pb::PolicyConditions {
-                locations: Some(pb::LocationCondition {
-                    include: vec![banned.clone()],
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
+            apps: Some(all_apps()),
+            conditions: in_locations(vec![banned.clone()]),
             grant: Some(block()),
             ..Default::default()
         },
@@ -388,13 +397,7 @@ async fn locations_report_only_and_block_wins(
             name: "Would block the office from home insurance".into(),
             users: Some(all_users()),
             apps: Some(apps(&[&home.app_id])),
-            conditions: Some(pb::PolicyConditions {
-                locations: Some(pb::LocationCondition {
-                    include: vec![office],
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
+            conditions: in_locations(vec![office]),
             grant: Some(block()),
             ..Default::default()
         },
@@ -454,10 +457,7 @@ async fn password_change(auto: &World) -> TestResult {
                 include_groups: vec![group.id.clone()],
                 ..Default::default()
             }),
-            apps: Some(pb::AppAssignment {
-                all: true,
-                ..Default::default()
-            }),
+            apps: Some(all_apps()),
             grant: Some(grant(&[pb::GrantControl::PasswordChange])),
             ..Default::default()
         },
@@ -598,10 +598,7 @@ async fn validation(auto: &World) -> TestResult {
             pb::PolicyDefinition {
                 name: "everyone blocked".into(),
                 users: Some(all_users()),
-                apps: Some(pb::AppAssignment {
-                    all: true,
-                    ..Default::default()
-                }),
+                apps: Some(all_apps()),
                 grant: Some(block()),
                 ..Default::default()
             },
@@ -633,10 +630,7 @@ async fn validation(auto: &World) -> TestResult {
                 definition: Some(pb::PolicyDefinition {
                     name: "everyone blocked".into(),
                     users: Some(all_users()),
-                    apps: Some(pb::AppAssignment {
-                        all: true,
-                        ..Default::default()
-                    }),
+                    apps: Some(all_apps()),
                     grant: Some(block()),
                     ..Default::default()
                 }),
@@ -703,10 +697,7 @@ async fn what_if(auto: &World, home: &World) -> TestResult {
                 exclude_groups: vec![],
                 ..Default::default()
             }),
-            apps: Some(pb::AppAssignment {
-                all: true,
-                ..Default::default()
-            }),
+            apps: Some(all_apps()),
             conditions: Some(pb::PolicyConditions {
                 locations: Some(pb::LocationCondition {
                     include: vec![countries.id.clone()],
@@ -818,17 +809,8 @@ async fn country_block(server: &Server, auto: &World, store: &Arc<dyn EventStore
         pb::PolicyDefinition {
             name: "Block North Korea".into(),
             users: Some(all_users()),
-            apps: Some(pb::AppAssignment {
-                all: true,
-                ..Default::default()
-            }),
-            conditions: Some(pb::PolicyConditions {
-                locations: Some(pb::LocationCondition {
-                    include: vec![embargoed.id],
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
+            apps: Some(all_apps()),
+            conditions: in_locations(vec![embargoed.id]),
             grant: Some(block()),
             ..Default::default()
         },
@@ -981,17 +963,8 @@ async fn backtest(server: &Server, auto: &World) -> TestResult {
     let block_banned = pb::PolicyDefinition {
         name: "Block banned".into(),
         users: Some(all_users()),
-        apps: Some(pb::AppAssignment {
-            all: true,
-            ..Default::default()
-        }),
-        conditions: Some(pb::PolicyConditions {
-            locations: Some(pb::LocationCondition {
-                include: vec![banned],
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
+        apps: Some(all_apps()),
+        conditions: in_locations(vec![banned]),
         grant: Some(block()),
         ..Default::default()
     };

@@ -488,6 +488,26 @@ impl PolicyApi {
         Ok(())
     }
 
+    /// Starts a new stream of `A` with its first event; its id and state.
+    async fn create_stream<A: Aggregate>(
+        &self,
+        tenant_id: Uuid,
+        metadata: Metadata,
+        event: &A::Event,
+    ) -> Result<(Uuid, A), ApiError> {
+        let id = Uuid::now_v7();
+        let stream = A::stream(id);
+        self.write(
+            tenant_id,
+            metadata,
+            &stream,
+            ExpectedVersion::Exact(0),
+            event,
+        )
+        .await?;
+        Ok((id, Loaded::<A>::load(self.store.as_ref(), id).await?.state))
+    }
+
     async fn policy(&self, tenant_id: Uuid, id: &str) -> Result<Loaded<Policy>, ApiError> {
         let id = parse_id("policy_id", id)?;
         let loaded = Loaded::<Policy>::load(self.store.as_ref(), id).await?;
@@ -514,19 +534,11 @@ impl PolicyApi {
                 "a tenant has at most {MAX_POLICIES} policies"
             )));
         }
-        let id = Uuid::now_v7();
-        let stream = Policy::stream(id);
         let event = PolicyEvent::PolicyCreated { definition, state };
-        self.write(
-            tenant_id,
-            metadata,
-            &stream,
-            ExpectedVersion::Exact(0),
-            &event,
-        )
-        .await?;
-        let loaded = Loaded::<Policy>::load(self.store.as_ref(), id).await?;
-        Ok(policy_to(tenant_id, id, &loaded.state))
+        let (id, policy) = self
+            .create_stream::<Policy>(tenant_id, metadata, &event)
+            .await?;
+        Ok(policy_to(tenant_id, id, &policy))
     }
 
     async fn update(
@@ -658,20 +670,11 @@ impl PolicyApi {
                 "a tenant has at most {MAX_LOCATIONS} named locations"
             )));
         }
-        let id = Uuid::now_v7();
-        let event = LocationEvent::NamedLocationCreated {
-            definition: definition.clone(),
-        };
-        let stream = NamedLocation::stream(id);
-        self.write(
-            tenant_id,
-            metadata,
-            &stream,
-            ExpectedVersion::Exact(0),
-            &event,
-        )
-        .await?;
-        Ok(location_to(tenant_id, id, &definition))
+        let event = LocationEvent::NamedLocationCreated { definition };
+        let (id, location) = self
+            .create_stream::<NamedLocation>(tenant_id, metadata, &event)
+            .await?;
+        Ok(location_to(tenant_id, id, &location.definition))
     }
 
     async fn list_locations(
@@ -701,19 +704,11 @@ impl PolicyApi {
         let mut validation = Validation::new();
         validation.text("name", &name, 1, MAX_NAME);
         validation.finish()?;
-        let id = Uuid::now_v7();
-        let stream = Group::stream(id);
         let event = GroupEvent::GroupCreated { name };
-        self.write(
-            tenant_id,
-            metadata,
-            &stream,
-            ExpectedVersion::Exact(0),
-            &event,
-        )
-        .await?;
-        let loaded = Loaded::<Group>::load(self.store.as_ref(), id).await?;
-        Ok(group_to(tenant_id, id, &loaded.state))
+        let (id, group) = self
+            .create_stream::<Group>(tenant_id, metadata, &event)
+            .await?;
+        Ok(group_to(tenant_id, id, &group))
     }
 
     async fn member(
