@@ -219,7 +219,7 @@ async fn run_all(data: &Path, database_url: Option<&str>) -> TestResult {
     scenario_one_app_requires_mfa(&auto).await?;
     scenario_home_insurance_requires_a_phone(&auto, &home, data).await?;
     locations_report_only_and_block_wins(&server, &auto, &home, &store).await?;
-    password_change(&auto).await?;
+    password_change(&auto, data).await?;
     sign_in_frequency(&auto).await?;
     validation(&auto).await?;
     what_if(&auto, &home).await?;
@@ -425,8 +425,9 @@ async fn locations_report_only_and_block_wins(
     Ok(())
 }
 
-/// A policy for a group asks its members for a new password within the flow.
-async fn password_change(auto: &World) -> TestResult {
+/// A policy for a group asks its members for MFA then a new password within the flow; a
+/// password change without MFA is refused as a policy.
+async fn password_change(auto: &World, data: &Path) -> TestResult {
     let dave = auto.create_user("dave@example.com", true).await?;
     let mut client = policies(auto);
     let group = client
@@ -463,10 +464,36 @@ async fn password_change(auto: &World) -> TestResult {
         },
         pb::PolicyState::Enabled,
     )
+    .await;
+    if policy.map_err(|s| s.code()).err() != Some(Code::InvalidArgument) {
+        return Err("a password change without MFA was accepted".into());
+    }
+    let policy = create(
+        auto,
+        pb::PolicyDefinition {
+            name: "New password for the leaked group".into(),
+            users: Some(pb::UserAssignment {
+                include_groups: vec![group.id.clone()],
+                ..Default::default()
+            }),
+            apps: Some(all_apps()),
+            grant: Some(grant(&[
+                pb::GrantControl::PasswordChange,
+                pb::GrantControl::Mfa,
+            ])),
+            ..Default::default()
+        },
+        pb::PolicyState::Enabled,
+    )
     .await?;
     // Not a member: nothing asked.
     completed(&password_step(auto, "alice@example.com").await?)?;
+    // MFA first (the fixed order), by an emailed code, then the new password.
     let flow = password_step(auto, "dave@example.com").await?;
+    step_is(&flow, pb::SignInStep::SelectMfaMethod)?;
+    let flow = auto.select(&flow, pb::MfaMethod::EmailOtp).await?;
+    let sent = wait_for_message(data, "dave@example.com", 0)?;
+    let flow = auto.mfa_code(&flow, &sent.code.ok_or("no code")?).await?;
     step_is(&flow, pb::SignInStep::NewPassword)?;
     let submit = |password: &str| pb::SubmitPasswordRequest {
         tenant_id: auto.tenant_id.clone(),

@@ -340,6 +340,15 @@ impl Definition {
                 "needs block, at least one control, or a session control",
             );
         }
+        if grant.controls.contains(&Control::PasswordChange)
+            && !(grant.controls.contains(&Control::Mfa) && grant.operator == Operator::And)
+        {
+            // Otherwise whoever stole the password would be the one to choose the next.
+            validation.add(
+                "grant.controls",
+                "password_change needs mfa with the AND operator",
+            );
+        }
         if !grant.authentication_strength.is_empty() && !grant.controls.contains(&Control::Mfa) {
             validation.add(
                 "grant.authentication_strength",
