@@ -5,7 +5,7 @@
 //! winning over grant, password change, sign-in frequency at
 //! refresh, validation, What If explanations and a Backtest over a recorded history.
 //! Sign-ins come from different loopback source addresses (127.0.0.x), which the server sees
-//! as the client IP. SQLite always; PostgreSQL when configured.
+//! as the client IP, or through 127.0.0.1 as a trusted proxy with `X-Forwarded-For`. SQLite always; PostgreSQL when configured.
 
 mod support;
 
@@ -143,6 +143,50 @@ async fn password_step(world: &World, email: &str) -> Result<pb::SignIn, Error> 
     Ok(world.password(&flow, PASSWORD).await?)
 }
 
+fn with_header<T>(
+    forwarded: &str,
+    mut request: tonic::Request<T>,
+) -> Result<tonic::Request<T>, Error> {
+    request
+        .metadata_mut()
+        .insert("x-forwarded-for", forwarded.parse()?);
+    Ok(request)
+}
+
+/// A password sign-in whose requests carry `X-Forwarded-For: forwarded`.
+async fn forwarded_password_step(
+    world: &World,
+    email: &str,
+    forwarded: &str,
+) -> Result<pb::SignIn, Error> {
+    let flow = world
+        .signin()
+        .start_sign_in(with_header(
+            forwarded,
+            tonic::Request::new(pb::StartSignInRequest {
+                tenant_id: world.tenant_id.clone(),
+                client_id: world.client_id.clone(),
+                email: email.into(),
+                method: pb::PrimaryMethod::Password as i32,
+            }),
+        )?)
+        .await?
+        .into_inner();
+    Ok(world
+        .signin()
+        .submit_password(with_header(
+            forwarded,
+            tonic::Request::new(pb::SubmitPasswordRequest {
+                tenant_id: world.tenant_id.clone(),
+                client_id: world.client_id.clone(),
+                sign_in_id: flow.id,
+                password: PASSWORD.into(),
+            }),
+        )?)
+        .await?
+        .into_inner())
+}
+
 fn status_is(flow: &pb::SignIn, status: pb::SignInStatus) -> TestResult {
     if flow.status != status as i32 {
         return Err(format!("expected {status:?}, got {flow:?}").into());
@@ -205,8 +249,15 @@ fn geoip_database(dir: &Path) -> Result<std::path::PathBuf, Error> {
 async fn run_all(data: &Path, database_url: Option<&str>) -> TestResult {
     let geoip = geoip_database(data)?;
     let geoip = geoip.to_str().ok_or("path")?;
-    let server =
-        Server::start_with_env(data, database_url, &[("GATEHOUSE_GEOIP_DATABASE", geoip)])?;
+    // 127.0.0.1 plays the load balancer: its X-Forwarded-For is believed, no one else's.
+    let server = Server::start_with_env(
+        data,
+        database_url,
+        &[
+            ("GATEHOUSE_GEOIP_DATABASE", geoip),
+            ("GATEHOUSE_TRUSTED_PROXIES", "127.0.0.1/32"),
+        ],
+    )?;
     let admin = server.printed_admin_key().ok_or("no admin key")?;
     let auto = World::new(&server, &admin).await?;
     let home = auto.with_app("Home insurance").await?;
@@ -388,6 +439,13 @@ async fn locations_report_only_and_block_wins(
     let office_auto = from(auto, server, "127.0.0.77").await?;
     completed(&password_step(&office_auto, "carol@example.com").await?)?;
     let flow = password_step(auto, "carol@example.com").await?;
+    step_is(&flow, pb::SignInStep::SelectMfaMethod)?;
+    // Behind the trusted proxy (127.0.0.1), X-Forwarded-For names the client...
+    let flow = forwarded_password_step(auto, "carol@example.com", "127.0.0.66").await?;
+    status_is(&flow, pb::SignInStatus::Blocked)?;
+    // ... from anyone else it is ignored: claiming the office does not skip MFA.
+    let elsewhere = from(auto, server, "127.0.0.5").await?;
+    let flow = forwarded_password_step(&elsewhere, "carol@example.com", "127.0.0.77").await?;
     step_is(&flow, pb::SignInStep::SelectMfaMethod)?;
     // The office stops being trusted... by a new location list: office included in a
     // report-only block for home insurance, which never stops anyone.

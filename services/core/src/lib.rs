@@ -17,6 +17,7 @@ pub mod error;
 pub mod files;
 pub mod geo;
 pub mod keys;
+pub mod net;
 pub mod passwords;
 pub mod platform;
 pub mod request;

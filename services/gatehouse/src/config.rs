@@ -89,6 +89,10 @@ pub struct ServeArgs {
     /// country named locations; without it no address has a country.
     #[arg(long, env = "GATEHOUSE_GEOIP_DATABASE")]
     pub geoip_database: Option<PathBuf>,
+    /// Proxies (CIDR ranges, comma-separated) whose `X-Forwarded-For` gives the client IP;
+    /// without them the client IP is the connection's peer.
+    #[arg(long, env = "GATEHOUSE_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
 }
 
 /// `gatehouse bench`.
@@ -160,6 +164,8 @@ pub struct FileConfig {
     pub breached_passwords: Option<PathBuf>,
     /// See [`ServeArgs::geoip_database`].
     pub geoip_database: Option<PathBuf>,
+    /// See [`ServeArgs::trusted_proxies`].
+    pub trusted_proxies: Option<Vec<String>>,
     /// See [`ServeArgs::smtp_url`].
     pub smtp_url: Option<String>,
     /// See [`ServeArgs::smtp_from`].
@@ -207,6 +213,8 @@ pub struct Config {
     pub breached_passwords: Option<PathBuf>,
     /// GeoIP database.
     pub geoip_database: Option<PathBuf>,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<String>,
     /// SMTP server for email.
     pub smtp_url: Option<String>,
     /// From address of email.
@@ -258,6 +266,11 @@ impl Config {
                 .filter(|k| !k.is_empty()),
             breached_passwords: args.breached_passwords.or(file.breached_passwords),
             geoip_database: args.geoip_database.or(file.geoip_database),
+            trusted_proxies: if args.trusted_proxies.is_empty() {
+                file.trusted_proxies.unwrap_or_default()
+            } else {
+                args.trusted_proxies
+            },
             smtp_url: args.smtp_url.or(file.smtp_url).filter(|u| !u.is_empty()),
             smtp_from: args
                 .smtp_from

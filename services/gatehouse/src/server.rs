@@ -6,6 +6,7 @@ use gatehouse_core::KeyRing;
 use gatehouse_core::crypto::Crypto;
 use gatehouse_core::geo::Geo;
 use gatehouse_core::keys::{Authenticate, AuthenticateIfPresent};
+use gatehouse_core::net::Cidr;
 use gatehouse_core::passwords::{BreachedPasswords, Passwords};
 use gatehouse_core::platform::ensure_admin_key;
 use gatehouse_directory::UserApi;
@@ -70,6 +71,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("http://{http_addr}"));
     let directory = Arc::new(Directory::new(store.clone()));
     let signing = Arc::new(Keys::new(store.clone(), crypto.clone(), issuer_base));
+    let proxies = config
+        .trusted_proxies
+        .iter()
+        .map(|range| Cidr::parse(range.trim()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("trusted proxies: {e}"))?;
+    gatehouse_core::request::trust_proxies(proxies);
     let geo =
         Arc::new(Geo::open_optional(config.geoip_database.as_deref()).map_err(anyhow::Error::msg)?);
     let policy_view = Arc::new(PolicyView::start(store.clone()).await?);
