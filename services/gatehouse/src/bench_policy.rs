@@ -150,6 +150,11 @@ pub fn run(args: &BenchArgs) -> Value {
             primary_methods: vec![],
         };
         d.grant = if n % 10 == 1 {
+            // Blocks are for places: a country list (odd locations are countries).
+            d.conditions.locations = LocationCondition {
+                include: vec![location_ids[1 + 2 * (n / 10 % 5)]],
+                ..Default::default()
+            };
             Grant {
                 block: true,
                 ..Default::default()
