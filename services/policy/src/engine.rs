@@ -468,7 +468,7 @@ mod tests {
             user_id: user,
             groups: &[],
             app_id: app,
-            ip: Some("198.51.100.7".parse().unwrap()),
+            ip: Some(IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 7))),
             country: Some(*b"FR"),
             platform: Platform::Windows,
             sign_in_risk: RiskLevel::None,
@@ -541,7 +541,7 @@ mod tests {
             Outcome::NotApplied(Condition::Locations)
         );
         let mut elsewhere = at_office;
-        elsewhere.ip = Some("203.0.113.1".parse().unwrap());
+        elsewhere.ip = Some(IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, 1)));
         assert!(set.evaluate(&elsewhere).required.has(Control::Mfa));
         // The office stops being trusted: the exclusion no longer holds.
         office.trusted = false;
