@@ -452,6 +452,9 @@ impl PolicyApi {
     ) -> Result<Definition, ApiError> {
         let mut validation = Validation::new();
         let definition = definition_from(d, &mut validation);
+        // Shape first: an oversized id list is refused before any id is looked up.
+        validation.finish()?;
+        let mut validation = Validation::new();
         self.check_references(tenant_id, &definition, &mut validation)
             .await?;
         validation.finish()?;
@@ -878,6 +881,8 @@ impl PolicyApi {
         let tenant_id = self.tenant(&caller, &m.tenant_id).await?;
         let mut v = Validation::new();
         let definition = definition_from(m.draft.as_ref(), &mut v);
+        v.finish()?;
+        let mut v = Validation::new();
         self.check_references(tenant_id, &definition, &mut v)
             .await?;
         let time = |field: &str, text: &str, v: &mut Validation| {
