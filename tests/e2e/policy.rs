@@ -3,7 +3,8 @@
 //! break-glass exclusion, trusted-location exclusion, report-only policies recorded on the
 //! flow but not enforced, blocks by country (GeoIP database written by the test), block
 //! winning over grant, password change, sign-in frequency at
-//! refresh, validation, What If explanations and a Backtest over a recorded history.
+//! refresh, sign-in risk from anonymiser / malicious IP lists (reloaded while running),
+//! validation, What If explanations and a Backtest over a recorded history.
 //! Sign-ins come from different loopback source addresses (127.0.0.x), which the server sees
 //! as the client IP, or through 127.0.0.1 as a trusted proxy with `X-Forwarded-For`. SQLite always; PostgreSQL when configured.
 
@@ -199,12 +200,21 @@ async fn evaluation(
     store: &Arc<dyn EventStore>,
     flow: &pb::SignIn,
 ) -> Result<serde_json::Value, Error> {
+    flow_event(store, flow, "PolicyEvaluated").await
+}
+
+/// Reads the first event of a type on a flow straight from the log.
+async fn flow_event(
+    store: &Arc<dyn EventStore>,
+    flow: &pb::SignIn,
+    event_type: &str,
+) -> Result<serde_json::Value, Error> {
     let stream = StreamId::new("signin", flow.id.parse()?);
     let events = store.read_stream(&stream, Default::default()).await?;
     let event = events
         .iter()
-        .find(|e| e.event_type == "PolicyEvaluated")
-        .ok_or("no PolicyEvaluated on the flow")?;
+        .find(|e| e.event_type == event_type)
+        .ok_or(format!("no {event_type} on the flow"))?;
     Ok(serde_json::from_str(event.payload.get())?)
 }
 
@@ -249,6 +259,10 @@ fn geoip_database(dir: &Path) -> Result<std::path::PathBuf, Error> {
 async fn run_all(data: &Path, database_url: Option<&str>) -> TestResult {
     let geoip = geoip_database(data)?;
     let geoip = geoip.to_str().ok_or("path")?;
+    let anonymous = data.join("anonymous-ips.txt");
+    let malicious = data.join("malicious-ips.txt");
+    std::fs::write(&anonymous, "# test anonymiser\n127.0.0.98/32\n")?;
+    std::fs::write(&malicious, "# nothing yet\n")?;
     // 127.0.0.1 plays the load balancer: its X-Forwarded-For is believed, no one else's.
     let server = Server::start_with_env(
         data,
@@ -256,6 +270,14 @@ async fn run_all(data: &Path, database_url: Option<&str>) -> TestResult {
         &[
             ("GATEHOUSE_GEOIP_DATABASE", geoip),
             ("GATEHOUSE_TRUSTED_PROXIES", "127.0.0.1/32"),
+            (
+                "GATEHOUSE_ANONYMOUS_IP_LIST",
+                anonymous.to_str().ok_or("path")?,
+            ),
+            (
+                "GATEHOUSE_MALICIOUS_IP_LIST",
+                malicious.to_str().ok_or("path")?,
+            ),
         ],
     )?;
     let admin = server.printed_admin_key().ok_or("no admin key")?;
@@ -275,6 +297,7 @@ async fn run_all(data: &Path, database_url: Option<&str>) -> TestResult {
     validation(&auto).await?;
     what_if(&auto, &home).await?;
     country_block(&server, &auto, &store).await?;
+    risk_based_access(&server, &auto, &store, &malicious).await?;
     let fresh = World::new(&server, &admin).await?;
     backtest(&server, &fresh).await?;
     server.stop()?;
@@ -928,6 +951,59 @@ async fn country_block(server: &Server, auto: &World, store: &Arc<dyn EventStore
         .into_inner();
     if !answer.blocked || answer.blocked_by != policy.id {
         return Err(format!("What If did not locate the IP: {answer:?}").into());
+    }
+    set_state(auto, &policy, pb::PolicyState::Disabled).await?;
+    Ok(())
+}
+
+/// "Sign-in risk medium or high → MFA": a sign-in from a listed anonymiser (medium) or, once
+/// the malicious list file changes, from a listed malicious address (high) is challenged,
+/// with the detection recorded on the flow; an ordinary sign-in is not.
+async fn risk_based_access(
+    server: &Server,
+    auto: &World,
+    store: &Arc<dyn EventStore>,
+    malicious: &Path,
+) -> TestResult {
+    let policy = create(
+        auto,
+        pb::PolicyDefinition {
+            name: "MFA for risky sign-ins".into(),
+            users: Some(all_users()),
+            apps: Some(all_apps()),
+            conditions: Some(pb::PolicyConditions {
+                sign_in_risk: vec![pb::RiskLevel::Medium as i32, pb::RiskLevel::High as i32],
+                ..Default::default()
+            }),
+            grant: Some(grant(&[pb::GrantControl::Mfa])),
+            ..Default::default()
+        },
+        pb::PolicyState::Enabled,
+    )
+    .await?;
+    let ordinary = password_step(auto, "alice@example.com").await?;
+    completed(&ordinary)?;
+    let risk = flow_event(store, &ordinary, "RiskAssessed").await?;
+    if risk["level"] != "none" || !risk["detections"].is_null() {
+        return Err(format!("an ordinary sign-in was found risky: {risk}").into());
+    }
+    let anonymised = from(auto, server, "127.0.0.98").await?;
+    let flow = password_step(&anonymised, "alice@example.com").await?;
+    step_is(&flow, pb::SignInStep::SelectMfaMethod)?;
+    let risk = flow_event(store, &flow, "RiskAssessed").await?;
+    if risk["level"] != "medium" || risk["detections"][0]["kind"] != "anonymous_ip" {
+        return Err(format!("anonymiser not detected: {risk}").into());
+    }
+    // The operator adds an address to the malicious list; the running server picks it up.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::write(malicious, "127.0.0.97\n")?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let hostile = from(auto, server, "127.0.0.97").await?;
+    let flow = password_step(&hostile, "alice@example.com").await?;
+    step_is(&flow, pb::SignInStep::SelectMfaMethod)?;
+    let risk = flow_event(store, &flow, "RiskAssessed").await?;
+    if risk["level"] != "high" || risk["detections"][0]["kind"] != "malicious_ip" {
+        return Err(format!("malicious address not detected: {risk}").into());
     }
     set_state(auto, &policy, pb::PolicyState::Disabled).await?;
     Ok(())

@@ -93,6 +93,13 @@ pub struct ServeArgs {
     /// without them the client IP is the connection's peer.
     #[arg(long, env = "GATEHOUSE_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<String>,
+    /// Anonymiser ranges (Tor exits, proxies, VPN egress): one CIDR range or address per
+    /// line; a sign-in from one is of medium risk. Reloaded when the file changes.
+    #[arg(long, env = "GATEHOUSE_ANONYMOUS_IP_LIST")]
+    pub anonymous_ip_list: Option<PathBuf>,
+    /// Known-malicious ranges, same format; a sign-in from one is of high risk.
+    #[arg(long, env = "GATEHOUSE_MALICIOUS_IP_LIST")]
+    pub malicious_ip_list: Option<PathBuf>,
 }
 
 /// `gatehouse bench`.
@@ -166,6 +173,10 @@ pub struct FileConfig {
     pub geoip_database: Option<PathBuf>,
     /// See [`ServeArgs::trusted_proxies`].
     pub trusted_proxies: Option<Vec<String>>,
+    /// See [`ServeArgs::anonymous_ip_list`].
+    pub anonymous_ip_list: Option<PathBuf>,
+    /// See [`ServeArgs::malicious_ip_list`].
+    pub malicious_ip_list: Option<PathBuf>,
     /// See [`ServeArgs::smtp_url`].
     pub smtp_url: Option<String>,
     /// See [`ServeArgs::smtp_from`].
@@ -215,6 +226,10 @@ pub struct Config {
     pub geoip_database: Option<PathBuf>,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<String>,
+    /// Anonymiser IP list file.
+    pub anonymous_ip_list: Option<PathBuf>,
+    /// Malicious IP list file.
+    pub malicious_ip_list: Option<PathBuf>,
     /// SMTP server for email.
     pub smtp_url: Option<String>,
     /// From address of email.
@@ -266,6 +281,8 @@ impl Config {
                 .filter(|k| !k.is_empty()),
             breached_passwords: args.breached_passwords.or(file.breached_passwords),
             geoip_database: args.geoip_database.or(file.geoip_database),
+            anonymous_ip_list: args.anonymous_ip_list.or(file.anonymous_ip_list),
+            malicious_ip_list: args.malicious_ip_list.or(file.malicious_ip_list),
             trusted_proxies: if args.trusted_proxies.is_empty() {
                 file.trusted_proxies.unwrap_or_default()
             } else {

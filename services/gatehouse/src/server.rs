@@ -20,6 +20,7 @@ use gatehouse_proto::v1::session_service_server::SessionServiceServer;
 use gatehouse_proto::v1::sign_in_service_server::SignInServiceServer;
 use gatehouse_proto::v1::tenant_service_server::TenantServiceServer;
 use gatehouse_proto::v1::user_service_server::UserServiceServer;
+use gatehouse_risk::RealtimeRisk;
 use gatehouse_signin::{Deadlines, Directory, Engine, Flows, Keys, MfaApi, SessionApi, SignInApi};
 use std::io::Write;
 use std::sync::Arc;
@@ -80,6 +81,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     gatehouse_core::request::trust_proxies(proxies);
     let geo =
         Arc::new(Geo::open_optional(config.geoip_database.as_deref()).map_err(anyhow::Error::msg)?);
+    let risk = Arc::new(
+        RealtimeRisk::watch(
+            config.anonymous_ip_list.as_deref(),
+            config.malicious_ip_list.as_deref(),
+        )
+        .map_err(anyhow::Error::msg)?,
+    );
     let policy_view = Arc::new(PolicyView::start(store.clone()).await?);
     let policies = Arc::new(PolicyApi::new(
         store.clone(),
@@ -98,7 +106,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_flow_lifetime(chrono::Duration::seconds(i64::from(
             config.sign_in_lifetime,
         )))
-        .with_geo(geo),
+        .with_geo(geo)
+        .with_risk(risk),
     );
     let idle = std::time::Duration::from_secs(u64::from(config.flow_idle_seconds));
     let flows = Arc::new(Flows::start(engine, idle).await?);

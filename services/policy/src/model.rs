@@ -62,6 +62,16 @@ impl RiskLevel {
         }
     }
 
+    /// Its name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RiskLevel::None => "none",
+            RiskLevel::Low => "low",
+            RiskLevel::Medium => "medium",
+            RiskLevel::High => "high",
+        }
+    }
+
     fn bit(self) -> u8 {
         1 << self as u8
     }

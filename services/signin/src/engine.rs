@@ -38,6 +38,7 @@ use gatehouse_events::{
 use gatehouse_policy::PolicyView;
 use gatehouse_policy::engine::{Context, Outcome, PrimaryKind};
 use gatehouse_policy::model::{Controls, Platform, RiskLevel};
+use gatehouse_risk::RealtimeRisk;
 use rand::Rng;
 use serde_json::json;
 use std::net::IpAddr;
@@ -126,6 +127,7 @@ pub struct Engine {
     directory: Arc<Directory>,
     policies: Arc<PolicyView>,
     geo: Arc<Geo>,
+    risk: Arc<RealtimeRisk>,
     flow_lifetime: Duration,
 }
 
@@ -249,6 +251,7 @@ impl Engine {
             directory,
             policies,
             geo: Arc::new(Geo::none()),
+            risk: Arc::new(RealtimeRisk::none()),
             flow_lifetime: FLOW_LIFETIME,
         }
     }
@@ -262,6 +265,12 @@ impl Engine {
     /// Locates client IPs with `geo` (country named locations).
     pub fn with_geo(mut self, geo: Arc<Geo>) -> Self {
         self.geo = geo;
+        self
+    }
+
+    /// Runs the real-time risk checks of `risk` on each sign-in.
+    pub fn with_risk(mut self, risk: Arc<RealtimeRisk>) -> Self {
+        self.risk = risk;
         self
     }
 
@@ -687,11 +696,17 @@ impl Engine {
                 return Ok(None);
             }
         }
-        // Risk hook: real-time detections plug in here.
+        // Risk hook: the real-time checks (the offline detectors of the risk issue add to it).
+        let client_ip = metadata
+            .context
+            .as_ref()
+            .and_then(|c| c.ip.as_deref()?.parse().ok());
+        let (risk, detections) = self.risk.assess(client_ip);
         batch.flow(SignInEvent::RiskAssessed {
-            level: "none".into(),
+            level: risk.as_str().into(),
+            detections,
         })?;
-        let evaluated = self.evaluate_policies(flow, user, settings, RiskLevel::None, metadata);
+        let evaluated = self.evaluate_policies(flow, user, settings, risk, metadata);
         let blocked = matches!(
             &evaluated,
             SignInEvent::PolicyEvaluated {

@@ -91,10 +91,13 @@ pub enum SignInEvent {
         /// `pwd` or `email_otp`.
         method: String,
     },
-    /// Real-time risk (a no-op until the risk detections exist).
+    /// Real-time risk: the sign-in risk level and the detections that made it.
     RiskAssessed {
         /// `none`, `low`, `medium`, `high`.
         level: String,
+        /// What the real-time checks found (anonymiser, malicious IP).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        detections: Vec<gatehouse_risk::Detection>,
     },
     /// What the policies decided: every evaluated policy's result (report-only ones
     /// included), the block, the controls to ask for and the session controls.

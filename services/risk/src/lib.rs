@@ -1,0 +1,13 @@
+//! # Layout
+//!
+//! Identity Protection (SPEC §6). Today: the real-time checks the sign-in flow runs before
+//! Conditional Access.
+//!
+//! - [`iplist`]: CIDR list files (anonymisers, known-malicious addresses), reloaded on change.
+//! - [`realtime`]: a sign-in's detections and the sign-in risk level they make.
+#![forbid(unsafe_code)]
+
+pub mod iplist;
+pub mod realtime;
+
+pub use realtime::{Detection, RealtimeRisk};
