@@ -137,6 +137,50 @@ impl SignInApi {
     }
 }
 
+/// A request naming an existing flow.
+trait FlowRequest {
+    /// Tenant id, client id, flow id.
+    fn flow(&self) -> (&str, &str, &str);
+}
+
+macro_rules! flow_request {
+    ($($message:ty),*) => {$(
+        impl FlowRequest for $message {
+            fn flow(&self) -> (&str, &str, &str) {
+                (&self.tenant_id, &self.client_id, &self.sign_in_id)
+            }
+        }
+    )*};
+}
+
+flow_request!(
+    pb::SubmitPasswordRequest,
+    pb::SubmitCodeRequest,
+    pb::SelectMfaMethodRequest,
+    pb::SubmitPhoneVerificationRequest,
+    pb::SignInRef
+);
+
+impl SignInApi {
+    /// Runs the command a request on an existing flow asks for.
+    async fn step<T: FlowRequest>(
+        &self,
+        request: Request<T>,
+        command: impl FnOnce(&T) -> Result<Command, ApiError>,
+    ) -> Result<Response<pb::SignIn>, Status> {
+        let m = request.get_ref();
+        let (tenant_id, client_id, sign_in_id) = m.flow();
+        let result = match command(m) {
+            Ok(command) => {
+                self.run(&request, tenant_id, client_id, Some(sign_in_id), command)
+                    .await
+            }
+            Err(error) => Err(error),
+        };
+        answer(result)
+    }
+}
+
 fn answer(result: Result<pb::SignIn, ApiError>) -> Result<Response<pb::SignIn>, Status> {
     result.map(Response::new).map_err(Status::from)
 }
@@ -176,148 +220,72 @@ impl pb::sign_in_service_server::SignInService for SignInApi {
         &self,
         request: Request<pb::SubmitPasswordRequest>,
     ) -> Result<Response<pb::SignIn>, Status> {
-        let m = request.get_ref();
-        let command = Command::Password(m.password.clone());
-        answer(
-            self.run(
-                &request,
-                &m.tenant_id,
-                &m.client_id,
-                Some(&m.sign_in_id),
-                command,
-            )
-            .await,
-        )
+        self.step(request, |m| Ok(Command::Password(m.password.clone())))
+            .await
     }
 
     async fn submit_email_code(
         &self,
         request: Request<pb::SubmitCodeRequest>,
     ) -> Result<Response<pb::SignIn>, Status> {
-        let m = request.get_ref();
-        let command = Command::EmailCode(m.code.clone());
-        answer(
-            self.run(
-                &request,
-                &m.tenant_id,
-                &m.client_id,
-                Some(&m.sign_in_id),
-                command,
-            )
-            .await,
-        )
+        self.step(request, |m| Ok(Command::EmailCode(m.code.clone())))
+            .await
     }
 
     async fn select_mfa_method(
         &self,
         request: Request<pb::SelectMfaMethodRequest>,
     ) -> Result<Response<pb::SignIn>, Status> {
-        let m = request.get_ref();
-        let Some(method) = mfa_from_proto(m.method) else {
-            return Err(ApiError::invalid("method", "is required").into());
-        };
-        answer(
-            self.run(
-                &request,
-                &m.tenant_id,
-                &m.client_id,
-                Some(&m.sign_in_id),
-                Command::SelectMfa(method),
-            )
-            .await,
-        )
+        self.step(request, |m| {
+            mfa_from_proto(m.method)
+                .map(Command::SelectMfa)
+                .ok_or_else(|| ApiError::invalid("method", "is required"))
+        })
+        .await
     }
 
     async fn submit_mfa_code(
         &self,
         request: Request<pb::SubmitCodeRequest>,
     ) -> Result<Response<pb::SignIn>, Status> {
-        let m = request.get_ref();
-        let command = Command::MfaCode(m.code.clone());
-        answer(
-            self.run(
-                &request,
-                &m.tenant_id,
-                &m.client_id,
-                Some(&m.sign_in_id),
-                command,
-            )
-            .await,
-        )
+        self.step(request, |m| Ok(Command::MfaCode(m.code.clone())))
+            .await
     }
 
     async fn submit_phone_verification(
         &self,
         request: Request<pb::SubmitPhoneVerificationRequest>,
     ) -> Result<Response<pb::SignIn>, Status> {
-        let m = request.get_ref();
-        let command = match (m.phone.is_empty(), m.code.is_empty()) {
-            (false, true) => Command::PhoneNumber(m.phone.clone()),
-            (true, false) => Command::PhoneCode(m.code.clone()),
-            _ => {
-                return Err(ApiError::invalid("phone", "send either the phone or the code").into());
-            }
-        };
-        answer(
-            self.run(
-                &request,
-                &m.tenant_id,
-                &m.client_id,
-                Some(&m.sign_in_id),
-                command,
-            )
-            .await,
-        )
+        self.step(request, |m| match (m.phone.is_empty(), m.code.is_empty()) {
+            (false, true) => Ok(Command::PhoneNumber(m.phone.clone())),
+            (true, false) => Ok(Command::PhoneCode(m.code.clone())),
+            _ => Err(ApiError::invalid(
+                "phone",
+                "send either the phone or the code",
+            )),
+        })
+        .await
     }
 
     async fn submit_new_password(
         &self,
         request: Request<pb::SubmitPasswordRequest>,
     ) -> Result<Response<pb::SignIn>, Status> {
-        let m = request.get_ref();
-        answer(
-            self.run(
-                &request,
-                &m.tenant_id,
-                &m.client_id,
-                Some(&m.sign_in_id),
-                Command::NewPassword(m.password.clone()),
-            )
-            .await,
-        )
+        self.step(request, |m| Ok(Command::NewPassword(m.password.clone())))
+            .await
     }
 
     async fn get_sign_in(
         &self,
         request: Request<pb::SignInRef>,
     ) -> Result<Response<pb::SignIn>, Status> {
-        let m = request.get_ref();
-        answer(
-            self.run(
-                &request,
-                &m.tenant_id,
-                &m.client_id,
-                Some(&m.sign_in_id),
-                Command::Get,
-            )
-            .await,
-        )
+        self.step(request, |_| Ok(Command::Get)).await
     }
 
     async fn cancel_sign_in(
         &self,
         request: Request<pb::SignInRef>,
     ) -> Result<Response<pb::SignIn>, Status> {
-        let m = request.get_ref();
-        answer(
-            self.run(
-                &request,
-                &m.tenant_id,
-                &m.client_id,
-                Some(&m.sign_in_id),
-                Command::Cancel,
-            )
-            .await,
-        )
+        self.step(request, |_| Ok(Command::Cancel)).await
     }
 }
