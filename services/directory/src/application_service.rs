@@ -4,8 +4,7 @@ use crate::application::{
     self, AppConfig, Application, ApplicationEvent, CLIENT_ID_CLAIM, ClientType, GrantType,
 };
 use crate::paging::Page;
-use crate::tenant::Tenant;
-use crate::tenant_service::{parse_id, rfc3339};
+use crate::tenant_service::{parse_id, requested_tenant, rfc3339};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
@@ -88,16 +87,7 @@ impl ApplicationApi {
 
     /// The tenant named in a request, checked against the caller and required to exist.
     async fn tenant(&self, caller: &Caller, tenant_id: &str) -> Result<Uuid, ApiError> {
-        let id = parse_id("tenant_id", tenant_id)?;
-        caller.require_tenant(id, "tenant")?;
-        if !Loaded::<Tenant>::load(self.store.as_ref(), id)
-            .await?
-            .state
-            .exists()
-        {
-            return Err(ApiError::NotFound("tenant".into()));
-        }
-        Ok(id)
+        requested_tenant(self.store.as_ref(), caller, tenant_id).await
     }
 
     /// An app of `tenant_id`; another tenant's app is reported as not found.

@@ -244,6 +244,21 @@ pub fn parse_id(field: &str, value: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(value).map_err(|_| ApiError::invalid(field, "must be a UUID"))
 }
 
+/// The tenant a request names: a UUID, the caller's own (or the caller is the platform
+/// admin), and existing.
+pub async fn requested_tenant(
+    store: &dyn EventStore,
+    caller: &Caller,
+    tenant_id: &str,
+) -> Result<Uuid, ApiError> {
+    let id = parse_id("tenant_id", tenant_id)?;
+    caller.require_tenant(id, "tenant")?;
+    if !Loaded::<Tenant>::load(store, id).await?.state.exists() {
+        return Err(ApiError::NotFound("tenant".into()));
+    }
+    Ok(id)
+}
+
 /// RFC 3339 with milliseconds, UTC.
 pub fn rfc3339(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Millis, true)

@@ -9,12 +9,13 @@ use crate::model::{
     UserAssignment,
 };
 use crate::view::{PolicyView, TenantPolicies};
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use gatehouse_core::error::Validation;
 use gatehouse_core::geo::Geo;
 use gatehouse_core::{ApiError, Caller, request};
 use gatehouse_directory::application::Application;
-use gatehouse_directory::tenant::{MfaMethod, Tenant};
+use gatehouse_directory::tenant::MfaMethod;
+use gatehouse_directory::tenant_service::{parse_id, requested_tenant, rfc3339};
 use gatehouse_directory::user::User;
 use gatehouse_events::{
     Aggregate, AppendRequest, DomainEvent, EventStore, ExpectedVersion, Loaded, Metadata,
@@ -39,17 +40,6 @@ pub struct PolicyApi {
 
 fn answer<T>(result: Result<T, ApiError>) -> Result<Response<T>, Status> {
     result.map(Response::new).map_err(Status::from)
-}
-
-fn parse_id(field: &str, value: &str) -> Result<Uuid, ApiError> {
-    if value.is_empty() {
-        return Err(ApiError::invalid(field, "is required"));
-    }
-    Uuid::try_parse(value).map_err(|_| ApiError::invalid(field, "must be a UUID"))
-}
-
-fn rfc3339(at: DateTime<Utc>) -> String {
-    at.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
 fn ids(field: &str, values: &[String], validation: &mut Validation) -> Vec<Uuid> {
@@ -370,16 +360,7 @@ impl PolicyApi {
 
     /// The tenant named in a request, checked against the caller and required to exist.
     async fn tenant(&self, caller: &Caller, tenant_id: &str) -> Result<Uuid, ApiError> {
-        let id = parse_id("tenant_id", tenant_id)?;
-        caller.require_tenant(id, "tenant")?;
-        if !Loaded::<Tenant>::load(self.store.as_ref(), id)
-            .await?
-            .state
-            .exists()
-        {
-            return Err(ApiError::NotFound("tenant".into()));
-        }
-        Ok(id)
+        requested_tenant(self.store.as_ref(), caller, tenant_id).await
     }
 
     /// Rejects ids that name nothing in the tenant.
