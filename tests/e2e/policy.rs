@@ -300,6 +300,7 @@ async fn run_all(data: &Path, database_url: Option<&str>) -> TestResult {
     risk_based_access(&server, &auto, &store, &malicious).await?;
     let fresh = World::new(&server, &admin).await?;
     backtest(&server, &fresh).await?;
+    isolation(&auto, &fresh).await?;
     server.stop()?;
     Ok(())
 }
@@ -1006,6 +1007,58 @@ async fn risk_based_access(
         return Err(format!("malicious address not detected: {risk}").into());
     }
     set_state(auto, &policy, pb::PolicyState::Disabled).await?;
+    Ok(())
+}
+
+/// Another tenant's key sees nothing of this tenant's policies, by tenant id or by policy id.
+async fn isolation(auto: &World, other: &World) -> TestResult {
+    let listed = policies(auto)
+        .list_policies(req(
+            pb::ListPoliciesRequest {
+                tenant_id: auto.tenant_id.clone(),
+            },
+            &auto.key,
+        )?)
+        .await?
+        .into_inner()
+        .policies;
+    let some = listed.first().ok_or("no policies")?;
+    let by_tenant = policies(auto)
+        .list_policies(req(
+            pb::ListPoliciesRequest {
+                tenant_id: auto.tenant_id.clone(),
+            },
+            &other.key,
+        )?)
+        .await;
+    let by_id = policies(auto)
+        .get_policy(req(
+            pb::PolicyRef {
+                tenant_id: other.tenant_id.clone(),
+                policy_id: some.id.clone(),
+            },
+            &other.key,
+        )?)
+        .await;
+    let disable = policies(auto)
+        .set_policy_state(req(
+            pb::SetPolicyStateRequest {
+                tenant_id: other.tenant_id.clone(),
+                policy_id: some.id.clone(),
+                state: pb::PolicyState::Disabled as i32,
+            },
+            &other.key,
+        )?)
+        .await;
+    for (what, result) in [
+        ("list", by_tenant.map(|_| ())),
+        ("get", by_id.map(|_| ())),
+        ("set state", disable.map(|_| ())),
+    ] {
+        if result.map_err(|s| s.code()).err() != Some(Code::NotFound) {
+            return Err(format!("another tenant's key could {what} a policy").into());
+        }
+    }
     Ok(())
 }
 
