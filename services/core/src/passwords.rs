@@ -119,8 +119,8 @@ fn sha1(password: &str) -> [u8; 20] {
 
 /// Hashing and verification on dedicated threads, one per core.
 ///
-/// Each thread keeps its argon2 memory (19 MiB) for its whole life instead of allocating it
-/// per hash: a fresh allocation per verify costs about a quarter of the throughput. Jobs wait
+/// Each thread keeps its argon2 memory (19 MiB, allocated at its first hash) for its whole
+/// life instead of allocating it per hash: a fresh allocation per verify costs about a quarter of the throughput. Jobs wait
 /// in one queue, so at most one hash runs per core (admission control: a burst queues
 /// instead of time-slicing every hash into ten times its latency).
 #[derive(Clone)]
@@ -238,7 +238,9 @@ impl Passwords {
             let spawned = std::thread::Builder::new()
                 .name(format!("argon2-{n}"))
                 .spawn(move || {
-                    let mut memory = vec![Block::default(); params().block_count()];
+                    // Allocated by the thread's first hash and kept: an idle process does
+                    // not hold 19 MiB per core it has not used yet.
+                    let mut memory: Vec<Block> = Vec::new();
                     loop {
                         let job = match queue.lock() {
                             Ok(queue) => queue.recv(),

@@ -12,8 +12,9 @@
 //! 4. **Commands without a password**: `--flows` users with TOTP enrolled are brought to the
 //!    TOTP step, then their codes submitted by 32 clients — `totp_per_s`; 32 sessions
 //!    refreshed in chains — `refresh_per_s`; and p99 of both with all flows in flight.
-//! 5. **Memory**: `--pending` flows started and left waiting; the server's RSS growth per
-//!    flow once their actors have gone idle (`bytes_per_pending_flow`, target ≤ 2048).
+//! 5. **Memory**: the ready server's RSS before any request (`idle_rss_mib`, target < 50);
+//!    `--pending` flows started and left waiting; the server's RSS growth per flow once their
+//!    actors have gone idle (`bytes_per_pending_flow`, target ≤ 2048).
 
 use crate::config::BenchArgs;
 use gatehouse_core::passwords::Passwords;
@@ -412,6 +413,12 @@ pub async fn run(
     );
 
     let server = ServerProcess::start(database_url.as_deref())?;
+    // The ready process before any request: what an idle replica costs.
+    let idle_rss = server.rss_bytes();
+    println!(
+        "idle server: RSS {:.1} MiB (target < 50)",
+        idle_rss as f64 / (1 << 20) as f64
+    );
     let setup = Setup::create(&server.grpc).await?;
     let users = setup.create_users("u", 64).await?;
     let emails: Vec<String> = users.iter().map(|(e, _)| e.clone()).collect();
@@ -599,5 +606,6 @@ pub async fn run(
         "totp_p99_ms": totp_p99_ms,
         "pending_flows": pending,
         "bytes_per_pending_flow": bytes_per_pending_flow,
+        "idle_rss_mib": idle_rss as f64 / (1 << 20) as f64,
     }))
 }
