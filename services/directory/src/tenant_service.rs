@@ -291,12 +291,24 @@ fn primary_to_proto(method: PrimaryMethod) -> pb::PrimaryMethod {
     }
 }
 
-fn mfa_to_proto(method: MfaMethod) -> pb::MfaMethod {
-    match method {
+/// A second factor for the wire.
+pub fn mfa_to_proto(method: MfaMethod) -> i32 {
+    (match method {
         MfaMethod::Totp => pb::MfaMethod::Totp,
         MfaMethod::EmailOtp => pb::MfaMethod::EmailOtp,
         MfaMethod::SmsOtp => pb::MfaMethod::SmsOtp,
         MfaMethod::RecoveryCode => pb::MfaMethod::RecoveryCode,
+    }) as i32
+}
+
+/// A second factor from the wire (`None`: unspecified or unknown).
+pub fn mfa_from_proto(value: i32) -> Option<MfaMethod> {
+    match pb::MfaMethod::try_from(value).ok()? {
+        pb::MfaMethod::Totp => Some(MfaMethod::Totp),
+        pb::MfaMethod::EmailOtp => Some(MfaMethod::EmailOtp),
+        pb::MfaMethod::SmsOtp => Some(MfaMethod::SmsOtp),
+        pb::MfaMethod::RecoveryCode => Some(MfaMethod::RecoveryCode),
+        pb::MfaMethod::Unspecified => None,
     }
 }
 
@@ -328,7 +340,7 @@ fn settings_to_proto(settings: &TenantSettings) -> pb::TenantSettings {
         mfa_methods: settings
             .mfa_methods
             .iter()
-            .map(|m| mfa_to_proto(*m) as i32)
+            .map(|m| mfa_to_proto(*m))
             .collect(),
         require_mfa: settings.require_mfa,
         token_lifetimes: Some(pb::TokenLifetimes {
@@ -358,12 +370,9 @@ fn settings_from_proto(settings: &pb::TenantSettings) -> Result<TenantSettings, 
     }
     let mut mfa = Vec::new();
     for (i, value) in settings.mfa_methods.iter().enumerate() {
-        match pb::MfaMethod::try_from(*value) {
-            Ok(pb::MfaMethod::Totp) => mfa.push(MfaMethod::Totp),
-            Ok(pb::MfaMethod::EmailOtp) => mfa.push(MfaMethod::EmailOtp),
-            Ok(pb::MfaMethod::SmsOtp) => mfa.push(MfaMethod::SmsOtp),
-            Ok(pb::MfaMethod::RecoveryCode) => mfa.push(MfaMethod::RecoveryCode),
-            _ => validation.add(&format!("settings.mfa_methods[{i}]"), "unknown method"),
+        match mfa_from_proto(*value) {
+            Some(method) => mfa.push(method),
+            None => validation.add(&format!("settings.mfa_methods[{i}]"), "unknown method"),
         }
     }
     let (Some(p), Some(l), Some(t)) = (

@@ -15,7 +15,9 @@ use gatehouse_core::geo::Geo;
 use gatehouse_core::{ApiError, Caller, request};
 use gatehouse_directory::application::Application;
 use gatehouse_directory::tenant::MfaMethod;
-use gatehouse_directory::tenant_service::{parse_id, requested_tenant, rfc3339};
+use gatehouse_directory::tenant_service::{
+    mfa_from_proto, mfa_to_proto, parse_id, requested_tenant, rfc3339,
+};
 use gatehouse_directory::user::User;
 use gatehouse_events::{
     Aggregate, AppendRequest, DomainEvent, EventStore, ExpectedVersion, Loaded, Metadata,
@@ -93,15 +95,6 @@ fn control_to(control: Control) -> i32 {
         Control::Mfa => pb::GrantControl::Mfa,
         Control::PhoneVerified => pb::GrantControl::PhoneVerified,
         Control::PasswordChange => pb::GrantControl::PasswordChange,
-    }) as i32
-}
-
-fn mfa_to(method: MfaMethod) -> i32 {
-    (match method {
-        MfaMethod::Totp => pb::MfaMethod::Totp,
-        MfaMethod::EmailOtp => pb::MfaMethod::EmailOtp,
-        MfaMethod::SmsOtp => pb::MfaMethod::SmsOtp,
-        MfaMethod::RecoveryCode => pb::MfaMethod::RecoveryCode,
     }) as i32
 }
 
@@ -207,12 +200,9 @@ pub fn definition_from(d: Option<&pb::PolicyDefinition>, v: &mut Validation) -> 
     };
     let mut strength = Vec::new();
     for (i, value) in grant.authentication_strength.iter().enumerate() {
-        match pb::MfaMethod::try_from(*value) {
-            Ok(pb::MfaMethod::Totp) => strength.push(MfaMethod::Totp),
-            Ok(pb::MfaMethod::EmailOtp) => strength.push(MfaMethod::EmailOtp),
-            Ok(pb::MfaMethod::SmsOtp) => strength.push(MfaMethod::SmsOtp),
-            Ok(pb::MfaMethod::RecoveryCode) => strength.push(MfaMethod::RecoveryCode),
-            _ => v.add(
+        match mfa_from_proto(*value) {
+            Some(method) => strength.push(method),
+            None => v.add(
                 &format!("grant.authentication_strength[{i}]"),
                 "unknown method",
             ),
@@ -301,7 +291,7 @@ fn definition_to(d: &Definition) -> pb::PolicyDefinition {
                 .grant
                 .authentication_strength
                 .iter()
-                .map(|m| mfa_to(*m))
+                .map(|m| mfa_to_proto(*m))
                 .collect(),
         }),
         session: Some(pb::SessionControls {
@@ -615,14 +605,7 @@ impl PolicyApi {
             tenant
                 .policies
                 .iter()
-                .map(|(id, row)| pb::Policy {
-                    id: id.to_string(),
-                    tenant_id: tenant_id.to_string(),
-                    definition: Some(definition_to(&row.definition)),
-                    state: state_to(row.state),
-                    created_at: rfc3339(row.created_at),
-                    updated_at: rfc3339(row.updated_at),
-                })
+                .map(|(id, policy)| policy_to(tenant_id, *id, policy))
                 .collect()
         });
         Ok(pb::ListPoliciesResponse { policies })
@@ -670,7 +653,7 @@ impl PolicyApi {
         let locations = self.view.read(tenant_id, |t| {
             t.locations
                 .iter()
-                .map(|(id, l)| location_to(tenant_id, *id, l))
+                .map(|(id, l)| location_to(tenant_id, *id, &l.definition))
                 .collect()
         });
         Ok(pb::ListNamedLocationsResponse { locations })
@@ -740,12 +723,7 @@ impl PolicyApi {
         let groups = self.view.read(tenant_id, |t| {
             t.groups
                 .iter()
-                .map(|(id, g)| pb::Group {
-                    id: id.to_string(),
-                    tenant_id: tenant_id.to_string(),
-                    name: g.name.clone(),
-                    member_ids: g.members.iter().map(Uuid::to_string).collect(),
-                })
+                .map(|(id, group)| group_to(tenant_id, *id, group))
                 .collect()
         });
         Ok(pb::ListGroupsResponse { groups })
@@ -988,7 +966,7 @@ fn explain(
             methods
                 .into_iter()
                 .filter(|m| decision.allows(*m))
-                .map(mfa_to)
+                .map(mfa_to_proto)
                 .collect()
         } else {
             vec![]

@@ -4,51 +4,26 @@
 //! on its next sign-in).
 
 use crate::engine::PolicySet;
-use crate::model::{
-    Definition, Group, GroupEvent, LocationDefinition, LocationEvent, NamedLocation, Policy,
-    PolicyEvent, PolicyState,
-};
-use chrono::{DateTime, Utc};
+use crate::model::{Group, GroupEvent, LocationDefinition, NamedLocation, Policy};
 use gatehouse_events::view::LiveView;
 use gatehouse_events::{
     Aggregate, DomainEvent, EventFilter, EventStore, Position, RecordedEvent, StoreError,
 };
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
-/// A policy as listed.
-#[derive(Debug, Clone)]
-pub struct PolicyRow {
-    /// What it says.
-    pub definition: Definition,
-    /// Its state.
-    pub state: PolicyState,
-    /// Created.
-    pub created_at: DateTime<Utc>,
-    /// Last changed.
-    pub updated_at: DateTime<Utc>,
-}
-
-/// A group as listed.
-#[derive(Debug, Clone, Default)]
-pub struct GroupRow {
-    /// Name.
-    pub name: String,
-    /// Members.
-    pub members: BTreeSet<Uuid>,
-}
-
-/// One tenant's Conditional Access configuration.
+/// One tenant's Conditional Access configuration: the aggregates' own states, folded by
+/// their own `apply`.
 #[derive(Debug, Clone, Default)]
 pub struct TenantPolicies {
     /// Policies by id (UUIDv7: creation order), deleted ones removed.
-    pub policies: BTreeMap<Uuid, PolicyRow>,
-    /// Named locations by id.
-    pub locations: BTreeMap<Uuid, LocationDefinition>,
+    pub policies: BTreeMap<Uuid, Policy>,
+    /// Named locations by id, deleted ones removed.
+    pub locations: BTreeMap<Uuid, NamedLocation>,
     /// Groups by id.
-    pub groups: BTreeMap<Uuid, GroupRow>,
+    pub groups: BTreeMap<Uuid, Group>,
     /// The groups of each user, sorted.
     member_of: HashMap<Uuid, Vec<Uuid>>,
     /// The enabled and report-only policies, compiled.
@@ -65,7 +40,7 @@ impl TenantPolicies {
     pub fn location_map(&self) -> HashMap<Uuid, LocationDefinition> {
         self.locations
             .iter()
-            .map(|(id, l)| (*id, l.clone()))
+            .map(|(id, l)| (*id, l.definition.clone()))
             .collect()
     }
 
@@ -74,7 +49,7 @@ impl TenantPolicies {
         self.compiled = Arc::new(PolicySet::compile(
             self.policies
                 .iter()
-                .map(|(id, row)| (*id, row.state, &row.definition)),
+                .map(|(id, policy)| (*id, policy.state, &policy.definition)),
             &locations,
         ));
     }
@@ -82,93 +57,47 @@ impl TenantPolicies {
 
 type State = HashMap<Uuid, TenantPolicies>;
 
+/// Folds `event` into the state of its stream in `map`; the decoded event, when it decodes.
+fn fold<A: Aggregate>(map: &mut BTreeMap<Uuid, A>, event: &RecordedEvent) -> Option<A::Event>
+where
+    A::Event: Clone,
+{
+    let decoded = A::Event::decode(event).ok()?;
+    map.entry(event.stream.id)
+        .or_default()
+        .apply(decoded.clone(), event);
+    Some(decoded)
+}
+
 fn apply(state: &mut State, event: &RecordedEvent) {
     let tenant = state.entry(event.tenant_id).or_default();
     let id = event.stream.id;
-    match event.stream.kind.as_str() {
-        kind if kind == Policy::STREAM_TYPE => {
-            let Ok(decoded) = PolicyEvent::decode(event) else {
-                return;
-            };
-            match decoded {
-                PolicyEvent::PolicyCreated { definition, state } => {
-                    tenant.policies.insert(
-                        id,
-                        PolicyRow {
-                            definition,
-                            state,
-                            created_at: event.recorded_at,
-                            updated_at: event.recorded_at,
-                        },
-                    );
-                }
-                PolicyEvent::PolicyUpdated { definition } => {
-                    if let Some(row) = tenant.policies.get_mut(&id) {
-                        row.definition = definition;
-                        row.updated_at = event.recorded_at;
-                    }
-                }
-                PolicyEvent::PolicyStateChanged { state } => {
-                    if let Some(row) = tenant.policies.get_mut(&id) {
-                        row.state = state;
-                        row.updated_at = event.recorded_at;
-                    }
-                }
-                PolicyEvent::PolicyDeleted => {
-                    tenant.policies.remove(&id);
-                }
-            }
-            tenant.recompile();
-        }
-        kind if kind == NamedLocation::STREAM_TYPE => {
-            let Ok(decoded) = LocationEvent::decode(event) else {
-                return;
-            };
-            match decoded {
-                LocationEvent::NamedLocationCreated { definition }
-                | LocationEvent::NamedLocationUpdated { definition } => {
-                    tenant.locations.insert(id, definition);
-                }
-                LocationEvent::NamedLocationDeleted => {
-                    tenant.locations.remove(&id);
-                }
-            }
-            tenant.recompile();
-        }
+    let changed_policies = match event.stream.kind.as_str() {
+        kind if kind == Policy::STREAM_TYPE => fold(&mut tenant.policies, event).is_some(),
+        kind if kind == NamedLocation::STREAM_TYPE => fold(&mut tenant.locations, event).is_some(),
         kind if kind == Group::STREAM_TYPE => {
-            let Ok(decoded) = GroupEvent::decode(event) else {
-                return;
-            };
-            match decoded {
-                GroupEvent::GroupCreated { name } => {
-                    tenant.groups.insert(
-                        id,
-                        GroupRow {
-                            name,
-                            members: BTreeSet::new(),
-                        },
-                    );
-                }
-                GroupEvent::MemberAdded { user_id } => {
-                    if let Some(group) = tenant.groups.get_mut(&id) {
-                        group.members.insert(user_id);
-                        let groups = tenant.member_of.entry(user_id).or_default();
-                        if let Err(at) = groups.binary_search(&id) {
-                            groups.insert(at, id);
-                        }
+            match fold(&mut tenant.groups, event) {
+                Some(GroupEvent::MemberAdded { user_id }) => {
+                    let groups = tenant.member_of.entry(user_id).or_default();
+                    if let Err(at) = groups.binary_search(&id) {
+                        groups.insert(at, id);
                     }
                 }
-                GroupEvent::MemberRemoved { user_id } => {
-                    if let Some(group) = tenant.groups.get_mut(&id) {
-                        group.members.remove(&user_id);
-                    }
+                Some(GroupEvent::MemberRemoved { user_id }) => {
                     if let Some(groups) = tenant.member_of.get_mut(&user_id) {
                         groups.retain(|g| *g != id);
                     }
                 }
+                _ => {}
             }
+            false
         }
-        _ => {}
+        _ => false,
+    };
+    if changed_policies {
+        tenant.policies.retain(|_, policy| policy.exists());
+        tenant.locations.retain(|_, location| !location.deleted);
+        tenant.recompile();
     }
 }
 

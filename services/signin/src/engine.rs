@@ -706,7 +706,7 @@ impl Engine {
             level: risk.as_str().into(),
             detections,
         })?;
-        let evaluated = self.evaluate_policies(flow, user, settings, risk, metadata);
+        let evaluated = self.evaluate_policies(flow, user, settings, risk, client_ip, metadata);
         let blocked = matches!(
             &evaluated,
             SignInEvent::PolicyEvaluated {
@@ -733,6 +733,7 @@ impl Engine {
         user: &Loaded<User>,
         settings: &TenantSettings,
         sign_in_risk: RiskLevel,
+        ip: Option<std::net::IpAddr>,
         metadata: &Metadata,
     ) -> SignInEvent {
         let user_id = user.stream.id;
@@ -742,7 +743,6 @@ impl Engine {
             Some(Primary::EmailOtp) => PrimaryKind::EmailOtp,
             _ => PrimaryKind::Password,
         };
-        let ip: Option<std::net::IpAddr> = client.and_then(|c| c.ip.as_deref()?.parse().ok());
         let country = ip.and_then(|ip| self.geo.country(ip));
         let context = Context {
             user_id,

@@ -3,13 +3,13 @@
 use crate::directory::Directory;
 use crate::engine::available_methods;
 use crate::otp;
-use crate::signin_service::{mfa_from_proto, mfa_to_proto};
 use chrono::Utc;
 use gatehouse_core::crypto::Crypto;
 use gatehouse_core::keys::Caller;
 use gatehouse_core::{ApiError, request};
 use gatehouse_directory::tenant::MfaMethod;
 use gatehouse_directory::tenant_service::parse_id;
+use gatehouse_directory::tenant_service::{mfa_from_proto, mfa_to_proto};
 use gatehouse_directory::user::{Profile, User, UserEvent};
 use gatehouse_events::{EventStore, Loaded, Metadata, execute};
 use gatehouse_proto::v1 as pb;

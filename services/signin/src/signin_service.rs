@@ -5,8 +5,7 @@ use crate::engine::{Command, Reply, Scope};
 use crate::flow::{Outcome, Primary, Step};
 use gatehouse_core::keys::Caller;
 use gatehouse_core::{ApiError, request};
-use gatehouse_directory::tenant::MfaMethod;
-use gatehouse_directory::tenant_service::{parse_id, rfc3339};
+use gatehouse_directory::tenant_service::{mfa_from_proto, mfa_to_proto, parse_id, rfc3339};
 use gatehouse_events::Actor;
 use gatehouse_proto::v1 as pb;
 use std::sync::Arc;
@@ -16,27 +15,6 @@ use uuid::Uuid;
 /// The SignInService implementation.
 pub struct SignInApi {
     flows: Arc<Flows>,
-}
-
-/// A method from the wire.
-pub fn mfa_from_proto(value: i32) -> Option<MfaMethod> {
-    match pb::MfaMethod::try_from(value).ok()? {
-        pb::MfaMethod::Totp => Some(MfaMethod::Totp),
-        pb::MfaMethod::EmailOtp => Some(MfaMethod::EmailOtp),
-        pb::MfaMethod::SmsOtp => Some(MfaMethod::SmsOtp),
-        pb::MfaMethod::RecoveryCode => Some(MfaMethod::RecoveryCode),
-        pb::MfaMethod::Unspecified => None,
-    }
-}
-
-/// A method for the wire.
-pub fn mfa_to_proto(method: MfaMethod) -> i32 {
-    (match method {
-        MfaMethod::Totp => pb::MfaMethod::Totp,
-        MfaMethod::EmailOtp => pb::MfaMethod::EmailOtp,
-        MfaMethod::SmsOtp => pb::MfaMethod::SmsOtp,
-        MfaMethod::RecoveryCode => pb::MfaMethod::RecoveryCode,
-    }) as i32
 }
 
 fn to_proto(reply: Reply) -> pb::SignIn {
