@@ -54,6 +54,9 @@ pub enum ApiError {
     /// Too many attempts; try later.
     #[error("{0}")]
     TooManyAttempts(String),
+    /// A peer Gatehouse depends on (an identity provider) could not be reached.
+    #[error("{0}")]
+    Unavailable(String),
     /// Lost a race too many times; the caller may retry.
     #[error("the resource changed concurrently; retry")]
     Aborted,
@@ -91,6 +94,7 @@ impl ApiError {
             ApiError::PermissionDenied(message) => Status::permission_denied(message),
             ApiError::NotFound(what) => Status::not_found(format!("{what} not found")),
             ApiError::AlreadyExists(message) => Status::already_exists(message),
+            ApiError::Unavailable(message) => Status::unavailable(message),
             ApiError::FailedPrecondition(message) => Status::failed_precondition(message),
             ApiError::CredentialRefused(message) => Status::unauthenticated(message),
             ApiError::TooManyAttempts(message) => Status::resource_exhausted(message),

@@ -15,6 +15,8 @@
 //! - [`notifier`]: delivers the users' notifications from the log, once each.
 //! - [`paging`]: `page_size` / `page_token` for every List RPC.
 //! - [`application_service`]: the `gatehouse.v1.ApplicationService` handlers.
+//! - [`identity_provider`]: the IdentityProvider aggregate (social / OpenID Connect providers,
+//!   the client secret sealed); [`identity_provider_service`] its gRPC service.
 //!
 //! This crate decides from aggregates loaded from the event store; it never reads a
 //! projection's table to make a decision.
@@ -23,6 +25,8 @@
 pub mod application;
 pub mod application_service;
 pub mod contact;
+pub mod identity_provider;
+pub mod identity_provider_service;
 pub mod lockout;
 pub mod notifier;
 pub mod paging;
@@ -32,5 +36,6 @@ pub mod user;
 pub mod user_service;
 
 pub use application_service::ApplicationApi;
+pub use identity_provider_service::IdentityProviderApi;
 pub use tenant_service::TenantApi;
 pub use user_service::UserApi;

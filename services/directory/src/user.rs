@@ -4,11 +4,13 @@
 //! phone (`phone`), the password hash (`credential`) and every message to the user
 //! (`NotificationRequested.message`) are sealed with the user's data key
 //! ([`gatehouse_core::crypto`]); erasing the user destroys that key. The email's uniqueness
-//! is a claim on its blind index. One-time codes are kept only as digests.
+//! is a claim on its blind index, and so is each linked identity (provider + subject). One-time
+//! codes are kept only as digests.
 //!
 //! ```text
 //!   SignUp ──▶ pending_verification ──VerifyEmail──▶ active ◀──EnableUser── disabled
 //!   CreateUser ─────────────────────────────────────▶ active ──DisableUser─▶ disabled
+//!   federated sign-up (UserSignedUpFederated + IdentityLinked) ──▶ active
 //!   any ──EraseUser──▶ erased (final)
 //! ```
 
@@ -22,6 +24,13 @@ use uuid::Uuid;
 
 /// Claim scope of email blind indexes.
 pub const EMAIL_CLAIM: &str = "email";
+/// Claim scope of linked identities (provider and subject, blind-indexed).
+pub const IDENTITY_CLAIM: &str = "identity";
+
+/// The value blind-indexed for an identity claim.
+pub fn identity_key(provider_id: Uuid, subject: &str) -> String {
+    format!("{provider_id}\n{subject}")
+}
 /// How long a code lives.
 pub const CODE_LIFETIME: Duration = Duration::minutes(10);
 /// Wrong answers before a code is dead.
@@ -113,6 +122,16 @@ pub enum UserEvent {
         /// The password hash.
         credential: Sealed,
     },
+    /// A customer signed up through an identity provider (no password; the identity is
+    /// linked by the `IdentityLinked` that follows).
+    UserSignedUpFederated {
+        /// The app they signed up through.
+        application_id: Uuid,
+        /// Email and attributes.
+        profile: Sealed,
+        /// The provider verified the email.
+        email_verified: bool,
+    },
     /// A platform team created the user.
     UserCreated {
         /// Email and attributes.
@@ -197,6 +216,20 @@ pub enum UserEvent {
         /// Its index in the set.
         index: usize,
     },
+    /// An identity at a provider was linked (the claim on `identity` makes it unique).
+    IdentityLinked {
+        /// The provider.
+        provider_id: Uuid,
+        /// Blind index of provider and subject (the claim's value).
+        identity: String,
+        /// The provider's subject, sealed.
+        subject: Sealed,
+    },
+    /// A linked identity was removed.
+    IdentityUnlinked {
+        /// Its blind index.
+        identity: String,
+    },
     /// A second factor was removed.
     MfaMethodRemoved {
         /// `totp`, `recovery_code` or `sms_otp` (the phone is removed).
@@ -258,6 +291,20 @@ pub struct User {
     /// Second factors.
     #[serde(default)]
     pub mfa: MfaState,
+    /// Linked identities by blind index (the claim's value).
+    #[serde(default)]
+    pub identities: BTreeMap<String, LinkedIdentity>,
+}
+
+/// An identity at a provider, linked to the user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkedIdentity {
+    /// The provider.
+    pub provider_id: Uuid,
+    /// The provider's subject, sealed.
+    pub subject: Sealed,
+    /// When.
+    pub linked_at: DateTime<Utc>,
 }
 
 /// A user's second factors.
@@ -296,6 +343,34 @@ impl Aggregate for User {
                 self.profile = Some(profile);
                 self.credential = Some(credential);
                 self.created_at = Some(envelope.recorded_at);
+            }
+            UserEvent::UserSignedUpFederated {
+                profile,
+                email_verified,
+                ..
+            } => {
+                self.status = Status::Active;
+                self.tenant_id = Some(envelope.tenant_id);
+                self.profile = Some(profile);
+                self.email_verified = email_verified;
+                self.created_at = Some(envelope.recorded_at);
+            }
+            UserEvent::IdentityLinked {
+                provider_id,
+                identity,
+                subject,
+            } => {
+                self.identities.insert(
+                    identity,
+                    LinkedIdentity {
+                        provider_id,
+                        subject,
+                        linked_at: envelope.recorded_at,
+                    },
+                );
+            }
+            UserEvent::IdentityUnlinked { identity } => {
+                self.identities.remove(&identity);
             }
             UserEvent::UserCreated {
                 profile,

@@ -2,13 +2,14 @@
 
 use crate::application::{Application, CLIENT_ID_CLAIM};
 use crate::contact::{normalize_email, validate_phone};
+use crate::identity_provider::IdentityProvider;
 use crate::lockout::{Lockout, LockoutEvent};
 use crate::paging::Page;
 use crate::tenant::{PasswordPolicy, PrimaryMethod, Tenant};
 use crate::tenant_service::{parse_id, rfc3339};
 use crate::user::{
-    self, Channel, CodePurpose, EMAIL_CLAIM, Message, Profile, Status, User, UserEvent,
-    answer_code, invalid_code,
+    self, Channel, CodePurpose, EMAIL_CLAIM, IDENTITY_CLAIM, Message, Profile, Status, User,
+    UserEvent, answer_code, identity_key, invalid_code,
 };
 use chrono::Utc;
 use gatehouse_core::crypto::Crypto;
@@ -50,7 +51,9 @@ fn list_apply(users: &mut UserList, event: &RecordedEvent) {
     let id = event.stream.id;
     let status = match decoded {
         UserEvent::UserSignedUp { .. } => Status::PendingVerification,
-        UserEvent::UserCreated { .. } | UserEvent::UserEnabled => Status::Active,
+        UserEvent::UserCreated { .. }
+        | UserEvent::UserSignedUpFederated { .. }
+        | UserEvent::UserEnabled => Status::Active,
         UserEvent::EmailVerified => match tenant.get(&id) {
             Some(row) if row.status == Status::PendingVerification => Status::Active,
             _ => return,
@@ -992,12 +995,172 @@ impl UserApi {
                 if let Some(profile) = &profile {
                     r.release(&user.stream, self.email_claim(tenant_id, &profile.email));
                 }
+                for identity in user.state.identities.keys() {
+                    r.release(&user.stream, identity_claim(tenant_id, identity));
+                }
             })
             .await?;
         // After the event: if the process dies in between, erasing again finishes the job.
         self.crypto.erase(user_id).await?;
         self.list.wait_for(position, Duration::from_secs(2)).await;
         Ok(pb::EraseUserResponse {})
+    }
+}
+
+/// The claim of a linked identity, by its blind index.
+pub fn identity_claim(tenant_id: Uuid, identity: &str) -> ClaimKey {
+    ClaimKey {
+        tenant_id,
+        scope: IDENTITY_CLAIM.into(),
+        value: identity.to_string(),
+    }
+}
+
+impl UserApi {
+    /// The identity's blind index, checking the provider is the tenant's (linking) or at
+    /// least that the id is well formed (unlinking: a deleted provider's identities stay
+    /// unlinkable).
+    async fn identity(
+        &self,
+        tenant_id: Uuid,
+        provider_id: &str,
+        subject: &str,
+        must_exist: bool,
+    ) -> Result<(Uuid, String), ApiError> {
+        let provider_id = parse_id("identity_provider_id", provider_id)?;
+        if subject.is_empty() || subject.len() > 255 {
+            return Err(ApiError::invalid("subject", "must be 1 to 255 bytes"));
+        }
+        if must_exist {
+            let provider = Loaded::<IdentityProvider>::load(self.store.as_ref(), provider_id)
+                .await?
+                .state;
+            if provider.of_tenant(tenant_id).is_none() {
+                return Err(ApiError::NotFound("identity provider".into()));
+            }
+        }
+        let identity = self.crypto.blind_index(
+            tenant_id,
+            IDENTITY_CLAIM,
+            &identity_key(provider_id, subject),
+        );
+        Ok((provider_id, identity))
+    }
+
+    async fn identities(
+        &self,
+        user_id: Uuid,
+        state: &User,
+    ) -> Result<pb::ListIdentitiesResponse, ApiError> {
+        let mut identities = Vec::new();
+        for linked in state.identities.values() {
+            let subject: Option<String> = self.crypto.open(user_id, &linked.subject).await?;
+            identities.push(pb::Identity {
+                identity_provider_id: linked.provider_id.to_string(),
+                subject: subject.unwrap_or_default(),
+                linked_at: rfc3339(linked.linked_at),
+            });
+        }
+        identities.sort_by(|a, b| a.linked_at.cmp(&b.linked_at));
+        Ok(pb::ListIdentitiesResponse { identities })
+    }
+
+    async fn link_identity(
+        &self,
+        request: Request<pb::LinkIdentityRequest>,
+    ) -> Result<pb::ListIdentitiesResponse, ApiError> {
+        let caller = Caller::of(&request)?;
+        let metadata = request::metadata(&request, caller.actor());
+        let message = request.get_ref();
+        let (tenant_id, user) = self
+            .caller_and_user(&caller, &message.tenant_id, &message.user_id)
+            .await?;
+        let user_id = user.stream.id;
+        let (provider_id, identity) = self
+            .identity(
+                tenant_id,
+                &message.identity_provider_id,
+                &message.subject,
+                true,
+            )
+            .await?;
+        if user.state.identities.contains_key(&identity) {
+            return self.identities(user_id, &user.state).await;
+        }
+        let event = UserEvent::IdentityLinked {
+            provider_id,
+            identity: identity.clone(),
+            subject: self
+                .crypto
+                .seal(tenant_id, user_id, &message.subject)
+                .await?,
+        };
+        let claim = identity_claim(tenant_id, &identity);
+        self.append(tenant_id, &user, metadata, &[event], |r| {
+            r.claim(&user.stream, claim);
+        })
+        .await
+        .map_err(|e| match e {
+            ApiError::AlreadyExists(_) => {
+                ApiError::AlreadyExists("this identity is linked to another user".into())
+            }
+            other => other,
+        })?;
+        let user = self.user(tenant_id, user_id).await?;
+        self.identities(user_id, &user.state).await
+    }
+
+    async fn unlink_identity(
+        &self,
+        request: Request<pb::UnlinkIdentityRequest>,
+    ) -> Result<pb::ListIdentitiesResponse, ApiError> {
+        let caller = Caller::of(&request)?;
+        let metadata = request::metadata(&request, caller.actor());
+        let message = request.get_ref();
+        let (tenant_id, user) = self
+            .caller_and_user(&caller, &message.tenant_id, &message.user_id)
+            .await?;
+        let user_id = user.stream.id;
+        let (_, identity) = self
+            .identity(
+                tenant_id,
+                &message.identity_provider_id,
+                &message.subject,
+                false,
+            )
+            .await?;
+        if !user.state.identities.contains_key(&identity) {
+            return Err(ApiError::NotFound("identity".into()));
+        }
+        if user.state.credential.is_none() && user.state.identities.len() == 1 {
+            return Err(ApiError::FailedPrecondition(
+                "this is the user's only way to sign in: set a password or link another \
+                 identity first"
+                    .into(),
+            ));
+        }
+        let event = UserEvent::IdentityUnlinked {
+            identity: identity.clone(),
+        };
+        let claim = identity_claim(tenant_id, &identity);
+        self.append(tenant_id, &user, metadata, &[event], |r| {
+            r.release(&user.stream, claim);
+        })
+        .await?;
+        let user = self.user(tenant_id, user_id).await?;
+        self.identities(user_id, &user.state).await
+    }
+
+    async fn list_identities(
+        &self,
+        request: Request<pb::UserRef>,
+    ) -> Result<pb::ListIdentitiesResponse, ApiError> {
+        let caller = Caller::of(&request)?;
+        let message = request.get_ref();
+        let (_, user) = self
+            .caller_and_user(&caller, &message.tenant_id, &message.user_id)
+            .await?;
+        self.identities(user.stream.id, &user.state).await
     }
 }
 
@@ -1111,6 +1274,27 @@ impl pb::user_service_server::UserService for UserApi {
     ) -> Result<Response<pb::User>, GrpcStatus> {
         Ok(Response::new(self.unlock(request).await?))
     }
+    async fn link_identity(
+        &self,
+        request: Request<pb::LinkIdentityRequest>,
+    ) -> Result<Response<pb::ListIdentitiesResponse>, GrpcStatus> {
+        Ok(Response::new(self.link_identity(request).await?))
+    }
+
+    async fn unlink_identity(
+        &self,
+        request: Request<pb::UnlinkIdentityRequest>,
+    ) -> Result<Response<pb::ListIdentitiesResponse>, GrpcStatus> {
+        Ok(Response::new(self.unlink_identity(request).await?))
+    }
+
+    async fn list_identities(
+        &self,
+        request: Request<pb::UserRef>,
+    ) -> Result<Response<pb::ListIdentitiesResponse>, GrpcStatus> {
+        Ok(Response::new(self.list_identities(request).await?))
+    }
+
     async fn erase_user(
         &self,
         request: Request<pb::UserRef>,

@@ -11,9 +11,10 @@ use gatehouse_core::passwords::{BreachedPasswords, Passwords};
 use gatehouse_core::platform::ensure_admin_key;
 use gatehouse_directory::UserApi;
 use gatehouse_directory::notifier::{self, ByChannel, NdjsonOutbox, SmtpSender, WebhookSender};
-use gatehouse_directory::{ApplicationApi, TenantApi};
+use gatehouse_directory::{ApplicationApi, IdentityProviderApi, TenantApi};
 use gatehouse_policy::{PolicyApi, PolicyView};
 use gatehouse_proto::v1::application_service_server::ApplicationServiceServer;
+use gatehouse_proto::v1::identity_provider_service_server::IdentityProviderServiceServer;
 use gatehouse_proto::v1::mfa_service_server::MfaServiceServer;
 use gatehouse_proto::v1::policy_service_server::PolicyServiceServer;
 use gatehouse_proto::v1::session_service_server::SessionServiceServer;
@@ -21,6 +22,7 @@ use gatehouse_proto::v1::sign_in_service_server::SignInServiceServer;
 use gatehouse_proto::v1::tenant_service_server::TenantServiceServer;
 use gatehouse_proto::v1::user_service_server::UserServiceServer;
 use gatehouse_risk::RealtimeRisk;
+use gatehouse_signin::federation::Federation;
 use gatehouse_signin::{Deadlines, Directory, Engine, Flows, Keys, MfaApi, SessionApi, SignInApi};
 use std::io::Write;
 use std::sync::Arc;
@@ -107,8 +109,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             config.sign_in_lifetime,
         )))
         .with_geo(geo)
-        .with_risk(risk),
+        .with_risk(risk)
+        .with_federation(Arc::new(Federation::new().map_err(anyhow::Error::msg)?)),
     );
+    let identity_providers =
+        Arc::new(IdentityProviderApi::new(store.clone(), crypto.clone()).await?);
     let idle = std::time::Duration::from_secs(u64::from(config.flow_idle_seconds));
     let flows = Arc::new(Flows::start(engine, idle).await?);
     let _deadlines = Deadlines::start(store.clone(), flows.clone(), DEADLINE_TICK).await?;
@@ -143,6 +148,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await;
     health_reporter
         .set_serving::<PolicyServiceServer<PolicyApi>>()
+        .await;
+    health_reporter
+        .set_serving::<IdentityProviderServiceServer<IdentityProviderApi>>()
         .await;
     health_reporter
         .set_service_status("", ServingStatus::Serving)
@@ -191,6 +199,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         ))
         .add_service(InterceptedService::new(
             PolicyServiceServer::from_arc(policies),
+            Authenticate(keys.clone()),
+        ))
+        .add_service(InterceptedService::new(
+            IdentityProviderServiceServer::from_arc(identity_providers),
             Authenticate(keys.clone()),
         ))
         .serve_with_incoming_shutdown(

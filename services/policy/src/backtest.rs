@@ -63,6 +63,14 @@ struct Started {
     method: String,
 }
 
+/// `FederationSucceeded` / `LinkRequired`: who the provider vouched for.
+#[derive(Deserialize)]
+struct Federated {
+    provider_id: Uuid,
+    kind: String,
+    user_id: Uuid,
+}
+
 #[derive(Deserialize)]
 struct Risk {
     level: String,
@@ -79,6 +87,8 @@ struct Flow {
     app: Uuid,
     user: Option<Uuid>,
     method: String,
+    /// The identity provider (id, kind) of a federated sign-in.
+    provider: Option<(String, String)>,
     verified_at: Option<Position>,
     ip: Option<IpAddr>,
     user_agent: String,
@@ -104,6 +114,8 @@ pub async fn run(
         event_types: vec![
             "SignInStarted".into(),
             "PrimaryVerified".into(),
+            "FederationSucceeded".into(),
+            "LinkRequired".into(),
             "RiskAssessed".into(),
             "PolicyEvaluated".into(),
             "MfaVerified".into(),
@@ -143,6 +155,12 @@ pub async fn run(
                     let context = event.context.clone().unwrap_or_default();
                     flow.ip = context.ip.and_then(|ip| ip.parse().ok());
                     flow.user_agent = context.user_agent.unwrap_or_default();
+                }
+                "FederationSucceeded" | "LinkRequired" => {
+                    if let Ok(federated) = serde_json::from_str::<Federated>(payload) {
+                        flow.user = Some(federated.user_id);
+                        flow.provider = Some((federated.provider_id.to_string(), federated.kind));
+                    }
                 }
                 "RiskAssessed" => {
                     if let Ok(risk) = serde_json::from_str::<Risk>(payload) {
@@ -188,10 +206,10 @@ pub async fn run(
         } else {
             Controls::NONE
         };
-        let primary = match flow.method.as_str() {
-            "email_otp" => PrimaryKind::EmailOtp,
-            "password" => PrimaryKind::Password,
-            other => PrimaryKind::Federated(other),
+        let primary = match (&flow.provider, flow.method.as_str()) {
+            (Some((id, kind)), _) => PrimaryKind::Federated { id, kind },
+            (None, "email_otp") => PrimaryKind::EmailOtp,
+            _ => PrimaryKind::Password,
         };
         let context = Context {
             user_id,

@@ -31,8 +31,13 @@ pub enum PrimaryKind<'a> {
     Password,
     /// Emailed code.
     EmailOtp,
-    /// A federated provider (by id or kind).
-    Federated(&'a str),
+    /// A federated provider: its id and kind (`federated:<provider>` names either).
+    Federated {
+        /// The provider's id.
+        id: &'a str,
+        /// Its kind (`google`, `facebook`, `apple`, `oidc`).
+        kind: &'a str,
+    },
 }
 
 /// What is known about a sign-in when policies are evaluated.
@@ -410,8 +415,8 @@ impl PolicySet {
         let primary = match c.primary {
             PrimaryKind::Password => p.primary & 1 != 0,
             PrimaryKind::EmailOtp => p.primary & 2 != 0,
-            PrimaryKind::Federated(provider) => {
-                p.primary & 4 != 0 || p.providers.iter().any(|x| x == provider)
+            PrimaryKind::Federated { id, kind } => {
+                p.primary & 4 != 0 || p.providers.iter().any(|x| x == id || x == kind)
             }
         };
         if !primary {

@@ -805,7 +805,7 @@ impl PolicyApi {
         }
         let primary = match &primary {
             Some(PrimaryCondition::EmailOtp) => PrimaryKind::EmailOtp,
-            Some(PrimaryCondition::Federated(Some(p))) => PrimaryKind::Federated(p),
+            Some(PrimaryCondition::Federated(Some(p))) => PrimaryKind::Federated { id: p, kind: p },
             _ => PrimaryKind::Password,
         };
         let platform = Platform::of_user_agent(&m.user_agent);

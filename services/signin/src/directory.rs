@@ -22,6 +22,8 @@ pub struct AppInfo {
     pub id: Uuid,
     /// Every sign-in to it needs a second factor.
     pub require_mfa: bool,
+    /// Its registered redirect URIs.
+    pub redirect_uris: Vec<String>,
 }
 
 impl Directory {
@@ -72,6 +74,11 @@ impl Directory {
             (state.exists() && state.tenant_id == Some(tenant_id)).then(|| AppInfo {
                 id,
                 require_mfa: state.config.as_ref().is_some_and(|c| c.require_mfa),
+                redirect_uris: state
+                    .config
+                    .as_ref()
+                    .map(|c| c.redirect_uris.clone())
+                    .unwrap_or_default(),
             }),
         )
     }

@@ -11,6 +11,7 @@
 //! detections, Conditional Access) without touching the steps around them.
 
 use crate::directory::Directory;
+use crate::federation::{Federation, Secrets};
 use crate::flow::{
     Challenge, Control, FLOW_LIFETIME, FlowPolicy, MAX_CHALLENGES, MAX_WRONG_CODES, PolicyRecord,
     Primary, SignIn, SignInEvent, Step,
@@ -25,10 +26,12 @@ use gatehouse_core::error::Validation;
 use gatehouse_core::geo::Geo;
 use gatehouse_core::passwords::Passwords;
 use gatehouse_directory::contact::{normalize_email, validate_phone};
+use gatehouse_directory::identity_provider::{IdentityProvider, ProviderConfig};
 use gatehouse_directory::lockout::{Locked, Lockout, LockoutEvent};
 use gatehouse_directory::tenant::{MfaMethod, PrimaryMethod, TenantSettings};
 use gatehouse_directory::user::{
-    CODE_LIFETIME, Channel, EMAIL_CLAIM, Message, Profile, Status, User, UserEvent,
+    CODE_LIFETIME, Channel, EMAIL_CLAIM, IDENTITY_CLAIM, Message, Profile, Status, User, UserEvent,
+    identity_key,
 };
 use gatehouse_directory::user_service::check_new_password;
 use gatehouse_events::{
@@ -77,6 +80,15 @@ pub enum Command {
     PhoneCode(String),
     /// A new password (a policy asks for a change).
     NewPassword(String),
+    /// Sign in with an identity provider of the tenant.
+    StartFederation {
+        /// The provider.
+        provider_id: Uuid,
+        /// One of the app's redirect URIs.
+        redirect_uri: String,
+    },
+    /// The provider's answer: the redirect's query string.
+    CompleteFederation(String),
     /// Read.
     Get,
     /// Give up.
@@ -116,6 +128,8 @@ pub struct Reply {
     pub flow: SignIn,
     /// Set when this command completed the flow.
     pub tokens: Option<Tokens>,
+    /// Set by StartFederation: where to send the person.
+    pub authorization_url: Option<String>,
 }
 
 /// Decides sign-in steps.
@@ -128,6 +142,7 @@ pub struct Engine {
     policies: Arc<PolicyView>,
     geo: Arc<Geo>,
     risk: Arc<RealtimeRisk>,
+    federation: Option<Arc<Federation>>,
     flow_lifetime: Duration,
 }
 
@@ -176,6 +191,10 @@ impl Batch {
         state
     }
 
+    fn claim(&mut self, owner: &gatehouse_events::StreamId, key: ClaimKey) {
+        self.request.claim(owner, key);
+    }
+
     fn other<E: DomainEvent>(
         &mut self,
         stream: &gatehouse_events::StreamId,
@@ -220,6 +239,9 @@ fn wrong_step(flow: &SignIn) -> ApiError {
         Step::PhoneNumber => "for a phone number",
         Step::PhoneCode => "for the code sent to the phone",
         Step::NewPassword => "for a new password",
+        Step::Federation => "for an identity provider to be chosen",
+        Step::FederationCallback => "for the identity provider's answer",
+        Step::LinkAccount => "for proof of the existing account",
         Step::Done => return ApiError::FailedPrecondition("this sign-in has ended".into()),
     };
     ApiError::FailedPrecondition(format!("this sign-in is waiting {waiting}"))
@@ -252,6 +274,7 @@ impl Engine {
             policies,
             geo: Arc::new(Geo::none()),
             risk: Arc::new(RealtimeRisk::none()),
+            federation: None,
             flow_lifetime: FLOW_LIFETIME,
         }
     }
@@ -271,6 +294,12 @@ impl Engine {
     /// Runs the real-time risk checks of `risk` on each sign-in.
     pub fn with_risk(mut self, risk: Arc<RealtimeRisk>) -> Self {
         self.risk = risk;
+        self
+    }
+
+    /// Signs people in with the tenants' identity providers through `federation`.
+    pub fn with_federation(mut self, federation: Arc<Federation>) -> Self {
+        self.federation = Some(federation);
         self
     }
 
@@ -349,6 +378,16 @@ impl Engine {
             Command::PhoneNumber(phone) => self.phone_number(id, flow, &phone, metadata).await,
             Command::PhoneCode(code) => self.phone_code(id, flow, &code, metadata).await,
             Command::NewPassword(password) => self.new_password(id, flow, password, metadata).await,
+            Command::StartFederation {
+                provider_id,
+                redirect_uri,
+            } => {
+                self.start_federation(id, flow, provider_id, &redirect_uri, metadata)
+                    .await
+            }
+            Command::CompleteFederation(query) => {
+                self.complete_federation(id, flow, &query, metadata).await
+            }
         }
     }
 
@@ -357,6 +396,7 @@ impl Engine {
             id,
             flow: flow.state.clone(),
             tokens,
+            authorization_url: None,
         }
     }
 
@@ -407,7 +447,11 @@ impl Engine {
         method: Primary,
         metadata: &Metadata,
     ) -> Result<Reply, ApiError> {
-        let email = normalize_email(email).map_err(|e| ApiError::invalid("email", e))?;
+        let email = match method {
+            // The provider will say who the person is.
+            Primary::Federated => String::new(),
+            _ => normalize_email(email).map_err(|e| ApiError::invalid("email", e))?,
+        };
         let tenant = self.settings(tenant_id).await?;
         let app_info = self
             .directory
@@ -422,6 +466,7 @@ impl Engine {
         let allowed = match method {
             Primary::Password => PrimaryMethod::Password,
             Primary::EmailOtp => PrimaryMethod::EmailOtp,
+            Primary::Federated => PrimaryMethod::Federated,
         };
         if !tenant.allowed_primary_methods.contains(&allowed) {
             return Err(ApiError::FailedPrecondition(
@@ -433,12 +478,15 @@ impl Engine {
             scope: EMAIL_CLAIM.into(),
             value: self.crypto.blind_index(tenant_id, EMAIL_CLAIM, &email),
         };
-        let user_id = self
-            .store
-            .claim_owner(&claim)
-            .await?
-            .filter(|s| s.kind == User::STREAM_TYPE)
-            .map(|s| s.id);
+        let user_id = match method {
+            Primary::Federated => None,
+            _ => self
+                .store
+                .claim_owner(&claim)
+                .await?
+                .filter(|s| s.kind == User::STREAM_TYPE)
+                .map(|s| s.id),
+        };
         let lockout_id = user_id.unwrap_or_else(|| {
             // An email without an account locks like one (nothing to learn from the lock).
             let digest = self.crypto.blind_index(tenant_id, "lockout", &email);
@@ -534,6 +582,391 @@ impl Engine {
             .ok_or_else(|| ApiError::NotFound("tenant".into()))
     }
 
+    /// The identity provider a flow names, when it is the tenant's.
+    async fn provider(
+        &self,
+        tenant_id: Uuid,
+        provider_id: Uuid,
+    ) -> Result<ProviderConfig, ApiError> {
+        Loaded::<IdentityProvider>::load(self.store.as_ref(), provider_id)
+            .await?
+            .state
+            .of_tenant(tenant_id)
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound("identity provider".into()))
+    }
+
+    fn relying_party(&self) -> Result<&Federation, ApiError> {
+        self.federation.as_deref().ok_or_else(|| {
+            ApiError::FailedPrecondition("federated sign-in is not available".into())
+        })
+    }
+
+    async fn start_federation(
+        &self,
+        id: Uuid,
+        flow: &mut Loaded<SignIn>,
+        provider_id: Uuid,
+        redirect_uri: &str,
+        metadata: &Metadata,
+    ) -> Result<Reply, ApiError> {
+        // Before the primary method succeeded, a person may switch to (or retry) federation.
+        if !matches!(
+            flow.state.step,
+            Step::Password | Step::EmailCode | Step::Federation | Step::FederationCallback
+        ) {
+            return Err(wrong_step(&flow.state));
+        }
+        let tenant_id = flow.state.tenant_id;
+        let settings = self.policy(flow).await?.settings.clone();
+        if !settings
+            .allowed_primary_methods
+            .contains(&PrimaryMethod::Federated)
+        {
+            return Err(ApiError::FailedPrecondition(
+                "federated sign-in is not enabled for the tenant".into(),
+            ));
+        }
+        let app = self
+            .directory
+            .application_by_id(tenant_id, flow.state.application_id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound("application".into()))?;
+        if !app.redirect_uris.iter().any(|uri| uri == redirect_uri) {
+            return Err(ApiError::invalid(
+                "redirect_uri",
+                "must be one of the application's redirect URIs",
+            ));
+        }
+        let config = self.provider(tenant_id, provider_id).await?;
+        let attempt = flow.state.federation_attempts + 1;
+        let secrets = Secrets::derive(&self.crypto, id, attempt);
+        let url = match self
+            .relying_party()?
+            .authorization_url(&config, &secrets, redirect_uri)
+            .await
+        {
+            Ok(url) => url,
+            Err(error) => {
+                tracing::warn!(%provider_id, detail = %error.detail(), "federation could not start");
+                self.append_flow(
+                    flow,
+                    metadata,
+                    vec![SignInEvent::FederationFailed {
+                        provider_id,
+                        reason: error.reason(),
+                    }],
+                )
+                .await?;
+                return Err(ApiError::Unavailable(
+                    "the identity provider could not be reached; try again or use another \
+                     method"
+                        .into(),
+                ));
+            }
+        };
+        self.append_flow(
+            flow,
+            metadata,
+            vec![SignInEvent::FederationStarted {
+                provider_id,
+                attempt,
+                redirect_uri: redirect_uri.to_string(),
+            }],
+        )
+        .await?;
+        let mut reply = self.reply(id, flow, None);
+        reply.authorization_url = Some(url);
+        Ok(reply)
+    }
+
+    async fn complete_federation(
+        &self,
+        id: Uuid,
+        flow: &mut Loaded<SignIn>,
+        query: &str,
+        metadata: &Metadata,
+    ) -> Result<Reply, ApiError> {
+        let Some(attempt) = flow.state.federation.clone() else {
+            return Err(wrong_step(&flow.state));
+        };
+        if flow.state.step != Step::FederationCallback {
+            return Err(wrong_step(&flow.state));
+        }
+        if query.len() > 16 * 1024 {
+            return Err(ApiError::invalid("callback_query", "is too long"));
+        }
+        let tenant_id = flow.state.tenant_id;
+        let provider_id = attempt.provider_id;
+        let settings = self.policy(flow).await?.settings.clone();
+        let outcome = match self.provider(tenant_id, provider_id).await {
+            Ok(config) => {
+                let secret: Option<String> =
+                    self.crypto.open(provider_id, &config.client_secret).await?;
+                let secrets = Secrets::derive(&self.crypto, id, attempt.attempt);
+                self.relying_party()?
+                    .complete(
+                        &config,
+                        secret.as_deref().unwrap_or_default(),
+                        &secrets,
+                        &attempt.redirect_uri,
+                        query,
+                    )
+                    .await
+                    .map(|claims| (config, claims))
+                    .map_err(|error| {
+                        tracing::info!(%provider_id, detail = %error.detail(), "federation failed");
+                        error.reason()
+                    })
+            }
+            // Deleted meanwhile.
+            Err(ApiError::NotFound(_)) => Err("provider_unavailable".to_string()),
+            Err(other) => return Err(other),
+        };
+        let (config, claims) = match outcome {
+            Ok(found) => found,
+            Err(reason) => {
+                return self
+                    .federation_failed(id, flow, provider_id, reason, metadata)
+                    .await;
+            }
+        };
+        let kind = config.kind.as_str().to_string();
+        let identity = self.crypto.blind_index(
+            tenant_id,
+            IDENTITY_CLAIM,
+            &identity_key(provider_id, &claims.subject),
+        );
+        let identity_claim = ClaimKey {
+            tenant_id,
+            scope: IDENTITY_CLAIM.into(),
+            value: identity.clone(),
+        };
+        let mut batch = Batch::new(flow, tenant_id, metadata);
+        // 1. A returning identity.
+        if let Some(owner) = self.store.claim_owner(&identity_claim).await?
+            && owner.kind == User::STREAM_TYPE
+        {
+            let user = Loaded::<User>::load(self.store.as_ref(), owner.id).await?;
+            batch.flow(SignInEvent::FederationSucceeded {
+                provider_id,
+                kind,
+                user_id: owner.id,
+                signed_up: false,
+            })?;
+            batch.flow(SignInEvent::PrimaryVerified {
+                method: "fed".into(),
+            })?;
+            let tokens = self
+                .after_primary(id, flow, &user, &settings, &mut batch, metadata)
+                .await?;
+            self.commit(flow, batch).await?;
+            return Ok(self.reply(id, flow, tokens));
+        }
+        let email = match claims.email.as_deref().map(normalize_email) {
+            Some(Ok(email)) => email,
+            _ => {
+                return self
+                    .federation_failed(id, flow, provider_id, "email_missing".into(), metadata)
+                    .await;
+            }
+        };
+        let email_claim = ClaimKey {
+            tenant_id,
+            scope: EMAIL_CLAIM.into(),
+            value: self.crypto.blind_index(tenant_id, EMAIL_CLAIM, &email),
+        };
+        // 2. The email has an account: never merged without proof of that account.
+        if let Some(owner) = self.store.claim_owner(&email_claim).await?
+            && owner.kind == User::STREAM_TYPE
+        {
+            let user = Loaded::<User>::load(self.store.as_ref(), owner.id).await?;
+            let proof = if user.state.credential.is_some() {
+                Primary::Password
+            } else {
+                Primary::EmailOtp
+            };
+            batch.flow(SignInEvent::LinkRequired {
+                provider_id,
+                kind,
+                user_id: owner.id,
+                proof,
+                subject: self
+                    .crypto
+                    .seal(tenant_id, owner.id, &claims.subject)
+                    .await?,
+            })?;
+            if proof == Primary::EmailOtp {
+                let code = new_code();
+                batch.flow(SignInEvent::EmailCodeIssued {
+                    digest: self.crypto.code_digest(id, FLOW_CODE, &code),
+                    expires_at: Utc::now() + CODE_LIFETIME,
+                })?;
+                if user.state.status == Status::Active {
+                    let message = Message {
+                        to: email.clone(),
+                        subject: "Confirm it is you".into(),
+                        body: format!(
+                            "Someone is linking a {} account to yours. If it is you, enter \
+                             {code}. It expires in 10 minutes.",
+                            config.display_name
+                        ),
+                        code: Some(code),
+                    };
+                    let event = self
+                        .notification(tenant_id, owner.id, Channel::Email, message)
+                        .await?;
+                    batch.other(&User::stream(owner.id), None, &event)?;
+                }
+            }
+            self.commit(flow, batch).await?;
+            return Ok(self.reply(id, flow, None));
+        }
+        // 3. New: just-in-time sign-up, when the tenant allows it and the provider vouches
+        // for the email (an unverified one would squat someone else's address).
+        if !settings.sign_up_enabled {
+            return self
+                .federation_failed(id, flow, provider_id, "sign_up_disabled".into(), metadata)
+                .await;
+        }
+        if !claims.email_verified {
+            return self
+                .federation_failed(id, flow, provider_id, "email_not_verified".into(), metadata)
+                .await;
+        }
+        let user_id = Uuid::now_v7();
+        let mut attributes = std::collections::BTreeMap::new();
+        if let Some(name) = &claims.name
+            && settings.collected_attributes.iter().any(|a| a == "name")
+        {
+            attributes.insert("name".to_string(), name.chars().take(256).collect());
+        }
+        let profile = Profile { email, attributes };
+        let stream = User::stream(user_id);
+        let user_events = [
+            UserEvent::UserSignedUpFederated {
+                application_id: flow.state.application_id,
+                profile: self.crypto.seal(tenant_id, user_id, &profile).await?,
+                email_verified: true,
+            },
+            UserEvent::IdentityLinked {
+                provider_id,
+                identity,
+                subject: self
+                    .crypto
+                    .seal(tenant_id, user_id, &claims.subject)
+                    .await?,
+            },
+        ];
+        let mut user = Loaded::<User> {
+            state: User::default(),
+            version: 0,
+            stream: stream.clone(),
+        };
+        let envelope =
+            gatehouse_events::RecordedEvent::pending(tenant_id, stream.clone(), Utc::now());
+        for (i, event) in user_events.iter().enumerate() {
+            batch.other(
+                &stream,
+                (i == 0).then_some(ExpectedVersion::Exact(0)),
+                event,
+            )?;
+            user.state.apply(event.clone(), &envelope);
+            user.version += 1;
+        }
+        batch.claim(&stream, email_claim);
+        batch.claim(&stream, identity_claim);
+        batch.flow(SignInEvent::FederationSucceeded {
+            provider_id,
+            kind,
+            user_id,
+            signed_up: true,
+        })?;
+        batch.flow(SignInEvent::PrimaryVerified {
+            method: "fed".into(),
+        })?;
+        let tokens = self
+            .after_primary(id, flow, &user, &settings, &mut batch, metadata)
+            .await?;
+        match self.commit(flow, batch).await {
+            Ok(()) => Ok(self.reply(id, flow, tokens)),
+            // Someone took the email (or identity) between the check and the append.
+            Err(ApiError::AlreadyExists(_)) => {
+                self.federation_failed(id, flow, provider_id, "account_conflict".into(), metadata)
+                    .await
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Records a failed federation attempt; the flow waits at FEDERATION for another.
+    async fn federation_failed(
+        &self,
+        id: Uuid,
+        flow: &mut Loaded<SignIn>,
+        provider_id: Uuid,
+        reason: String,
+        metadata: &Metadata,
+    ) -> Result<Reply, ApiError> {
+        self.append_flow(
+            flow,
+            metadata,
+            vec![SignInEvent::FederationFailed {
+                provider_id,
+                reason,
+            }],
+        )
+        .await?;
+        Ok(self.reply(id, flow, None))
+    }
+
+    /// After the proof of an account a provider's email belongs to: links the identity
+    /// (a claim, so it stays unique) and counts the provider as the primary method too.
+    async fn link_identity(
+        &self,
+        flow: &Loaded<SignIn>,
+        user: &Loaded<User>,
+        batch: &mut Batch,
+    ) -> Result<(), ApiError> {
+        let Some(link) = &flow.state.link else {
+            return Ok(());
+        };
+        let tenant_id = flow.state.tenant_id;
+        let subject: String = self
+            .crypto
+            .open(user.stream.id, &link.subject)
+            .await?
+            .ok_or_else(|| ApiError::FailedPrecondition("this account was erased".into()))?;
+        let identity = self.crypto.blind_index(
+            tenant_id,
+            IDENTITY_CLAIM,
+            &identity_key(link.provider_id, &subject),
+        );
+        batch.other(
+            &user.stream,
+            None,
+            &UserEvent::IdentityLinked {
+                provider_id: link.provider_id,
+                identity: identity.clone(),
+                subject: link.subject.clone(),
+            },
+        )?;
+        batch.claim(
+            &user.stream,
+            ClaimKey {
+                tenant_id,
+                scope: IDENTITY_CLAIM.into(),
+                value: identity,
+            },
+        );
+        batch.flow(SignInEvent::IdentityLinked {
+            provider_id: link.provider_id,
+        })?;
+        batch.flow(SignInEvent::PrimaryVerified {
+            method: "fed".into(),
+        })
+    }
+
     async fn password(
         &self,
         id: Uuid,
@@ -541,7 +974,14 @@ impl Engine {
         password: String,
         metadata: &Metadata,
     ) -> Result<Reply, ApiError> {
-        if flow.state.step != Step::Password {
+        let proves_link = flow
+            .state
+            .link
+            .as_ref()
+            .is_some_and(|link| link.proof == Primary::Password);
+        if flow.state.step != Step::Password
+            && !(flow.state.step == Step::LinkAccount && proves_link)
+        {
             return Err(wrong_step(&flow.state));
         }
         if password.is_empty() || password.chars().count() > MAX_PASSWORD {
@@ -637,6 +1077,7 @@ impl Engine {
                 batch.flow(SignInEvent::PrimaryVerified {
                     method: "pwd".into(),
                 })?;
+                self.link_identity(flow, &user, &mut batch).await?;
             } else {
                 let event = lockout.state.failure(id, familiar, &policy, Utc::now());
                 batch.other(&lockout.stream, Some(lockout.expected()), &event)?;
@@ -706,7 +1147,8 @@ impl Engine {
             level: risk.as_str().into(),
             detections,
         })?;
-        let evaluated = self.evaluate_policies(flow, user, settings, risk, client_ip, metadata);
+        let preview = batch.preview(flow);
+        let evaluated = self.evaluate_policies(&preview, user, settings, risk, client_ip, metadata);
         let blocked = matches!(
             &evaluated,
             SignInEvent::PolicyEvaluated {
@@ -729,7 +1171,7 @@ impl Engine {
     /// decided as one event that records every policy's result.
     fn evaluate_policies(
         &self,
-        flow: &Loaded<SignIn>,
+        flow: &SignIn,
         user: &Loaded<User>,
         settings: &TenantSettings,
         sign_in_risk: RiskLevel,
@@ -737,17 +1179,19 @@ impl Engine {
         metadata: &Metadata,
     ) -> SignInEvent {
         let user_id = user.stream.id;
-        let (set, groups) = self.policies.for_sign_in(flow.state.tenant_id, user_id);
+        let (set, groups) = self.policies.for_sign_in(flow.tenant_id, user_id);
         let client = metadata.context.as_ref();
-        let primary = match flow.state.method {
-            Some(Primary::EmailOtp) => PrimaryKind::EmailOtp,
+        let provider_id = flow.provider.as_ref().map(|(id, _)| id.to_string());
+        let primary = match (&flow.provider, &provider_id, flow.method) {
+            (Some((_, kind)), Some(id), _) => PrimaryKind::Federated { id, kind },
+            (_, _, Some(Primary::EmailOtp)) => PrimaryKind::EmailOtp,
             _ => PrimaryKind::Password,
         };
         let country = ip.and_then(|ip| self.geo.country(ip));
         let context = Context {
             user_id,
             groups: &groups,
-            app_id: flow.state.application_id,
+            app_id: flow.application_id,
             ip,
             country,
             platform: client
@@ -770,7 +1214,6 @@ impl Engine {
         }
         // A flow whose app could not be read asks for MFA (fail closed).
         if flow
-            .state
             .policy
             .as_ref()
             .is_none_or(|policy| policy.app_requires_mfa)
@@ -943,7 +1386,14 @@ impl Engine {
         code: &str,
         metadata: &Metadata,
     ) -> Result<Reply, ApiError> {
-        if flow.state.step != Step::EmailCode {
+        let proves_link = flow
+            .state
+            .link
+            .as_ref()
+            .is_some_and(|link| link.proof == Primary::EmailOtp);
+        if flow.state.step != Step::EmailCode
+            && !(flow.state.step == Step::LinkAccount && proves_link)
+        {
             return Err(wrong_step(&flow.state));
         }
         let tenant_id = flow.state.tenant_id;
@@ -971,6 +1421,7 @@ impl Engine {
             batch.flow(SignInEvent::PrimaryVerified {
                 method: "otp".into(),
             })?;
+            self.link_identity(flow, &user, &mut batch).await?;
             let tokens = self
                 .after_primary(id, flow, &user, &settings, &mut batch, metadata)
                 .await?;

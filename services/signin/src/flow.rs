@@ -4,8 +4,14 @@
 //! ```text
 //!  SignInStarted ─┬─ password ──▶ [PASSWORD] ──PasswordRejected──▶ [PASSWORD] (lockout counts)
 //!                 │                   │ PrimaryVerified
-//!                 └─ email code ─▶ [EMAIL_CODE] ──PrimaryVerified─┐
-//!                                     ▼                            │
+//!                 ├─ email code ─▶ [EMAIL_CODE] ──PrimaryVerified─┐
+//!                 └─ federated ─▶ [FEDERATION] ◀──FederationFailed──┐  (also from PASSWORD,
+//!                     FederationStarted ─▶ [FEDERATION_CALLBACK] ──┘   EMAIL_CODE)
+//!                       ├─ identity linked, or new (sign-up) ─ FederationSucceeded ─┐
+//!                       └─ email has an account ─ LinkRequired ─▶ [LINK_ACCOUNT]    │
+//!                            ─ password / emailed code ─ IdentityLinked ────────────┤
+//!                                     │                      PrimaryVerified        │
+//!                                     ▼                            ◀────────────────┘
 //!              RiskAssessed (hook) ◀──────────────────────────────┘
 //!                     ▼
 //!              PolicyEvaluated (Conditional Access + tenant/app MFA: block, or the
@@ -52,6 +58,8 @@ pub enum Primary {
     Password,
     /// A code sent by email.
     EmailOtp,
+    /// An identity provider (chosen with StartFederation).
+    Federated,
 }
 
 /// Events of a sign-in flow.
@@ -85,6 +93,55 @@ pub enum SignInEvent {
     PasswordRejected {
         /// `invalid_credentials` or `locked_out`.
         reason: String,
+    },
+    /// A federation attempt began. Its `state`, `nonce` and PKCE verifier are derived from
+    /// the master key, the flow and `attempt`, never stored.
+    FederationStarted {
+        /// The identity provider.
+        provider_id: Uuid,
+        /// 1 for the flow's first attempt, then 2, ...
+        attempt: u32,
+        /// Where the provider sends the person back.
+        redirect_uri: String,
+    },
+    /// The attempt failed (denied consent, wrong state, bad code, invalid ID token,
+    /// unreachable provider, sign-up not allowed...); another may follow.
+    FederationFailed {
+        /// The identity provider.
+        provider_id: Uuid,
+        /// Why (see `FederationError::reason` and the engine).
+        reason: String,
+    },
+    /// The provider vouched for the person, whose account has this identity (returning, or
+    /// signed up just now by this sign-in).
+    FederationSucceeded {
+        /// The identity provider.
+        provider_id: Uuid,
+        /// Its kind (`google`, `facebook`, `apple`, `oidc`), for Conditional Access.
+        kind: String,
+        /// The account.
+        user_id: Uuid,
+        /// The account was created by this sign-in.
+        signed_up: bool,
+    },
+    /// The provider's email belongs to an account without this identity: the person must
+    /// prove that account before the identity is linked.
+    LinkRequired {
+        /// The identity provider.
+        provider_id: Uuid,
+        /// Its kind.
+        kind: String,
+        /// The account to prove.
+        user_id: Uuid,
+        /// How: `password`, or `email_otp` (a code sent to the account's email).
+        proof: Primary,
+        /// The provider's subject, sealed for the account.
+        subject: gatehouse_core::crypto::Sealed,
+    },
+    /// The account was proved and the identity linked to it.
+    IdentityLinked {
+        /// The identity provider.
+        provider_id: Uuid,
     },
     /// The primary method succeeded.
     PrimaryVerified {
@@ -205,6 +262,12 @@ pub enum Step {
     PhoneCode,
     /// Waiting for a new password (a policy asks for a change).
     NewPassword,
+    /// Waiting for StartFederation.
+    Federation,
+    /// Waiting for the provider's answer (CompleteFederation).
+    FederationCallback,
+    /// Waiting for proof of the account the provider's email belongs to.
+    LinkAccount,
     /// Ended.
     Done,
 }
@@ -252,6 +315,28 @@ pub struct PolicyRecord {
     pub controls: Vec<Control>,
 }
 
+/// The federation attempt in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FederationAttempt {
+    /// The identity provider.
+    pub provider_id: Uuid,
+    /// Its number in the flow (secrets are derived from it).
+    pub attempt: u32,
+    /// Where the provider sends the person back.
+    pub redirect_uri: String,
+}
+
+/// An identity waiting for proof of the account it is to be linked to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingLink {
+    /// The identity provider.
+    pub provider_id: Uuid,
+    /// How the account is proved.
+    pub proof: Primary,
+    /// The provider's subject, sealed for the account.
+    pub subject: gatehouse_core::crypto::Sealed,
+}
+
 /// A flow's state.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct SignIn {
@@ -295,6 +380,16 @@ pub struct SignIn {
     pub sign_in_frequency_seconds: Option<u32>,
     /// Persistent browser session.
     pub persistent: Option<bool>,
+    /// Federation attempts started.
+    pub federation_attempts: u32,
+    /// The attempt waiting for its callback.
+    pub federation: Option<FederationAttempt>,
+    /// Why the last attempt failed.
+    pub federation_error: Option<String>,
+    /// The provider (id, kind) that vouched for the person.
+    pub provider: Option<(Uuid, String)>,
+    /// An identity waiting for proof of the account.
+    pub link: Option<PendingLink>,
     /// The policy this copy of the flow runs under (a cache, not a fact: never stored, read
     /// again whenever the flow is reloaded).
     #[serde(skip)]
@@ -335,6 +430,7 @@ impl Aggregate for SignIn {
                 self.step = match method {
                     Primary::Password => Step::Password,
                     Primary::EmailOtp => Step::EmailCode,
+                    Primary::Federated => Step::Federation,
                 };
             }
             SignInEvent::EmailCodeIssued { digest, expires_at } => {
@@ -346,6 +442,55 @@ impl Aggregate for SignIn {
                 self.challenges_sent += 1;
             }
             SignInEvent::PasswordRejected { .. } => {}
+            SignInEvent::FederationStarted {
+                provider_id,
+                attempt,
+                redirect_uri,
+            } => {
+                self.federation_attempts = self.federation_attempts.max(attempt);
+                self.federation = Some(FederationAttempt {
+                    provider_id,
+                    attempt,
+                    redirect_uri,
+                });
+                self.federation_error = None;
+                self.step = Step::FederationCallback;
+            }
+            SignInEvent::FederationFailed { reason, .. } => {
+                self.federation = None;
+                self.federation_error = Some(reason);
+                self.step = Step::Federation;
+            }
+            SignInEvent::FederationSucceeded {
+                provider_id,
+                kind,
+                user_id,
+                ..
+            } => {
+                self.federation = None;
+                self.user_id = Some(user_id);
+                self.provider = Some((provider_id, kind));
+            }
+            SignInEvent::LinkRequired {
+                provider_id,
+                kind,
+                user_id,
+                proof,
+                subject,
+            } => {
+                self.federation = None;
+                self.user_id = Some(user_id);
+                // Passwords (and codes) proving the account count against its lockout.
+                self.lockout_id = user_id;
+                self.provider = Some((provider_id, kind));
+                self.link = Some(PendingLink {
+                    provider_id,
+                    proof,
+                    subject,
+                });
+                self.step = Step::LinkAccount;
+            }
+            SignInEvent::IdentityLinked { .. } => self.link = None,
             SignInEvent::PrimaryVerified { method } => {
                 self.amr.push(method);
                 self.challenge = None;

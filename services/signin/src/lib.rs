@@ -4,6 +4,7 @@
 //!
 //! - [`flow`]: the SignIn aggregate and its state machine (diagram there).
 //! - [`engine`]: what each step decides and appends; the risk and policy hooks.
+//! - [`federation`]: the relying party of federated sign-ins (OpenID Connect, Facebook).
 //! - [`actor`]: one ractor actor per busy flow, the supervisor, the registry, deadlines.
 //! - [`directory`]: tenants' settings and apps as sign-in reads them (a live view).
 //! - [`otp`]: TOTP with replay protection, recovery codes.
@@ -15,6 +16,7 @@
 pub mod actor;
 pub mod directory;
 pub mod engine;
+pub mod federation;
 pub mod flow;
 pub mod mfa_service;
 pub mod otp;

@@ -47,7 +47,15 @@ fn to_proto(reply: Reply) -> pb::SignIn {
         Step::PhoneNumber => pb::SignInStep::PhoneNumber,
         Step::PhoneCode => pb::SignInStep::PhoneCode,
         Step::NewPassword => pb::SignInStep::NewPassword,
+        Step::Federation => pb::SignInStep::Federation,
+        Step::FederationCallback => pb::SignInStep::FederationCallback,
+        Step::LinkAccount => pb::SignInStep::LinkAccount,
         Step::Done => pb::SignInStep::None,
+    };
+    let link_method = match flow.link.as_ref().map(|link| link.proof) {
+        Some(Primary::Password) => pb::PrimaryMethod::Password,
+        Some(Primary::EmailOtp) => pb::PrimaryMethod::EmailOtp,
+        _ => pb::PrimaryMethod::Unspecified,
     };
     pb::SignIn {
         id: reply.id.to_string(),
@@ -65,6 +73,8 @@ fn to_proto(reply: Reply) -> pb::SignIn {
             token_type: "Bearer".into(),
             expires_in: t.expires_in,
         }),
+        federation_error: flow.federation_error.clone().unwrap_or_default(),
+        link_method: link_method as i32,
     }
 }
 
@@ -92,7 +102,7 @@ impl SignInApi {
         client_id: &str,
         sign_in_id: Option<&str>,
         command: Command,
-    ) -> Result<pb::SignIn, ApiError> {
+    ) -> Result<Reply, ApiError> {
         let tenant_id = parse_id("tenant_id", tenant_id)?;
         // A key, when sent, must be the tenant's (a backend calling on a customer's behalf).
         if let Some(caller) = request.extensions().get::<Caller>() {
@@ -110,8 +120,7 @@ impl SignInApi {
             client_id: Some(client_id.to_string()),
         };
         let metadata = request::metadata(request, Actor::Anonymous);
-        let reply = self.flows.call(id, command, scope, metadata).await?;
-        Ok(to_proto(reply))
+        self.flows.call(id, command, scope, metadata).await
     }
 }
 
@@ -136,6 +145,7 @@ flow_request!(
     pb::SubmitCodeRequest,
     pb::SelectMfaMethodRequest,
     pb::SubmitPhoneVerificationRequest,
+    pb::CompleteFederationRequest,
     pb::SignInRef
 );
 
@@ -155,7 +165,7 @@ impl SignInApi {
             }
             Err(error) => Err(error),
         };
-        answer(result)
+        answer(result.map(to_proto))
     }
 }
 
@@ -175,9 +185,10 @@ impl pb::sign_in_service_server::SignInService for SignInApi {
                 Ok(Primary::Password)
             }
             Ok(pb::PrimaryMethod::EmailOtp) => Ok(Primary::EmailOtp),
+            Ok(pb::PrimaryMethod::Federated) => Ok(Primary::Federated),
             _ => Err(ApiError::invalid(
                 "method",
-                "must be PASSWORD or EMAIL_OTP (federation has its own RPCs)",
+                "must be PASSWORD, EMAIL_OTP or FEDERATED",
             )),
         };
         let command = method.map(|method| Command::Start {
@@ -186,12 +197,53 @@ impl pb::sign_in_service_server::SignInService for SignInApi {
             method,
         });
         answer(match command {
-            Ok(command) => {
-                self.run(&request, &m.tenant_id, &m.client_id, None, command)
-                    .await
-            }
+            Ok(command) => self
+                .run(&request, &m.tenant_id, &m.client_id, None, command)
+                .await
+                .map(to_proto),
             Err(error) => Err(error),
         })
+    }
+
+    async fn start_federation(
+        &self,
+        request: Request<pb::StartFederationRequest>,
+    ) -> Result<Response<pb::StartFederationResponse>, Status> {
+        let m = request.get_ref();
+        let command =
+            parse_id("identity_provider_id", &m.identity_provider_id).map(|provider_id| {
+                Command::StartFederation {
+                    provider_id,
+                    redirect_uri: m.redirect_uri.clone(),
+                }
+            });
+        let reply = match command {
+            Ok(command) => {
+                self.run(
+                    &request,
+                    &m.tenant_id,
+                    &m.client_id,
+                    Some(&m.sign_in_id),
+                    command,
+                )
+                .await
+            }
+            Err(error) => Err(error),
+        }?;
+        Ok(Response::new(pb::StartFederationResponse {
+            authorization_url: reply.authorization_url.clone().unwrap_or_default(),
+            sign_in: Some(to_proto(reply)),
+        }))
+    }
+
+    async fn complete_federation(
+        &self,
+        request: Request<pb::CompleteFederationRequest>,
+    ) -> Result<Response<pb::SignIn>, Status> {
+        self.step(request, |m| {
+            Ok(Command::CompleteFederation(m.callback_query.clone()))
+        })
+        .await
     }
 
     async fn submit_password(
