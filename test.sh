@@ -16,6 +16,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 export GATEHOUSE_TEST_PYTHON="$PWD/$venv/bin/python"
+npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

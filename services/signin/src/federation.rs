@@ -11,9 +11,10 @@
 //! the log holds nothing that would let a reader finish someone else's sign-in.
 //!
 //! Discovery documents (with their JWKS) are cached per issuer for [`METADATA_TTL`]; an ID
-//! token signed by a key the cached set does not have triggers one fresh fetch (key rotation),
-//! at most once per [`REFETCH_INTERVAL`] per issuer. The HTTP client follows no redirects
-//! (SSRF) and gives up after [`TIMEOUT`].
+//! token signed by a key the cached set does not have triggers one fresh fetch before it is
+//! refused (key rotation). That fetch is not rate-limited: ID tokens come only from the
+//! provider's own token endpoint, so no one but the provider can cause it. The HTTP client
+//! follows no redirects (SSRF) and gives up after [`TIMEOUT`].
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -36,8 +37,6 @@ use uuid::Uuid;
 
 /// How long a discovery document and its keys are trusted.
 pub const METADATA_TTL: Duration = Duration::from_secs(600);
-/// Fastest refetch of an issuer's keys on an unknown key.
-pub const REFETCH_INTERVAL: Duration = Duration::from_secs(10);
 /// Every call to a provider.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -166,25 +165,18 @@ impl Federation {
         })
     }
 
-    /// The provider's discovery document, from the cache unless it is stale or `refresh`
-    /// (and the last fetch is older than [`REFETCH_INTERVAL`]).
+    /// The provider's discovery document, from the cache unless it is stale or `refresh`.
     async fn discover(
         &self,
         issuer: &str,
         refresh: bool,
     ) -> Result<Arc<CoreProviderMetadata>, FederationError> {
-        if let Ok(cache) = self.metadata.lock()
+        if !refresh
+            && let Ok(cache) = self.metadata.lock()
             && let Some(cached) = cache.get(issuer)
+            && cached.fetched.elapsed() < METADATA_TTL
         {
-            let age = cached.fetched.elapsed();
-            let fresh = if refresh {
-                age < REFETCH_INTERVAL
-            } else {
-                age < METADATA_TTL
-            };
-            if fresh {
-                return Ok(cached.metadata.clone());
-            }
+            return Ok(cached.metadata.clone());
         }
         let url = IssuerUrl::new(issuer.to_string())
             .map_err(|e| FederationError::Unavailable(format!("issuer: {e}")))?;

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod oidc;
 pub mod world;
 
 use std::io::{BufRead, BufReader, Read, Write};
