@@ -956,12 +956,15 @@ fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
     )
 }
 
+/// An OAuth error response: status, `error`, `error_description`.
+type OAuthError = (StatusCode, &'static str, &'static str);
+
 /// The client's (id, secret) from `Authorization: Basic` (RFC 6749 2.3.1: each part
 /// form-urlencoded) or from the form; Err when both or neither are given.
 fn client_credentials(
     headers: &HeaderMap,
     form: &HashMap<String, String>,
-) -> Result<(String, String), Response> {
+) -> Result<(String, String), OAuthError> {
     let basic = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
@@ -971,7 +974,7 @@ fn client_credentials(
                 .or(value.strip_prefix("basic "))
         });
     match (basic, form.get("client_secret")) {
-        (Some(_), Some(_)) => Err(oauth_error(
+        (Some(_), Some(_)) => Err((
             StatusCode::BAD_REQUEST,
             "invalid_request",
             "client authentication must only be provided using one mechanism",
@@ -991,19 +994,17 @@ fn client_credentials(
                     };
                     Some((unescape(id), unescape(secret)))
                 });
-            decoded.ok_or_else(|| {
-                oauth_error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    "bad Authorization header",
-                )
-            })
+            decoded.ok_or((
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "bad Authorization header",
+            ))
         }
         (None, Some(secret)) => Ok((
             form.get("client_id").cloned().unwrap_or_default(),
             secret.clone(),
         )),
-        (None, None) => Err(oauth_error(
+        (None, None) => Err((
             StatusCode::UNAUTHORIZED,
             "invalid_client",
             "no client authentication",
@@ -1020,7 +1021,7 @@ async fn oidc_token(
     let form = form_fields(&body);
     let (client_id, secret) = match client_credentials(&headers, &form) {
         Ok(credentials) => credentials,
-        Err(response) => return response,
+        Err((status, error, description)) => return oauth_error(status, error, description),
     };
     if client_id != shared.client_id || secret != shared.client_secret {
         return oauth_error(
