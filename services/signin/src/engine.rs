@@ -931,6 +931,10 @@ impl Engine {
         let Some(link) = &flow.state.link else {
             return Ok(());
         };
+        // A disabled or unverified account is refused next (after_primary): nothing to link.
+        if user.state.status != Status::Active {
+            return Ok(());
+        }
         let tenant_id = flow.state.tenant_id;
         let subject: String = self
             .crypto

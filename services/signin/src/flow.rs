@@ -3,16 +3,19 @@
 //!
 //! ```text
 //!  SignInStarted ─┬─ password ──▶ [PASSWORD] ──PasswordRejected──▶ [PASSWORD] (lockout counts)
-//!                 │                   │ PrimaryVerified
-//!                 ├─ email code ─▶ [EMAIL_CODE] ──PrimaryVerified─┐
-//!                 └─ federated ─▶ [FEDERATION] ◀──FederationFailed──┐  (also from PASSWORD,
-//!                     FederationStarted ─▶ [FEDERATION_CALLBACK] ──┘   EMAIL_CODE)
-//!                       ├─ identity linked, or new (sign-up) ─ FederationSucceeded ─┐
-//!                       └─ email has an account ─ LinkRequired ─▶ [LINK_ACCOUNT]    │
-//!                            ─ password / emailed code ─ IdentityLinked ────────────┤
-//!                                     │                      PrimaryVerified        │
-//!                                     ▼                            ◀────────────────┘
-//!              RiskAssessed (hook) ◀──────────────────────────────┘
+//!                 │                   │ PrimaryVerified ─────────────────────────────────────┐
+//!                 ├─ email code ─▶ [EMAIL_CODE] ──PrimaryVerified────────────────────────────┤
+//!                 └─ federated ──▶ [FEDERATION] (PASSWORD and EMAIL_CODE may switch to it)   │
+//!                   FederationStarted ─▶ [FEDERATION_CALLBACK]                               │
+//!                     ├─ refused (state, code, ID token, provider...) ─ FederationFailed ─▶  │
+//!                     │      [FEDERATION] again                                              │
+//!                     ├─ identity known, or new (sign-up) ─ FederationSucceeded,             │
+//!                     │      PrimaryVerified ────────────────────────────────────────────────┤
+//!                     └─ email has an account ─ LinkRequired ─▶ [LINK_ACCOUNT]               │
+//!                            password or emailed code ─ PrimaryVerified, IdentityLinked,     │
+//!                            PrimaryVerified ────────────────────────────────────────────────┤
+//!                                                                                            ▼
+//!              RiskAssessed (hook) ◀──────────────────────────────────────────────────────────┘
 //!                     ▼
 //!              PolicyEvaluated (Conditional Access + tenant/app MFA: block, or the
 //!                     │             controls to meet, in order MFA → phone → new password)
