@@ -3,7 +3,8 @@
 //! break-glass exclusion, trusted-location exclusion, report-only policies recorded on the
 //! flow but not enforced, blocks by country (GeoIP database written by the test), block
 //! winning over grant, password change, sign-in frequency at
-//! refresh, sign-in risk from anonymiser / malicious IP lists (reloaded while running),
+//! refresh, sign-in risk from anonymiser / malicious IP lists (reloaded while running) and
+//! from a leaked (breached-list) password,
 //! validation, What If explanations and a Backtest over a recorded history.
 //! Sign-ins come from different loopback source addresses (127.0.0.x), which the server sees
 //! as the client IP, or through 127.0.0.1 as a trusted proxy with `X-Forwarded-For`. SQLite always; PostgreSQL when configured.
@@ -14,6 +15,7 @@ use gatehouse_events::{EventStore, StreamId};
 use gatehouse_proto::v1 as pb;
 use pb::mfa_service_client::MfaServiceClient;
 use pb::policy_service_client::PolicyServiceClient;
+use pb::tenant_service_client::TenantServiceClient;
 use pb::user_service_client::UserServiceClient;
 use std::path::Path;
 use std::sync::Arc;
@@ -1006,7 +1008,65 @@ async fn risk_based_access(
     if risk["level"] != "high" || risk["detections"][0]["kind"] != "malicious_ip" {
         return Err(format!("malicious address not detected: {risk}").into());
     }
+    // A right password that is in the breached-password list: leaked credentials (high).
+    // The tenant lets the account keep it (no breached-password check) for the test.
+    reject_breached(auto, false).await?;
+    UserServiceClient::new(auto.channel.clone())
+        .create_user(req(
+            pb::CreateUserRequest {
+                tenant_id: auto.tenant_id.clone(),
+                email: "leaky@example.com".into(),
+                password: "password123".into(),
+                email_verified: true,
+                ..Default::default()
+            },
+            &auto.key,
+        )?)
+        .await?;
+    reject_breached(auto, true).await?;
+    let flow = auto
+        .start("leaky@example.com", pb::PrimaryMethod::Password)
+        .await?;
+    let flow = auto.password(&flow, "password123").await?;
+    step_is(&flow, pb::SignInStep::SelectMfaMethod)?;
+    let risk = flow_event(store, &flow, "RiskAssessed").await?;
+    if risk["level"] != "high"
+        || risk["detections"][0]["kind"] != "leaked_credentials"
+        || risk["detections"].as_array().map(Vec::len) != Some(1)
+    {
+        return Err(format!("leaked password not detected: {risk}").into());
+    }
     set_state(auto, &policy, pb::PolicyState::Disabled).await?;
+    Ok(())
+}
+
+/// Turns the tenant's breached-password check on or off.
+async fn reject_breached(world: &World, on: bool) -> TestResult {
+    let mut tenants = TenantServiceClient::new(world.channel.clone());
+    let tenant = tenants
+        .get_tenant(req(
+            pb::GetTenantRequest {
+                tenant_id: world.tenant_id.clone(),
+            },
+            &world.admin,
+        )?)
+        .await?
+        .into_inner();
+    let mut settings = tenant.settings.ok_or("no settings")?;
+    settings
+        .password_policy
+        .as_mut()
+        .ok_or("no password policy")?
+        .reject_breached = on;
+    tenants
+        .update_tenant_settings(req(
+            pb::UpdateTenantSettingsRequest {
+                tenant_id: world.tenant_id.clone(),
+                settings: Some(settings),
+            },
+            &world.admin,
+        )?)
+        .await?;
     Ok(())
 }
 

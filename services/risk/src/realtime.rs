@@ -13,7 +13,7 @@ use std::sync::Arc;
 /// One detection, as recorded on the flow.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Detection {
-    /// `anonymous_ip`, `malicious_ip`.
+    /// `anonymous_ip`, `malicious_ip`, or (added by the password step) `leaked_credentials`.
     pub kind: String,
     /// Its level.
     pub level: RiskLevel,

@@ -41,7 +41,7 @@ use gatehouse_events::{
 use gatehouse_policy::PolicyView;
 use gatehouse_policy::engine::{Context, Outcome, PrimaryKind};
 use gatehouse_policy::model::{Controls, Platform, RiskLevel};
-use gatehouse_risk::RealtimeRisk;
+use gatehouse_risk::{Detection, RealtimeRisk};
 use rand::Rng;
 use serde_json::json;
 use std::net::IpAddr;
@@ -153,6 +153,8 @@ struct Batch {
     flow_events: Vec<SignInEvent>,
     flow_stream: gatehouse_events::StreamId,
     recorded_at: DateTime<Utc>,
+    /// Risk the step itself saw (a leaked password), added to the risk hook's.
+    detections: Vec<Detection>,
 }
 
 impl Batch {
@@ -167,6 +169,7 @@ impl Batch {
             flow_events: Vec::new(),
             flow_stream: flow.stream.clone(),
             recorded_at,
+            detections: Vec::new(),
         }
     }
 
@@ -422,6 +425,7 @@ impl Engine {
             flow_events,
             flow_stream,
             recorded_at,
+            ..
         } = batch;
         let context = request.metadata().context.clone();
         let outcome = self.store.append(request).await?;
@@ -1057,6 +1061,8 @@ impl Engine {
             (Some(sealed), true) => self.crypto.open(user.stream.id, sealed).await?,
             _ => None,
         };
+        // Leaked credentials: a right password that is in the breached-password list.
+        let breached = self.passwords.breached().contains(&password);
         let verified = self.passwords.verify(password, hash).await;
 
         // 3. Record the outcome with the lockout's (reloaded only if it moved meanwhile).
@@ -1081,6 +1087,13 @@ impl Engine {
                 batch.flow(SignInEvent::PrimaryVerified {
                     method: "pwd".into(),
                 })?;
+                if breached {
+                    batch.detections.push(Detection {
+                        kind: "leaked_credentials".into(),
+                        level: RiskLevel::High,
+                        evidence: "the password is in the breached-password list".into(),
+                    });
+                }
                 self.link_identity(flow, &user, &mut batch).await?;
             } else {
                 let event = lockout.state.failure(id, familiar, &policy, Utc::now());
@@ -1146,7 +1159,11 @@ impl Engine {
             .context
             .as_ref()
             .and_then(|c| c.ip.as_deref()?.parse().ok());
-        let (risk, detections) = self.risk.assess(client_ip);
+        let (mut risk, mut detections) = self.risk.assess(client_ip);
+        for detection in std::mem::take(&mut batch.detections) {
+            risk = risk.max(detection.level);
+            detections.push(detection);
+        }
         batch.flow(SignInEvent::RiskAssessed {
             level: risk.as_str().into(),
             detections,
