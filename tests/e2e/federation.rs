@@ -1,7 +1,9 @@
 //! Federation: sign-up and sign-in with OpenID Connect and Facebook identity providers,
 //! against the running server (SQLite always, PostgreSQL when configured): panva's
 //! oidc-provider as the real provider (just-in-time sign-up, returning user, linking to an
-//! existing account only with proof, MFA after federation required by a policy, replayed code,
+//! existing account only with proof (judged by policies as the password it is, linked only
+//! when the sign-in completes, never offered for an unverified email), MFA after federation
+//! required by a policy, replayed code,
 //! wrong state, denied consent, provider down), a provider written to misbehave (wrong nonce,
 //! expired token, wrong audience, key not in the JWKS, wrong issuer, RFC 9207 mix-up; key
 //! rotation; unreachable at start), a Facebook stand-in, IdentityProviderService validation
@@ -1073,6 +1075,87 @@ async fn with_oidc_provider(world: &World, data: &Path, store: &Arc<dyn EventSto
         return Err(format!("still linked: {left:?}").into());
     }
 
+    // 7b. A provider that does not vouch for the email gets no link offered (no probing which
+    // emails have accounts, no codes sent to their owners).
+    world
+        .create_user("unverified.local@example.com", true)
+        .await?;
+    let flow = federate(world, &provider.id, "unverified.local@example.com").await?;
+    failed_with(&flow, "email_not_verified")?;
+
+    // 7c. The proof is judged like the sign-in it is (a password), and the identity is linked
+    // only when the sign-in completes: stopping at MFA links nothing.
+    let guarded_id = world
+        .create_user("guarded.person@example.com", true)
+        .await?;
+    let password_mfa = PolicyServiceClient::new(world.channel.clone())
+        .create_policy(req(
+            pb::CreatePolicyRequest {
+                tenant_id: world.tenant_id.clone(),
+                definition: Some(pb::PolicyDefinition {
+                    name: "MFA for password sign-ins".into(),
+                    users: Some(pb::UserAssignment {
+                        include_users: vec![guarded_id.clone()],
+                        ..Default::default()
+                    }),
+                    apps: Some(pb::AppAssignment {
+                        all: true,
+                        ..Default::default()
+                    }),
+                    conditions: Some(pb::PolicyConditions {
+                        primary_methods: vec!["password".into()],
+                        ..Default::default()
+                    }),
+                    grant: Some(pb::GrantControls {
+                        controls: vec![pb::GrantControl::Mfa as i32],
+                        ..Default::default()
+                    }),
+                    session: None,
+                }),
+                state: pb::PolicyState::Enabled as i32,
+                acknowledge_warnings: false,
+            },
+            &world.key,
+        )?)
+        .await?
+        .into_inner();
+    let flow = federate(world, &provider.id, "guarded.person@example.com").await?;
+    step_is(&flow, pb::SignInStep::LinkAccount)?;
+    let flow = world.password(&flow, PASSWORD).await?;
+    step_is(&flow, pb::SignInStep::SelectMfaMethod)?;
+    world
+        .signin()
+        .cancel_sign_in(pb::SignInRef {
+            tenant_id: world.tenant_id.clone(),
+            client_id: world.client_id.clone(),
+            sign_in_id: flow.id.clone(),
+        })
+        .await?;
+    if !identities(world, &guarded_id).await?.is_empty() {
+        return Err("an identity was linked by a sign-in that stopped at MFA".into());
+    }
+    let flow = federate(world, &provider.id, "guarded.person@example.com").await?;
+    let flow = world.password(&flow, PASSWORD).await?;
+    let flow = world.select(&flow, pb::MfaMethod::EmailOtp).await?;
+    let message = wait_for_message(data, "guarded.person@example.com", 0)?;
+    let done = world
+        .mfa_code(&flow, &message.code.ok_or("no code")?)
+        .await?;
+    if signed_in(world, &done).await?.0 != guarded_id
+        || identities(world, &guarded_id).await?.len() != 1
+    {
+        return Err("not linked after the sign-in completed with MFA".into());
+    }
+    PolicyServiceClient::new(world.channel.clone())
+        .delete_policy(req(
+            pb::PolicyRef {
+                tenant_id: world.tenant_id.clone(),
+                policy_id: password_mfa.id.clone(),
+            },
+            &world.key,
+        )?)
+        .await?;
+
     // 8. An unverified email does not sign anyone up.
     let flow = federate(world, &provider.id, "unverified.person@example.com").await?;
     failed_with(&flow, "email_not_verified")?;
@@ -1402,6 +1485,26 @@ async fn provider_administration(server: &Server, world: &World) -> TestResult {
     if updated.display_name != "Google (renamed)" || !updated.has_client_secret {
         return Err(format!("update: {updated:?}").into());
     }
+    // Its issuer cannot be moved (linked identities are that issuer's subjects).
+    let mut moved = oidc_config("https://other.example.com");
+    moved.kind = pb::IdentityProviderKind::Google as i32;
+    let moved = providers(world)
+        .update_identity_provider(req(
+            pb::UpdateIdentityProviderRequest {
+                tenant_id: world.tenant_id.clone(),
+                identity_provider_id: google.id.clone(),
+                config: Some(moved),
+            },
+            &world.key,
+        )?)
+        .await
+        .map(|_| ());
+    expect(
+        moved,
+        Code::InvalidArgument,
+        Some("config.issuer"),
+        "issuer moved",
+    )?;
     // Another tenant cannot see it.
     let other = World::new(server, &world.admin).await?;
     let peek = providers(&other)

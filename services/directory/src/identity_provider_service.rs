@@ -268,6 +268,21 @@ impl IdentityProviderApi {
                 loaded.state.config.as_ref(),
             )
             .await?;
+        // Linked identities are the subjects of this provider's issuer: pointing it elsewhere
+        // would let another issuer's subjects sign in as them (and send it our secret).
+        if let Some(old) = &loaded.state.config {
+            let mut validation = Validation::new();
+            for (field, changed) in [
+                ("config.kind", old.kind != config.kind),
+                ("config.issuer", old.issuer != config.issuer),
+                ("config.base_url", old.base_url != config.base_url),
+            ] {
+                if changed {
+                    validation.add(field, "cannot change; create a new identity provider");
+                }
+            }
+            validation.finish()?;
+        }
         let event = IdentityProviderEvent::IdentityProviderUpdated { config };
         self.write(tenant_id, &loaded, event, metadata).await?;
         let updated = self.provider(tenant_id, &id.to_string()).await?;

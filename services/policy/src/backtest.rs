@@ -63,12 +63,15 @@ struct Started {
     method: String,
 }
 
-/// `FederationSucceeded` / `LinkRequired`: who the provider vouched for.
+/// `FederationSucceeded` / `LinkRequired`: who the provider vouched for; for a link, how
+/// the person proves the account (`password`, `email_otp`), which is what policies judge.
 #[derive(Deserialize)]
 struct Federated {
     provider_id: Uuid,
     kind: String,
     user_id: Uuid,
+    #[serde(default)]
+    proof: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -159,7 +162,13 @@ pub async fn run(
                 "FederationSucceeded" | "LinkRequired" => {
                     if let Ok(federated) = serde_json::from_str::<Federated>(payload) {
                         flow.user = Some(federated.user_id);
-                        flow.provider = Some((federated.provider_id.to_string(), federated.kind));
+                        match federated.proof {
+                            Some(proof) => flow.method = proof,
+                            None => {
+                                flow.provider =
+                                    Some((federated.provider_id.to_string(), federated.kind));
+                            }
+                        }
                     }
                 }
                 "RiskAssessed" => {

@@ -780,10 +780,17 @@ impl Engine {
             scope: EMAIL_CLAIM.into(),
             value: self.crypto.blind_index(tenant_id, EMAIL_CLAIM, &email),
         };
-        // 2. The email has an account: never merged without proof of that account.
+        // 2. The email has an account: never merged without proof of that account, and only
+        // offered when the provider vouches for the email (else anyone could probe which
+        // emails have accounts, and send their owners codes).
         if let Some(owner) = self.store.claim_owner(&email_claim).await?
             && owner.kind == User::STREAM_TYPE
         {
+            if !claims.email_verified {
+                return self
+                    .federation_failed(id, flow, provider_id, "email_not_verified".into(), metadata)
+                    .await;
+            }
             let user = Loaded::<User>::load(self.store.as_ref(), owner.id).await?;
             let proof = if user.state.credential.is_some() {
                 Primary::Password
@@ -924,22 +931,36 @@ impl Engine {
         Ok(self.reply(id, flow, None))
     }
 
-    /// After the proof of an account a provider's email belongs to: links the identity
-    /// (a claim, so it stays unique) and counts the provider as the primary method too.
-    async fn link_identity(
+    /// After the proof of an account a provider's email belongs to: the provider counts as
+    /// a primary method too. The identity is linked only when the sign-in completes
+    /// ([`Self::link_on_completion`]): a proof that stops at MFA or a block links nothing.
+    fn proved_for_link(
         &self,
         flow: &Loaded<SignIn>,
         user: &Loaded<User>,
         batch: &mut Batch,
     ) -> Result<(), ApiError> {
-        let Some(link) = &flow.state.link else {
-            return Ok(());
-        };
-        // A disabled or unverified account is refused next (after_primary): nothing to link.
-        if user.state.status != Status::Active {
+        // A disabled or unverified account is refused next (after_primary).
+        if flow.state.link.is_none() || user.state.status != Status::Active {
             return Ok(());
         }
-        let tenant_id = flow.state.tenant_id;
+        batch.flow(SignInEvent::PrimaryVerified {
+            method: "fed".into(),
+        })
+    }
+
+    /// Links the identity a completing flow's person proved their account for (a claim, so
+    /// it stays one account's).
+    async fn link_on_completion(
+        &self,
+        preview: &SignIn,
+        user: &Loaded<User>,
+        batch: &mut Batch,
+    ) -> Result<(), ApiError> {
+        let Some(link) = &preview.link else {
+            return Ok(());
+        };
+        let tenant_id = preview.tenant_id;
         let subject: String = self
             .crypto
             .open(user.stream.id, &link.subject)
@@ -950,28 +971,35 @@ impl Engine {
             IDENTITY_CLAIM,
             &identity_key(link.provider_id, &subject),
         );
-        batch.other(
-            &user.stream,
-            None,
-            &UserEvent::IdentityLinked {
-                provider_id: link.provider_id,
-                identity: identity.clone(),
-                subject: link.subject.clone(),
-            },
-        )?;
-        batch.claim(
-            &user.stream,
-            ClaimKey {
-                tenant_id,
-                scope: IDENTITY_CLAIM.into(),
-                value: identity,
-            },
-        );
+        let claim = ClaimKey {
+            tenant_id,
+            scope: IDENTITY_CLAIM.into(),
+            value: identity.clone(),
+        };
+        match self.store.claim_owner(&claim).await? {
+            // Linked meanwhile (another tab of the same person): nothing more to do.
+            Some(owner) if owner == user.stream => {}
+            // Another account took it meanwhile: this person still proved their own
+            // account and signs in to it, unlinked.
+            Some(_) => {
+                tracing::info!(provider_id = %link.provider_id, "identity linked to another account meanwhile");
+                return Ok(());
+            }
+            None => {
+                batch.other(
+                    &user.stream,
+                    None,
+                    &UserEvent::IdentityLinked {
+                        provider_id: link.provider_id,
+                        identity,
+                        subject: link.subject.clone(),
+                    },
+                )?;
+                batch.claim(&user.stream, claim);
+            }
+        }
         batch.flow(SignInEvent::IdentityLinked {
             provider_id: link.provider_id,
-        })?;
-        batch.flow(SignInEvent::PrimaryVerified {
-            method: "fed".into(),
         })
     }
 
@@ -1094,7 +1122,7 @@ impl Engine {
                         evidence: "the password is in the breached-password list".into(),
                     });
                 }
-                self.link_identity(flow, &user, &mut batch).await?;
+                self.proved_for_link(flow, &user, &mut batch)?;
             } else {
                 let event = lockout.state.failure(id, familiar, &policy, Utc::now());
                 batch.other(&lockout.stream, Some(lockout.expected()), &event)?;
@@ -1203,9 +1231,13 @@ impl Engine {
         let (set, groups) = self.policies.for_sign_in(flow.tenant_id, user_id);
         let client = metadata.context.as_ref();
         let provider_id = flow.provider.as_ref().map(|(id, _)| id.to_string());
-        let primary = match (&flow.provider, &provider_id, flow.method) {
-            (Some((_, kind)), Some(id), _) => PrimaryKind::Federated { id, kind },
-            (_, _, Some(Primary::EmailOtp)) => PrimaryKind::EmailOtp,
+        // While an identity waits to be linked, the account was proved by its own factor:
+        // policies judge that (a password is a password sign-in, whoever vouched for the email).
+        let primary = match (flow.primary_factor(), &flow.provider, &provider_id) {
+            (Some(Primary::Federated), Some((_, kind)), Some(id)) => {
+                PrimaryKind::Federated { id, kind }
+            }
+            (Some(Primary::EmailOtp), _, _) => PrimaryKind::EmailOtp,
             _ => PrimaryKind::Password,
         };
         let country = ip.and_then(|ip| self.geo.country(ip));
@@ -1314,7 +1346,7 @@ impl Engine {
             }
             Some(Control::Mfa) => {
                 let methods: Vec<MfaMethod> =
-                    available_methods(&user.state, settings, flow.state.method)
+                    available_methods(&user.state, settings, preview.primary_factor())
                         .into_iter()
                         .filter(counts)
                         .collect();
@@ -1350,6 +1382,7 @@ impl Engine {
         batch: &mut Batch,
         metadata: &Metadata,
     ) -> Result<Tokens, ApiError> {
+        self.link_on_completion(preview, user, batch).await?;
         let amr = preview.amr.clone();
         let now = Utc::now();
         let tenant_id = flow.state.tenant_id;
@@ -1442,7 +1475,7 @@ impl Engine {
             batch.flow(SignInEvent::PrimaryVerified {
                 method: "otp".into(),
             })?;
-            self.link_identity(flow, &user, &mut batch).await?;
+            self.proved_for_link(flow, &user, &mut batch)?;
             let tokens = self
                 .after_primary(id, flow, &user, &settings, &mut batch, metadata)
                 .await?;

@@ -46,18 +46,16 @@ pub struct Secrets {
     pub state: String,
     /// `nonce`: ties the ID token to this attempt.
     pub nonce: String,
-    /// PKCE verifier (43 characters of base64url).
+    /// PKCE verifier (64 hex characters).
     pub verifier: String,
 }
 
 impl Secrets {
     /// The secrets of attempt `attempt` of flow `flow_id`.
     pub fn derive(crypto: &Crypto, flow_id: Uuid, attempt: u32) -> Secrets {
-        let derive = |purpose: &str| {
-            let hex = crypto.code_digest(flow_id, purpose, &attempt.to_string());
-            let bytes = hex::decode(hex).unwrap_or_default();
-            URL_SAFE_NO_PAD.encode(bytes)
-        };
+        // 64 hex characters: a valid PKCE verifier (RFC 7636: 43 to 128 unreserved
+        // characters) and 256 bits for state and nonce.
+        let derive = |purpose: &str| crypto.code_digest(flow_id, purpose, &attempt.to_string());
         Secrets {
             state: derive("federation_state"),
             nonce: derive("federation_nonce"),
@@ -376,10 +374,11 @@ impl Federation {
         redirect_uri: &str,
         code: &str,
     ) -> Result<Claims, FederationError> {
+        // The secret goes in the body, never in a URL (URLs end up in error messages).
         let token: Value = self
             .http
-            .get(format!("{}/oauth/access_token", config.base_url))
-            .query(&[
+            .post(format!("{}/oauth/access_token", config.base_url))
+            .form(&[
                 ("client_id", config.client_id.as_str()),
                 ("redirect_uri", redirect_uri),
                 ("client_secret", client_secret),
@@ -388,10 +387,10 @@ impl Federation {
             ])
             .send()
             .await
-            .map_err(|e| FederationError::Unavailable(e.to_string()))?
+            .map_err(unavailable)?
             .json()
             .await
-            .map_err(|e| FederationError::Unavailable(e.to_string()))?;
+            .map_err(unavailable)?;
         let access_token = token
             .get("access_token")
             .and_then(Value::as_str)
@@ -407,10 +406,10 @@ impl Federation {
             .bearer_auth(access_token)
             .send()
             .await
-            .map_err(|e| FederationError::Unavailable(e.to_string()))?
+            .map_err(unavailable)?
             .json()
             .await
-            .map_err(|e| FederationError::Unavailable(e.to_string()))?;
+            .map_err(unavailable)?;
         let Value::Object(me) = me else {
             return Err(FederationError::Unavailable("/me is not an object".into()));
         };
@@ -423,6 +422,11 @@ impl Federation {
         // Facebook returns only confirmed emails.
         Ok(mapped(config, subject, &me, true))
     }
+}
+
+/// A network failure, described without its URL (which may carry tokens).
+fn unavailable(error: reqwest::Error) -> FederationError {
+    FederationError::Unavailable(error.without_url().to_string())
 }
 
 /// The claims named by the provider's mapping.

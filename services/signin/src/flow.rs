@@ -588,6 +588,17 @@ impl SignIn {
         self.started_at.is_some() && self.outcome.is_none()
     }
 
+    /// The factor that proved who the person is: the proof of the account while an identity
+    /// waits to be linked, `Federated` once a provider vouched for a linked account, else the
+    /// method the flow started with.
+    pub fn primary_factor(&self) -> Option<Primary> {
+        match (&self.link, &self.provider) {
+            (Some(link), _) => Some(link.proof),
+            (None, Some(_)) => Some(Primary::Federated),
+            (None, None) => self.method,
+        }
+    }
+
     /// Open but past its deadline.
     pub fn is_overdue(&self, now: DateTime<Utc>) -> bool {
         self.is_open() && self.expires_at.is_some_and(|deadline| deadline <= now)
