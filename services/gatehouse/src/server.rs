@@ -126,6 +126,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let sessions =
         Arc::new(SessionApi::new(store.clone(), crypto.clone(), signing.clone(), directory).await?);
     let notifier = tokio::spawn(notifier::run(store.clone(), crypto, senders(&config)?));
+    // The offline risk detector follows the log (every replica may run it: a detection is
+    // recorded once whoever finds it).
+    let detector = tokio::spawn(gatehouse_risk::detector::run(
+        store.clone(),
+        gatehouse_risk::detector::Thresholds::default(),
+    ));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -242,6 +248,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
     notifier.abort();
+    detector.abort();
     erasures.abort();
     health_reporter
         .set_service_status("", ServingStatus::NotServing)
