@@ -14,7 +14,8 @@
 //! token signed by a key the cached set does not have triggers one fresh fetch before it is
 //! refused (key rotation). That fetch is not rate-limited: ID tokens come only from the
 //! provider's own token endpoint, so no one but the provider can cause it. The HTTP client
-//! follows no redirects (SSRF) and gives up after [`TIMEOUT`].
+//! follows no redirects (SSRF), gives up after [`TIMEOUT`] and reads at most [`MAX_RESPONSE`]
+//! bytes of any answer.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -39,6 +40,8 @@ use uuid::Uuid;
 pub const METADATA_TTL: Duration = Duration::from_secs(600);
 /// Every call to a provider.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest answer read from a provider (discovery, keys, tokens, `/me`).
+pub const MAX_RESPONSE: usize = 256 * 1024;
 
 /// One attempt's secrets, derived (never stored).
 pub struct Secrets {
@@ -142,6 +145,60 @@ struct Cached {
     fetched: Instant,
 }
 
+/// A failed call to a provider, described without its URL (which may carry tokens).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct HttpError(String);
+
+impl From<reqwest::Error> for HttpError {
+    fn from(error: reqwest::Error) -> Self {
+        HttpError(error.without_url().to_string())
+    }
+}
+
+/// Reads a response's body, refusing more than [`MAX_RESPONSE`] bytes.
+async fn read_body(mut response: reqwest::Response) -> Result<Vec<u8>, HttpError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > MAX_RESPONSE {
+            return Err(HttpError(format!(
+                "the answer is larger than {MAX_RESPONSE} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// The HTTP client `openidconnect` calls: reqwest, with the body cap.
+async fn send(
+    http: reqwest::Client,
+    request: openidconnect::HttpRequest,
+) -> Result<openidconnect::HttpResponse, HttpError> {
+    let (parts, body) = request.into_parts();
+    let response = http
+        .request(parts.method, parts.uri.to_string())
+        .headers(parts.headers)
+        .body(body)
+        .send()
+        .await?;
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = read_body(response).await?;
+    let mut answer = openidconnect::http::Response::new(body);
+    *answer.status_mut() = status;
+    *answer.headers_mut() = headers;
+    Ok(answer)
+}
+
+/// Reads a JSON answer (capped).
+async fn json(response: reqwest::Response) -> Result<Value, FederationError> {
+    let body = read_body(response)
+        .await
+        .map_err(|e| FederationError::Unavailable(e.to_string()))?;
+    serde_json::from_slice(&body).map_err(|e| FederationError::Unavailable(e.to_string()))
+}
+
 /// Talks to identity providers.
 pub struct Federation {
     http: reqwest::Client,
@@ -178,7 +235,8 @@ impl Federation {
         }
         let url = IssuerUrl::new(issuer.to_string())
             .map_err(|e| FederationError::Unavailable(format!("issuer: {e}")))?;
-        let metadata = CoreProviderMetadata::discover_async(url, &self.http)
+        let client = |request| send(self.http.clone(), request);
+        let metadata = CoreProviderMetadata::discover_async(url, &client)
             .await
             .map_err(|e| FederationError::Unavailable(format!("discovery: {e}")))?;
         let metadata = Arc::new(metadata);
@@ -319,7 +377,7 @@ impl Federation {
             .exchange_code(AuthorizationCode::new(code.clone()))
             .map_err(|e| FederationError::Unavailable(format!("token endpoint: {e}")))?
             .set_pkce_verifier(PkceCodeVerifier::new(secrets.verifier.clone()))
-            .request_async(&self.http)
+            .request_async(&|request| send(self.http.clone(), request))
             .await
             .map_err(|e| match e {
                 RequestTokenError::ServerResponse(response) => {
@@ -375,7 +433,7 @@ impl Federation {
         code: &str,
     ) -> Result<Claims, FederationError> {
         // The secret goes in the body, never in a URL (URLs end up in error messages).
-        let token: Value = self
+        let token = self
             .http
             .post(format!("{}/oauth/access_token", config.base_url))
             .form(&[
@@ -387,16 +445,14 @@ impl Federation {
             ])
             .send()
             .await
-            .map_err(unavailable)?
-            .json()
-            .await
             .map_err(unavailable)?;
+        let token = json(token).await?;
         let access_token = token
             .get("access_token")
             .and_then(Value::as_str)
             .ok_or_else(|| FederationError::InvalidGrant(token.to_string()))?;
         let mapping = &config.claim_mapping;
-        let me: Value = self
+        let me = self
             .http
             .get(format!("{}/me", config.base_url))
             .query(&[(
@@ -406,10 +462,8 @@ impl Federation {
             .bearer_auth(access_token)
             .send()
             .await
-            .map_err(unavailable)?
-            .json()
-            .await
             .map_err(unavailable)?;
+        let me = json(me).await?;
         let Value::Object(me) = me else {
             return Err(FederationError::Unavailable("/me is not an object".into()));
         };
@@ -462,6 +516,40 @@ fn mapped(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer answering every connection with `size` bytes of JSON-ish body.
+    async fn peer(size: usize) -> std::io::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut request = [0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n\r\n");
+                let _ = socket.write_all(head.as_bytes()).await;
+                let _ = socket.write_all(&vec![b' '; size]).await;
+            }
+        });
+        Ok(format!("http://{address}/"))
+    }
+
+    #[tokio::test]
+    async fn answers_larger_than_the_cap_are_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let http = reqwest::Client::new();
+        let request = |url: &str| {
+            openidconnect::http::Request::builder()
+                .uri(url)
+                .body(Vec::new())
+        };
+        let small = peer(1000).await?;
+        let answer = send(http.clone(), request(&small)?).await?;
+        assert_eq!(answer.body().len(), 1000);
+        let large = peer(MAX_RESPONSE + 1).await?;
+        let refused = send(http, request(&large)?).await;
+        assert!(refused.is_err_and(|e| e.to_string().contains("larger than")));
+        Ok(())
+    }
 
     #[test]
     fn provider_error_codes_are_echoed_only_when_plausible() {

@@ -134,12 +134,11 @@ impl OidcProvider {
         }
         let mut child = Command::new("node")
             .arg(dir.join("provider.mjs"))
-            .arg("--client-id")
-            .arg(client_id)
-            .arg("--client-secret")
-            .arg(client_secret)
-            .arg("--redirect-uris")
-            .arg(redirect_uris.join(","))
+            // `--name=value`: a value starting with '-' (random secrets do) is otherwise
+            // refused by node's parseArgs as ambiguous.
+            .arg(format!("--client-id={client_id}"))
+            .arg(format!("--client-secret={client_secret}"))
+            .arg(format!("--redirect-uris={}", redirect_uris.join(",")))
             .current_dir(&dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
