@@ -135,12 +135,15 @@ impl FlowActor {
         scope: &Scope,
         metadata: &Metadata,
     ) -> Result<Reply, ApiError> {
+        // A provider's code is single-use: CompleteFederation is decided once, from the log
+        // (a retry after a lost race would redeem the code again and be refused).
+        let once = matches!(command, Command::CompleteFederation(_));
         // A read is answered from the log, not the copy: another process may have moved on.
-        if matches!(command, Command::Get) {
+        if matches!(command, Command::Get) || once {
             state.flow = None;
         }
         let mut result = Err(ApiError::Aborted);
-        for _ in 0..2 {
+        for _ in 0..if once { 1 } else { 2 } {
             let mut flow = match state.flow.take() {
                 Some(flow) => flow,
                 None => Loaded::<SignIn>::load(self.engine.store().as_ref(), state.id).await?,
