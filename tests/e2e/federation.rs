@@ -24,7 +24,6 @@ use gatehouse_events::{EventStore, StreamId};
 use gatehouse_proto::v1 as pb;
 use pb::identity_provider_service_client::IdentityProviderServiceClient;
 use pb::policy_service_client::PolicyServiceClient;
-use pb::tenant_service_client::TenantServiceClient;
 use pb::user_service_client::UserServiceClient;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -684,34 +683,64 @@ async fn create_provider(
 
 /// Lets the tenant's customers sign in with identity providers (and sign up, or not).
 async fn allow_federation(world: &World, sign_up: bool) -> TestResult {
-    let mut tenants = TenantServiceClient::new(world.channel.clone());
-    let tenant = tenants
-        .get_tenant(req(
-            pb::GetTenantRequest {
+    world
+        .update_settings(|settings| {
+            settings.sign_up_enabled = sign_up;
+            settings.collected_attributes = vec!["name".into()];
+            let federated = pb::PrimaryMethod::Federated as i32;
+            if !settings.allowed_primary_methods.contains(&federated) {
+                settings.allowed_primary_methods.push(federated);
+            }
+            Ok(())
+        })
+        .await
+}
+
+/// An enabled policy: MFA for `users` signing in to any app with `primary_method`.
+async fn mfa_policy(
+    world: &World,
+    name: &str,
+    users: pb::UserAssignment,
+    primary_method: &str,
+) -> Result<pb::Policy, Error> {
+    Ok(PolicyServiceClient::new(world.channel.clone())
+        .create_policy(req(
+            pb::CreatePolicyRequest {
                 tenant_id: world.tenant_id.clone(),
+                definition: Some(pb::PolicyDefinition {
+                    name: name.into(),
+                    users: Some(users),
+                    apps: Some(pb::AppAssignment {
+                        all: true,
+                        ..Default::default()
+                    }),
+                    conditions: Some(pb::PolicyConditions {
+                        primary_methods: vec![primary_method.into()],
+                        ..Default::default()
+                    }),
+                    grant: Some(pb::GrantControls {
+                        controls: vec![pb::GrantControl::Mfa as i32],
+                        ..Default::default()
+                    }),
+                    session: None,
+                }),
+                state: pb::PolicyState::Enabled as i32,
+                acknowledge_warnings: false,
             },
-            &world.admin,
+            &world.key,
         )?)
         .await?
-        .into_inner();
-    let mut settings = tenant.settings.ok_or("no settings")?;
-    settings.sign_up_enabled = sign_up;
-    settings.collected_attributes = vec!["name".into()];
-    if !settings
-        .allowed_primary_methods
-        .contains(&(pb::PrimaryMethod::Federated as i32))
-    {
-        settings
-            .allowed_primary_methods
-            .push(pb::PrimaryMethod::Federated as i32);
-    }
-    tenants
-        .update_tenant_settings(req(
-            pb::UpdateTenantSettingsRequest {
+        .into_inner())
+}
+
+async fn delete_policy(world: &World, policy: &pb::Policy) -> TestResult {
+    PolicyServiceClient::new(world.channel.clone())
+        .delete_policy(req(
+            pb::PolicyRef {
                 tenant_id: world.tenant_id.clone(),
-                settings: Some(settings),
+                policy_id: policy.id.clone(),
             },
-            &world.admin,
+            &world.key,
         )?)
         .await?;
     Ok(())
@@ -800,8 +829,12 @@ async fn signed_in(world: &World, flow: &pb::SignIn) -> Result<(String, Vec<Stri
     Ok((sub, amr))
 }
 
-/// Users of the tenant whose email is exactly `email`.
+/// Users of the tenant whose email is exactly `email`. ListUsers reads a view that follows
+/// the log; creating a user first (CreateUser answers once its own view has it) makes the
+/// view caught up with everything before, so absent means absent.
 async fn users_named(world: &World, email: &str) -> Result<Vec<pb::User>, Error> {
+    let barrier = format!("barrier-{}@example.net", uuid::Uuid::new_v4().simple());
+    world.create_user(&barrier, true).await?;
     Ok(users(world)
         .list_users(req(
             pb::ListUsersRequest {
@@ -1088,37 +1121,16 @@ async fn with_oidc_provider(world: &World, data: &Path, store: &Arc<dyn EventSto
     let guarded_id = world
         .create_user("guarded.person@example.com", true)
         .await?;
-    let password_mfa = PolicyServiceClient::new(world.channel.clone())
-        .create_policy(req(
-            pb::CreatePolicyRequest {
-                tenant_id: world.tenant_id.clone(),
-                definition: Some(pb::PolicyDefinition {
-                    name: "MFA for password sign-ins".into(),
-                    users: Some(pb::UserAssignment {
-                        include_users: vec![guarded_id.clone()],
-                        ..Default::default()
-                    }),
-                    apps: Some(pb::AppAssignment {
-                        all: true,
-                        ..Default::default()
-                    }),
-                    conditions: Some(pb::PolicyConditions {
-                        primary_methods: vec!["password".into()],
-                        ..Default::default()
-                    }),
-                    grant: Some(pb::GrantControls {
-                        controls: vec![pb::GrantControl::Mfa as i32],
-                        ..Default::default()
-                    }),
-                    session: None,
-                }),
-                state: pb::PolicyState::Enabled as i32,
-                acknowledge_warnings: false,
-            },
-            &world.key,
-        )?)
-        .await?
-        .into_inner();
+    let password_mfa = mfa_policy(
+        world,
+        "MFA for password sign-ins",
+        pb::UserAssignment {
+            include_users: vec![guarded_id.clone()],
+            ..Default::default()
+        },
+        "password",
+    )
+    .await?;
     let flow = federate(world, &provider.id, "guarded.person@example.com").await?;
     step_is(&flow, pb::SignInStep::LinkAccount)?;
     let flow = world.password(&flow, PASSWORD).await?;
@@ -1146,15 +1158,7 @@ async fn with_oidc_provider(world: &World, data: &Path, store: &Arc<dyn EventSto
     {
         return Err("not linked after the sign-in completed with MFA".into());
     }
-    PolicyServiceClient::new(world.channel.clone())
-        .delete_policy(req(
-            pb::PolicyRef {
-                tenant_id: world.tenant_id.clone(),
-                policy_id: password_mfa.id.clone(),
-            },
-            &world.key,
-        )?)
-        .await?;
+    delete_policy(world, &password_mfa).await?;
 
     // 8. An unverified email does not sign anyone up.
     let flow = federate(world, &provider.id, "unverified.person@example.com").await?;
@@ -1167,37 +1171,16 @@ async fn with_oidc_provider(world: &World, data: &Path, store: &Arc<dyn EventSto
     }
 
     // 9. MFA after federation when a policy requires it for federated sign-ins only.
-    let policy = PolicyServiceClient::new(world.channel.clone())
-        .create_policy(req(
-            pb::CreatePolicyRequest {
-                tenant_id: world.tenant_id.clone(),
-                definition: Some(pb::PolicyDefinition {
-                    name: "MFA after social sign-in".into(),
-                    users: Some(pb::UserAssignment {
-                        all: true,
-                        ..Default::default()
-                    }),
-                    apps: Some(pb::AppAssignment {
-                        all: true,
-                        ..Default::default()
-                    }),
-                    conditions: Some(pb::PolicyConditions {
-                        primary_methods: vec!["federated:oidc".into()],
-                        ..Default::default()
-                    }),
-                    grant: Some(pb::GrantControls {
-                        controls: vec![pb::GrantControl::Mfa as i32],
-                        ..Default::default()
-                    }),
-                    session: None,
-                }),
-                state: pb::PolicyState::Enabled as i32,
-                acknowledge_warnings: false,
-            },
-            &world.key,
-        )?)
-        .await?
-        .into_inner();
+    let policy = mfa_policy(
+        world,
+        "MFA after social sign-in",
+        pb::UserAssignment {
+            all: true,
+            ..Default::default()
+        },
+        "federated:oidc",
+    )
+    .await?;
     let flow = federate(world, &provider.id, "new.person@example.com").await?;
     step_is(&flow, pb::SignInStep::SelectMfaMethod)?;
     let flow = world.select(&flow, pb::MfaMethod::EmailOtp).await?;
@@ -1214,15 +1197,7 @@ async fn with_oidc_provider(world: &World, data: &Path, store: &Arc<dyn EventSto
     if let Err(e) = password_only {
         return Err(format!("password sign-in challenged by a federated-only policy: {e}").into());
     }
-    PolicyServiceClient::new(world.channel.clone())
-        .delete_policy(req(
-            pb::PolicyRef {
-                tenant_id: world.tenant_id.clone(),
-                policy_id: policy.id.clone(),
-            },
-            &world.key,
-        )?)
-        .await?;
+    delete_policy(world, &policy).await?;
 
     // 10. The provider goes down between the redirect and the callback.
     let (flow, url) = start_federation(world, &provider.id).await?;

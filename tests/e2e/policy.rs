@@ -15,7 +15,6 @@ use gatehouse_events::{EventStore, StreamId};
 use gatehouse_proto::v1 as pb;
 use pb::mfa_service_client::MfaServiceClient;
 use pb::policy_service_client::PolicyServiceClient;
-use pb::tenant_service_client::TenantServiceClient;
 use pb::user_service_client::UserServiceClient;
 use std::path::Path;
 use std::sync::Arc;
@@ -1042,32 +1041,16 @@ async fn risk_based_access(
 
 /// Turns the tenant's breached-password check on or off.
 async fn reject_breached(world: &World, on: bool) -> TestResult {
-    let mut tenants = TenantServiceClient::new(world.channel.clone());
-    let tenant = tenants
-        .get_tenant(req(
-            pb::GetTenantRequest {
-                tenant_id: world.tenant_id.clone(),
-            },
-            &world.admin,
-        )?)
-        .await?
-        .into_inner();
-    let mut settings = tenant.settings.ok_or("no settings")?;
-    settings
-        .password_policy
-        .as_mut()
-        .ok_or("no password policy")?
-        .reject_breached = on;
-    tenants
-        .update_tenant_settings(req(
-            pb::UpdateTenantSettingsRequest {
-                tenant_id: world.tenant_id.clone(),
-                settings: Some(settings),
-            },
-            &world.admin,
-        )?)
-        .await?;
-    Ok(())
+    world
+        .update_settings(|settings| {
+            settings
+                .password_policy
+                .as_mut()
+                .ok_or("no password policy")?
+                .reject_breached = on;
+            Ok(())
+        })
+        .await
 }
 
 /// Another tenant's key sees nothing of this tenant's policies, by tenant id or by policy id.

@@ -55,6 +55,21 @@ impl Cidr {
     }
 }
 
+/// The network an address counts as when attempts are grouped (smart lockout's familiar
+/// locations, password spray): its IPv4 /24 or IPv6 /48.
+pub fn network_of(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
+            format!("{a}.{b}.{c}.0/24")
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}::/48", s[0], s[1], s[2])
+        }
+    }
+}
+
 /// An address as 128 bits (IPv4 mapped into `::ffff:0:0/96`).
 pub fn to_u128(ip: IpAddr) -> u128 {
     match ip {

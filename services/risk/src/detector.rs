@@ -18,6 +18,7 @@
 
 use chrono::{DateTime, Duration, Utc};
 use futures::StreamExt;
+use gatehouse_core::net::network_of;
 use gatehouse_events::{
     Aggregate, AppendRequest, DomainEvent, EventFilter, EventStore, ExpectedVersion, Metadata,
     Position, RecordedEvent, StoreError, StreamId,
@@ -155,20 +156,6 @@ impl Window {
     fn fire(&mut self, at: DateTime<Utc>, window: Duration) -> Vec<Failure> {
         self.quiet_until = Some(at + window);
         self.failures.drain(..).collect()
-    }
-}
-
-/// The network an address counts as for spraying.
-fn network_of(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, c, _] = v4.octets();
-            format!("{a}.{b}.{c}.0/24")
-        }
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            format!("{:x}:{:x}:{:x}::/48", s[0], s[1], s[2])
-        }
     }
 }
 

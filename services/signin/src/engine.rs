@@ -24,6 +24,7 @@ use gatehouse_core::ApiError;
 use gatehouse_core::crypto::Crypto;
 use gatehouse_core::error::Validation;
 use gatehouse_core::geo::Geo;
+use gatehouse_core::net::network_of;
 use gatehouse_core::passwords::Passwords;
 use gatehouse_directory::contact::{normalize_email, validate_phone};
 use gatehouse_directory::identity_provider::{IdentityProvider, ProviderConfig};
@@ -213,6 +214,25 @@ impl Batch {
     }
 }
 
+/// The provider vouched for the person, whose account is `user_id`: the primary method is done.
+fn vouched(
+    batch: &mut Batch,
+    provider_id: Uuid,
+    kind: String,
+    user_id: Uuid,
+    signed_up: bool,
+) -> Result<(), ApiError> {
+    batch.flow(SignInEvent::FederationSucceeded {
+        provider_id,
+        kind,
+        user_id,
+        signed_up,
+    })?;
+    batch.flow(SignInEvent::PrimaryVerified {
+        method: "fed".into(),
+    })
+}
+
 /// A six-digit code.
 fn new_code() -> String {
     format!("{:06}", rand::rng().random_range(0..1_000_000u32))
@@ -220,16 +240,7 @@ fn new_code() -> String {
 
 /// The location an IP counts as for smart lockout: its /24 (IPv4) or /48 (IPv6).
 fn location_of(ip: Option<&str>) -> Option<String> {
-    match ip?.parse::<IpAddr>().ok()? {
-        IpAddr::V4(v4) => {
-            let [a, b, c, _] = v4.octets();
-            Some(format!("{a}.{b}.{c}.0/24"))
-        }
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            Some(format!("{:x}:{:x}:{:x}::/48", s[0], s[1], s[2]))
-        }
-    }
+    Some(network_of(ip?.parse::<IpAddr>().ok()?))
 }
 
 fn wrong_step(flow: &SignIn) -> ApiError {
@@ -752,15 +763,7 @@ impl Engine {
             && owner.kind == User::STREAM_TYPE
         {
             let user = Loaded::<User>::load(self.store.as_ref(), owner.id).await?;
-            batch.flow(SignInEvent::FederationSucceeded {
-                provider_id,
-                kind,
-                user_id: owner.id,
-                signed_up: false,
-            })?;
-            batch.flow(SignInEvent::PrimaryVerified {
-                method: "fed".into(),
-            })?;
+            vouched(&mut batch, provider_id, kind, owner.id, false)?;
             let tokens = self
                 .after_primary(id, flow, &user, &settings, &mut batch, metadata)
                 .await?;
@@ -887,15 +890,7 @@ impl Engine {
         }
         batch.claim(&stream, email_claim);
         batch.claim(&stream, identity_claim);
-        batch.flow(SignInEvent::FederationSucceeded {
-            provider_id,
-            kind,
-            user_id,
-            signed_up: true,
-        })?;
-        batch.flow(SignInEvent::PrimaryVerified {
-            method: "fed".into(),
-        })?;
+        vouched(&mut batch, provider_id, kind, user_id, true)?;
         let tokens = self
             .after_primary(id, flow, &user, &settings, &mut batch, metadata)
             .await?;

@@ -180,7 +180,11 @@ impl World {
             .id)
     }
 
-    pub async fn set_require_mfa(&self, on: bool) -> TestResult {
+    /// Changes the tenant's settings (with the admin key).
+    pub async fn update_settings(
+        &self,
+        change: impl FnOnce(&mut pb::TenantSettings) -> TestResult,
+    ) -> TestResult {
         let mut tenants = TenantServiceClient::new(self.channel.clone());
         let tenant = tenants
             .get_tenant(req(
@@ -192,7 +196,7 @@ impl World {
             .await?
             .into_inner();
         let mut settings = tenant.settings.ok_or("no settings")?;
-        settings.require_mfa = on;
+        change(&mut settings)?;
         tenants
             .update_tenant_settings(req(
                 pb::UpdateTenantSettingsRequest {
@@ -203,6 +207,14 @@ impl World {
             )?)
             .await?;
         Ok(())
+    }
+
+    pub async fn set_require_mfa(&self, on: bool) -> TestResult {
+        self.update_settings(|settings| {
+            settings.require_mfa = on;
+            Ok(())
+        })
+        .await
     }
 
     pub async fn start(
