@@ -1,21 +1,56 @@
-//! Where an IP address is: the country from a MaxMind-format database (GeoIP2 / GeoLite2
-//! Country or City, or any database with `country.iso_code`), configured by path. Without a
-//! database every address is of unknown country, and country conditions never match.
+//! Where an IP address is, from MaxMind-format databases configured by path: the country
+//! (`country.iso_code`) and coordinates (`location.latitude` / `longitude`) from a GeoIP2 /
+//! GeoLite2 Country or City database, the network operator (`autonomous_system_number`) from
+//! an ASN database (or the same file when it carries both). Without a database every address
+//! is of unknown place, and country conditions never match.
 
 use maxminddb::{Reader, path};
+use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 use std::path::Path;
 
-/// The GeoIP database, if one is configured.
+/// The GeoIP databases, if configured.
 #[derive(Default)]
 pub struct Geo {
     reader: Option<Reader<Vec<u8>>>,
+    asn: Option<Reader<Vec<u8>>>,
+}
+
+/// Everything known about where an address is.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Location {
+    /// ISO 3166-1 alpha-2, upper case.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    /// Degrees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latitude: Option<f64>,
+    /// Degrees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub longitude: Option<f64>,
+    /// The autonomous system (network operator) number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asn: Option<u32>,
+}
+
+impl Location {
+    /// Great-circle distance to `other` in kilometres, when both have coordinates.
+    pub fn distance_km(&self, other: &Location) -> Option<f64> {
+        let (lat1, lon1) = (self.latitude?, self.longitude?);
+        let (lat2, lon2) = (other.latitude?, other.longitude?);
+        let (phi1, phi2) = (lat1.to_radians(), lat2.to_radians());
+        let dphi = (lat2 - lat1).to_radians();
+        let dlambda = (lon2 - lon1).to_radians();
+        let a =
+            (dphi / 2.0).sin().powi(2) + phi1.cos() * phi2.cos() * (dlambda / 2.0).sin().powi(2);
+        Some(2.0 * 6371.0 * a.sqrt().min(1.0).asin())
+    }
 }
 
 impl Geo {
     /// No database: nothing is located.
     pub fn none() -> Self {
-        Geo { reader: None }
+        Geo::default()
     }
 
     /// Opens the database at `path` (read whole into memory).
@@ -24,7 +59,18 @@ impl Geo {
             .map_err(|e| format!("GeoIP database {}: {e}", path.display()))?;
         Ok(Geo {
             reader: Some(reader),
+            asn: None,
         })
+    }
+
+    /// Adds an ASN database (GeoLite2-ASN or any with `autonomous_system_number`).
+    pub fn with_asn_database(mut self, path: Option<&Path>) -> Result<Self, String> {
+        if let Some(path) = path {
+            let reader = Reader::open_readfile(path)
+                .map_err(|e| format!("GeoIP ASN database {}: {e}", path.display()))?;
+            self.asn = Some(reader);
+        }
+        Ok(self)
     }
 
     /// Opens `path` when given.
@@ -41,5 +87,60 @@ impl Geo {
             .flatten()?;
         let code = <[u8; 2]>::try_from(code.to_ascii_uppercase().as_bytes()).ok()?;
         code.iter().all(u8::is_ascii_uppercase).then_some(code)
+    }
+
+    /// Country, coordinates and network operator of `ip`, as far as the databases know.
+    pub fn locate(&self, ip: IpAddr) -> Location {
+        let mut location = Location {
+            country: self
+                .country(ip)
+                .map(|c| String::from_utf8_lossy(&c).into_owned()),
+            ..Location::default()
+        };
+        if let Some(result) = self.reader.as_ref().and_then(|r| r.lookup(ip).ok()) {
+            let coordinate = |name: &str| {
+                result
+                    .decode_path::<f64>(&path!["location", name])
+                    .ok()
+                    .flatten()
+                    .filter(|v| v.is_finite())
+            };
+            location.latitude = coordinate("latitude").filter(|v| v.abs() <= 90.0);
+            location.longitude = coordinate("longitude").filter(|v| v.abs() <= 180.0);
+            location.asn = result
+                .decode_path::<u32>(&path!["autonomous_system_number"])
+                .ok()
+                .flatten();
+        }
+        if let Some(result) = self.asn.as_ref().and_then(|r| r.lookup(ip).ok()) {
+            location.asn = result
+                .decode_path::<u32>(&path!["autonomous_system_number"])
+                .ok()
+                .flatten()
+                .or(location.asn);
+        }
+        location
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paris_to_new_york_is_about_5800_km() {
+        let paris = Location {
+            latitude: Some(48.8566),
+            longitude: Some(2.3522),
+            ..Location::default()
+        };
+        let new_york = Location {
+            latitude: Some(40.7128),
+            longitude: Some(-74.0060),
+            ..Location::default()
+        };
+        let km = paris.distance_km(&new_york).unwrap_or_default();
+        assert!((5800.0..5900.0).contains(&km), "{km}");
+        assert_eq!(paris.distance_km(&Location::default()), None);
     }
 }

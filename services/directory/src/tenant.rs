@@ -84,6 +84,43 @@ pub struct TokenLifetimes {
     pub session_seconds: u32,
 }
 
+/// When Identity Protection speaks up (SPEC §6).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RiskSettings {
+    /// Brute force: failed passwords on one account within the window.
+    pub brute_force_failures: u32,
+    /// Password spray: distinct accounts failing from one network within the window.
+    pub spray_accounts: u32,
+    /// The window of both, minutes.
+    pub window_minutes: u32,
+    /// Atypical travel: the fastest plausible journey between two sign-ins, km/h.
+    pub travel_speed_kmh: u32,
+    /// Atypical travel: shorter distances are never atypical (GeoIP is not precise), km.
+    pub travel_min_km: u32,
+    /// Unfamiliar properties: successful sign-ins a user needs before new properties count.
+    pub learning_sign_ins: u32,
+    /// Unfamiliar properties: days since the user's first sign-in before they count.
+    pub learning_days: u32,
+    /// Low-level detections stop counting towards user risk after this many days.
+    pub low_risk_age_days: u32,
+}
+
+impl Default for RiskSettings {
+    fn default() -> Self {
+        RiskSettings {
+            brute_force_failures: 20,
+            spray_accounts: 20,
+            window_minutes: 60,
+            travel_speed_kmh: 900,
+            travel_min_km: 500,
+            learning_sign_ins: 10,
+            learning_days: 5,
+            low_risk_age_days: 180,
+        }
+    }
+}
+
 /// Everything a tenant can configure about sign-up and sign-in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TenantSettings {
@@ -103,6 +140,9 @@ pub struct TenantSettings {
     pub token_lifetimes: TokenLifetimes,
     /// Profile attributes collected at sign-up.
     pub collected_attributes: Vec<String>,
+    /// Identity Protection thresholds (defaults for settings recorded before they existed).
+    #[serde(default)]
+    pub risk: RiskSettings,
 }
 
 impl Default for TenantSettings {
@@ -139,6 +179,7 @@ impl Default for TenantSettings {
                 session_seconds: 30 * 86_400,
             },
             collected_attributes: Vec::new(),
+            risk: RiskSettings::default(),
         }
     }
 }
@@ -198,6 +239,20 @@ impl TenantSettings {
             3_600,
             365 * 86_400,
         );
+        let risk = &self.risk;
+        range(
+            "risk.brute_force_failures",
+            risk.brute_force_failures,
+            2,
+            10_000,
+        );
+        range("risk.spray_accounts", risk.spray_accounts, 2, 10_000);
+        range("risk.window_minutes", risk.window_minutes, 1, 7 * 24 * 60);
+        range("risk.travel_speed_kmh", risk.travel_speed_kmh, 100, 20_000);
+        range("risk.travel_min_km", risk.travel_min_km, 0, 20_000);
+        range("risk.learning_sign_ins", risk.learning_sign_ins, 0, 1_000);
+        range("risk.learning_days", risk.learning_days, 0, 365);
+        range("risk.low_risk_age_days", risk.low_risk_age_days, 1, 3_650);
         if lockout.max_lockout_seconds < lockout.first_lockout_seconds {
             validation.add(
                 &field("lockout_policy.max_lockout_seconds"),

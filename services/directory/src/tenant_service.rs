@@ -2,8 +2,8 @@
 
 use crate::paging::Page;
 use crate::tenant::{
-    self, ApiKeyState, LockoutPolicy, MfaMethod, PasswordPolicy, PrimaryMethod, Tenant,
-    TenantSettings, TokenLifetimes,
+    self, ApiKeyState, LockoutPolicy, MfaMethod, PasswordPolicy, PrimaryMethod, RiskSettings,
+    Tenant, TenantSettings, TokenLifetimes,
 };
 use chrono::{DateTime, SecondsFormat, Utc};
 use gatehouse_core::error::Validation;
@@ -350,6 +350,33 @@ fn settings_to_proto(settings: &TenantSettings) -> pb::TenantSettings {
             session_seconds: t.session_seconds,
         }),
         collected_attributes: settings.collected_attributes.clone(),
+        risk: Some(risk_to_proto(&settings.risk)),
+    }
+}
+
+fn risk_to_proto(r: &RiskSettings) -> pb::RiskSettings {
+    pb::RiskSettings {
+        brute_force_failures: r.brute_force_failures,
+        spray_accounts: r.spray_accounts,
+        window_minutes: r.window_minutes,
+        travel_speed_kmh: r.travel_speed_kmh,
+        travel_min_km: r.travel_min_km,
+        learning_sign_ins: r.learning_sign_ins,
+        learning_days: r.learning_days,
+        low_risk_age_days: r.low_risk_age_days,
+    }
+}
+
+fn risk_from_proto(r: &pb::RiskSettings) -> RiskSettings {
+    RiskSettings {
+        brute_force_failures: r.brute_force_failures,
+        spray_accounts: r.spray_accounts,
+        window_minutes: r.window_minutes,
+        travel_speed_kmh: r.travel_speed_kmh,
+        travel_min_km: r.travel_min_km,
+        learning_sign_ins: r.learning_sign_ins,
+        learning_days: r.learning_days,
+        low_risk_age_days: r.low_risk_age_days,
     }
 }
 
@@ -424,6 +451,10 @@ fn settings_from_proto(settings: &pb::TenantSettings) -> Result<TenantSettings, 
             session_seconds: t.session_seconds,
         },
         collected_attributes: settings.collected_attributes.clone(),
+        risk: settings
+            .risk
+            .as_ref()
+            .map_or_else(RiskSettings::default, risk_from_proto),
     };
     domain.validate("settings", &mut validation);
     validation.finish()?;

@@ -121,6 +121,10 @@ pub enum UserEvent {
         profile: Sealed,
         /// The password hash.
         credential: Sealed,
+        /// The password is in the breached-password list (the tenant lets such passwords
+        /// through): Identity Protection records leaked credentials.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        breached: bool,
     },
     /// A customer signed up through an identity provider (no password; the identity is
     /// linked by the `IdentityLinked` that follows).
@@ -166,8 +170,11 @@ pub enum UserEvent {
     PasswordChanged {
         /// The new hash.
         credential: Sealed,
-        /// `change` or `reset`.
+        /// `change`, `reset`, or `policy` (asked for by the sign-in).
         reason: String,
+        /// The new password is in the breached-password list.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        breached: bool,
     },
     /// An unverified phone was set.
     PhoneAdded {

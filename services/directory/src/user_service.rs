@@ -368,6 +368,7 @@ impl UserApi {
                 .crypto
                 .seal(tenant_id, user_id, &credential_hash)
                 .await?,
+            breached: self.passwords.breached().contains(&message.password),
         }];
         events.extend(
             self.code_events(tenant_id, user_id, CodePurpose::VerifyEmail, email.clone())
@@ -784,6 +785,7 @@ impl UserApi {
             .crypto
             .seal(tenant_id, user.stream.id, &new_hash)
             .await?;
+        let breached = self.passwords.breached().contains(&message.new_password);
         self.command(
             &caller,
             metadata,
@@ -793,6 +795,7 @@ impl UserApi {
                 Ok(vec![UserEvent::PasswordChanged {
                     credential: sealed.clone(),
                     reason: "change".into(),
+                    breached,
                 }])
             },
         )
@@ -867,6 +870,7 @@ impl UserApi {
             Some(id) => Some(self.crypto.seal(tenant_id, id, &new_hash).await?),
             None => None,
         };
+        let breached = self.passwords.breached().contains(&message.new_password);
         self.answer(
             tenant_id,
             user_id,
@@ -879,6 +883,7 @@ impl UserApi {
                     .map(|credential| UserEvent::PasswordChanged {
                         credential: credential.clone(),
                         reason: "reset".into(),
+                        breached,
                     })
                     .collect())
             },

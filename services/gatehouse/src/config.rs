@@ -89,6 +89,14 @@ pub struct ServeArgs {
     /// country named locations; without it no address has a country.
     #[arg(long, env = "GATEHOUSE_GEOIP_DATABASE")]
     pub geoip_database: Option<PathBuf>,
+    /// GeoIP ASN database (MaxMind format with `autonomous_system_number`, e.g.
+    /// GeoLite2-ASN) for the network operator of unfamiliar sign-in properties.
+    #[arg(long, env = "GATEHOUSE_GEOIP_ASN_DATABASE")]
+    pub geoip_asn_database: Option<PathBuf>,
+    /// NATS server (`nats://host:4222`) new risk detections are published to, on
+    /// `gatehouse.<tenant>.risk.detection`; none by default.
+    #[arg(long, env = "GATEHOUSE_NATS_URL")]
+    pub nats_url: Option<String>,
     /// Proxies (CIDR ranges, comma-separated) whose `X-Forwarded-For` gives the client IP;
     /// without them the client IP is the connection's peer.
     #[arg(long, env = "GATEHOUSE_TRUSTED_PROXIES", value_delimiter = ',')]
@@ -171,6 +179,10 @@ pub struct FileConfig {
     pub breached_passwords: Option<PathBuf>,
     /// See [`ServeArgs::geoip_database`].
     pub geoip_database: Option<PathBuf>,
+    /// See [`ServeArgs::geoip_asn_database`].
+    pub geoip_asn_database: Option<PathBuf>,
+    /// See [`ServeArgs::nats_url`].
+    pub nats_url: Option<String>,
     /// See [`ServeArgs::trusted_proxies`].
     pub trusted_proxies: Option<Vec<String>>,
     /// See [`ServeArgs::anonymous_ip_list`].
@@ -224,6 +236,10 @@ pub struct Config {
     pub breached_passwords: Option<PathBuf>,
     /// GeoIP database.
     pub geoip_database: Option<PathBuf>,
+    /// GeoIP ASN database.
+    pub geoip_asn_database: Option<PathBuf>,
+    /// NATS for risk detections.
+    pub nats_url: Option<String>,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<String>,
     /// Anonymiser IP list file.
@@ -281,6 +297,8 @@ impl Config {
                 .filter(|k| !k.is_empty()),
             breached_passwords: args.breached_passwords.or(file.breached_passwords),
             geoip_database: args.geoip_database.or(file.geoip_database),
+            geoip_asn_database: args.geoip_asn_database.or(file.geoip_asn_database),
+            nats_url: args.nats_url.or(file.nats_url).filter(|u| !u.is_empty()),
             anonymous_ip_list: args.anonymous_ip_list.or(file.anonymous_ip_list),
             malicious_ip_list: args.malicious_ip_list.or(file.malicious_ip_list),
             trusted_proxies: if args.trusted_proxies.is_empty() {

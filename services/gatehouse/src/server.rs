@@ -17,11 +17,15 @@ use gatehouse_proto::v1::application_service_server::ApplicationServiceServer;
 use gatehouse_proto::v1::identity_provider_service_server::IdentityProviderServiceServer;
 use gatehouse_proto::v1::mfa_service_server::MfaServiceServer;
 use gatehouse_proto::v1::policy_service_server::PolicyServiceServer;
+use gatehouse_proto::v1::risk_service_server::RiskServiceServer;
 use gatehouse_proto::v1::session_service_server::SessionServiceServer;
 use gatehouse_proto::v1::sign_in_service_server::SignInServiceServer;
 use gatehouse_proto::v1::tenant_service_server::TenantServiceServer;
 use gatehouse_proto::v1::user_service_server::UserServiceServer;
 use gatehouse_risk::RealtimeRisk;
+use gatehouse_risk::publish::Publisher;
+use gatehouse_risk::service::RiskApi;
+use gatehouse_risk::view::RiskView;
 use gatehouse_signin::federation::Federation;
 use gatehouse_signin::{Deadlines, Directory, Engine, Flows, Keys, MfaApi, SessionApi, SignInApi};
 use std::io::Write;
@@ -81,8 +85,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("trusted proxies: {e}"))?;
     gatehouse_core::request::trust_proxies(proxies);
-    let geo =
-        Arc::new(Geo::open_optional(config.geoip_database.as_deref()).map_err(anyhow::Error::msg)?);
+    let geo = Arc::new(
+        Geo::open_optional(config.geoip_database.as_deref())
+            .and_then(|geo| geo.with_asn_database(config.geoip_asn_database.as_deref()))
+            .map_err(anyhow::Error::msg)?,
+    );
     let risk = Arc::new(
         RealtimeRisk::watch(
             config.anonymous_ip_list.as_deref(),
@@ -91,6 +98,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?,
     );
     let policy_view = Arc::new(PolicyView::start(store.clone()).await?);
+    let risk_view = Arc::new(RiskView::start(store.clone()).await?);
     let policies = Arc::new(PolicyApi::new(
         store.clone(),
         policy_view.clone(),
@@ -110,6 +118,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         )))
         .with_geo(geo)
         .with_risk(risk)
+        .with_user_risk(risk_view.clone())
         .with_federation(Arc::new(Federation::new().map_err(anyhow::Error::msg)?)),
     );
     let identity_providers =
@@ -126,12 +135,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let sessions =
         Arc::new(SessionApi::new(store.clone(), crypto.clone(), signing.clone(), directory).await?);
     let notifier = tokio::spawn(notifier::run(store.clone(), crypto, senders(&config)?));
-    // The offline risk detector follows the log (every replica may run it: a detection is
-    // recorded once whoever finds it).
-    let detector = tokio::spawn(gatehouse_risk::detector::run(
-        store.clone(),
-        gatehouse_risk::detector::Thresholds::default(),
-    ));
+    let risk_api = Arc::new(RiskApi::new(store.clone(), risk_view, sessions.clone()));
+    // Detections go to NATS when it is configured; a configured NATS that cannot be
+    // reached stops the start (an operator asked for it).
+    let publisher = match &config.nats_url {
+        Some(url) => Some(Publisher::connect(url).await.map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    // The risk detector follows the log (every replica may run it: a detection is recorded
+    // once whoever finds it).
+    let detector = tokio::spawn(gatehouse_risk::detector::run(store.clone(), publisher));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -157,6 +170,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await;
     health_reporter
         .set_serving::<IdentityProviderServiceServer<IdentityProviderApi>>()
+        .await;
+    health_reporter
+        .set_serving::<RiskServiceServer<RiskApi>>()
         .await;
     health_reporter
         .set_service_status("", ServingStatus::Serving)
@@ -209,6 +225,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         ))
         .add_service(InterceptedService::new(
             IdentityProviderServiceServer::from_arc(identity_providers),
+            Authenticate(keys.clone()),
+        ))
+        .add_service(InterceptedService::new(
+            RiskServiceServer::from_arc(risk_api),
             Authenticate(keys.clone()),
         ))
         .serve_with_incoming_shutdown(

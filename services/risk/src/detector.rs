@@ -1,24 +1,42 @@
-//! The offline detector: a subscriber of the log that finds attacks no single sign-in shows.
+//! The detector: a subscriber of the log that turns what it reads into detections.
 //!
+//! Offline (found by folding the log):
 //! - `brute_force` (medium): many failed passwords against one account (its lockout stream:
 //!   an email without an account counts as one too) within the window.
 //! - `password_spray` (high): failed passwords from one network (the IPv4 /24 or IPv6 /48 of
 //!   the client) against many distinct accounts within the window.
+//! - `atypical_travel` (medium): two successful sign-ins of a user farther apart than the
+//!   tenant's plausible speed allows (and farther than its minimum distance).
+//! - `unfamiliar_sign_in_properties` (low for one new property, medium for more): a
+//!   successful sign-in from a country, network operator (ASN), browser family or operating
+//!   system the user never signed in with, once the user is past the learning period.
+//! - `anomalous_token` (high): a rotated refresh token came back (the session was revoked).
+//! - `admin_confirmed_compromised` (high): an analyst's ConfirmCompromised.
+//!
+//! Real-time (decided inside the request, recorded here from the event that says so):
+//! - `anonymous_ip`, `malicious_ip`, `leaked_credentials` from a flow's `RiskAssessed`;
+//! - `leaked_credentials` from a sign-up or password change with a breached password.
 //!
 //! Each detection is its own stream `detection/<id>` with one `RiskDetected` event naming
-//! the events (ids and positions) that caused it. The id is derived from the detection's kind,
-//! its subject and the event that crossed the threshold, and the append expects a new stream,
-//! so a detector that replays the log (a restart, another replica) records nothing twice:
-//! the state it folds is rebuilt from the same events in the same order, it reaches the same
-//! decisions, and the store refuses the copies. After a detection the same subject is quiet
-//! for one window (one attack, one detection).
+//! the events (ids and positions) that caused it; when it names a user, the same append adds
+//! `RiskRaised` to the user's `userrisk` stream. The id is derived from the detection's kind,
+//! its subject and the event that triggered it, and the append expects a new stream, so a
+//! detector that replays the log (a restart, another replica) records nothing twice: the
+//! state it folds is rebuilt from the same events in the same order, it reaches the same
+//! decisions, and the store refuses the copies. Thresholds are each tenant's (its settings
+//! events are folded too, so a replay judges with the settings of the time). After a
+//! brute force or spray detection the same subject is quiet for one window.
 //!
-//! It reads sign-in events by their public schema (it does not depend on the sign-in crate,
-//! which depends on this one).
+//! It reads sign-in and session events by their public schema (it does not depend on the
+//! sign-in crate, which depends on this one).
 
+use crate::realtime::Properties;
+use crate::user_risk::{UserRisk, UserRiskEvent};
 use chrono::{DateTime, Duration, Utc};
 use futures::StreamExt;
+use gatehouse_core::geo::Location;
 use gatehouse_core::net::network_of;
+use gatehouse_directory::tenant::RiskSettings;
 use gatehouse_events::{
     Aggregate, AppendRequest, DomainEvent, EventFilter, EventStore, ExpectedVersion, Metadata,
     Position, RecordedEvent, StoreError, StreamId,
@@ -26,39 +44,27 @@ use gatehouse_events::{
 use gatehouse_policy::model::RiskLevel;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use uuid::Uuid;
 
-/// When the detector speaks up.
-#[derive(Debug, Clone)]
-pub struct Thresholds {
-    /// Failed passwords on one account within the window.
-    pub brute_force_failures: usize,
-    /// Distinct accounts failing from one network within the window.
-    pub spray_accounts: usize,
-    /// The window.
-    pub window: Duration,
-}
-
-impl Default for Thresholds {
-    fn default() -> Self {
-        Thresholds {
-            brute_force_failures: 20,
-            spray_accounts: 20,
-            window: Duration::hours(1),
-        }
-    }
-}
-
 /// One event that contributed to a detection.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Evidence {
     /// The event's id.
     pub event_id: Uuid,
     /// Its position in the log.
     pub position: Position,
+}
+
+impl Evidence {
+    fn of(event: &RecordedEvent) -> Self {
+        Evidence {
+            event_id: event.id,
+            position: event.position,
+        }
+    }
 }
 
 /// Events of a detection stream.
@@ -67,15 +73,18 @@ pub struct Evidence {
 pub enum DetectionEvent {
     /// Something risky was found.
     RiskDetected {
-        /// `brute_force`, `password_spray`.
+        /// `brute_force`, `password_spray`, `anonymous_ip`...
         kind: String,
         /// Its level.
         level: RiskLevel,
-        /// `offline` (from the log) or `realtime` (in the flow).
+        /// `offline` (from the log) or `realtime` (in the request).
         timing: String,
         /// The account, when it is known.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         user_id: Option<Uuid>,
+        /// The sign-in it was found in, for sign-in detections.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sign_in_id: Option<Uuid>,
         /// The network or address the attempts came from.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         source: Option<String>,
@@ -123,11 +132,54 @@ struct Started {
     lockout_id: Uuid,
 }
 
+/// A real-time detection as the flow records it.
+#[derive(Deserialize)]
+struct FlowDetection {
+    kind: String,
+    level: RiskLevel,
+    evidence: String,
+}
+
+/// `RiskAssessed`, as far as the detector cares.
+#[derive(Deserialize)]
+struct Assessed {
+    #[serde(default)]
+    detections: Vec<FlowDetection>,
+    user_id: Option<Uuid>,
+    properties: Option<Properties>,
+}
+
+/// A sign-up or password change: was the password breached?
+#[derive(Deserialize)]
+struct NewPassword {
+    #[serde(default)]
+    breached: bool,
+}
+
+/// `RefreshTokenReused`.
+#[derive(Deserialize)]
+struct Reused {
+    generation: usize,
+    user_id: Option<Uuid>,
+}
+
+/// A tenant's settings event, as far as the detector cares.
+#[derive(Deserialize)]
+struct SettingsEvent {
+    settings: RiskOnly,
+}
+
+#[derive(Deserialize)]
+struct RiskOnly {
+    #[serde(default)]
+    risk: RiskSettings,
+}
+
 #[derive(Clone, Copy)]
 struct Failure {
     at: DateTime<Utc>,
     account: Uuid,
-    evidence: (Uuid, Position),
+    evidence: Evidence,
 }
 
 /// Failures of one subject within the window, and when it may speak again.
@@ -159,6 +211,43 @@ impl Window {
     }
 }
 
+/// A flow in progress.
+struct Flow {
+    tenant_id: Uuid,
+    started: Started,
+    at: DateTime<Utc>,
+    /// The account and properties its risk assessment recorded, and that event.
+    assessed: Option<(Uuid, Properties, Evidence)>,
+}
+
+/// Most values remembered per property and user.
+const MAX_KNOWN: usize = 64;
+
+/// What a user's successful sign-ins looked like.
+#[derive(Default)]
+struct History {
+    first: Option<DateTime<Utc>>,
+    successes: u32,
+    countries: BTreeSet<String>,
+    asns: BTreeSet<u32>,
+    browsers: BTreeSet<String>,
+    oses: BTreeSet<String>,
+    last: Option<(DateTime<Utc>, Location, Evidence)>,
+}
+
+/// Remembers `value`; true when it was new.
+fn learn<T: Ord>(known: &mut BTreeSet<T>, value: Option<T>) -> bool {
+    match value {
+        Some(value) if !known.contains(&value) => {
+            if known.len() < MAX_KNOWN {
+                known.insert(value);
+            }
+            true
+        }
+        _ => false,
+    }
+}
+
 /// A detection found by folding the log, not yet recorded.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Found {
@@ -170,12 +259,25 @@ pub struct Found {
     pub event: DetectionEvent,
 }
 
+impl Found {
+    fn new(tenant_id: Uuid, subject: &str, trigger: Uuid, event: DetectionEvent) -> Self {
+        let DetectionEvent::RiskDetected { kind, .. } = &event;
+        Found {
+            id: derived_id(kind, subject, trigger),
+            tenant_id,
+            event,
+        }
+    }
+}
+
 /// The detector's state: pure folding of the log, no I/O.
+#[derive(Default)]
 pub struct Detector {
-    thresholds: Thresholds,
-    flows: HashMap<Uuid, (Uuid, Started, DateTime<Utc>)>,
+    tenants: HashMap<Uuid, RiskSettings>,
+    flows: HashMap<Uuid, Flow>,
     accounts: HashMap<(Uuid, Uuid), Window>,
     networks: HashMap<(Uuid, String), Window>,
+    users: HashMap<(Uuid, Uuid), History>,
     events_since_prune: usize,
 }
 
@@ -195,25 +297,73 @@ fn derived_id(kind: &str, subject: &str, trigger: Uuid) -> Uuid {
     Uuid::from_bytes(bytes)
 }
 
+/// The client address of an event, when it has a valid one.
+fn ip_of(event: &RecordedEvent) -> Option<IpAddr> {
+    event.context.as_ref()?.ip.as_deref()?.parse().ok()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn detected(
+    kind: &str,
+    level: RiskLevel,
+    timing: &str,
+    user_id: Option<Uuid>,
+    sign_in_id: Option<Uuid>,
+    source: Option<String>,
+    description: String,
+    evidence: Vec<Evidence>,
+) -> DetectionEvent {
+    DetectionEvent::RiskDetected {
+        kind: kind.into(),
+        level,
+        timing: timing.into(),
+        user_id,
+        sign_in_id,
+        source,
+        description,
+        evidence,
+    }
+}
+
 impl Detector {
-    /// A detector with these thresholds.
-    pub fn new(thresholds: Thresholds) -> Self {
-        Detector {
-            thresholds,
-            flows: HashMap::new(),
-            accounts: HashMap::new(),
-            networks: HashMap::new(),
-            events_since_prune: 0,
-        }
+    /// A detector that knows no tenant yet (each tenant's settings come from the log).
+    pub fn new() -> Self {
+        Detector::default()
     }
 
     /// The events the detector reads.
     pub fn filter() -> EventFilter {
         EventFilter {
-            stream_types: vec!["signin".into()],
-            event_types: vec!["SignInStarted".into(), "PasswordRejected".into()],
+            stream_types: vec![
+                "tenant".into(),
+                "signin".into(),
+                "user".into(),
+                "session".into(),
+                UserRisk::STREAM_TYPE.into(),
+            ],
+            event_types: [
+                "TenantCreated",
+                "TenantSettingsUpdated",
+                "SignInStarted",
+                "PasswordRejected",
+                "RiskAssessed",
+                "SignInCompleted",
+                "SignInFailed",
+                "SignInCancelled",
+                "SignInExpired",
+                "UserSignedUp",
+                "PasswordChanged",
+                "RefreshTokenReused",
+                "CompromiseConfirmed",
+            ]
+            .map(String::from)
+            .to_vec(),
             ..EventFilter::default()
         }
+    }
+
+    fn settings(&self, tenant_id: Uuid) -> RiskSettings {
+        self.tenants.get(&tenant_id).cloned().unwrap_or_default()
     }
 
     /// Folds one event; returns what it reveals.
@@ -222,27 +372,124 @@ impl Detector {
         if self.events_since_prune >= 10_000 {
             self.prune(event.recorded_at);
         }
-        match event.event_type.as_str() {
-            "SignInStarted" => {
-                if let Ok(started) = serde_json::from_str::<Started>(event.payload.get()) {
+        let tenant_id = event.tenant_id;
+        match (event.stream.kind.as_str(), event.event_type.as_str()) {
+            ("tenant", "TenantCreated" | "TenantSettingsUpdated") => {
+                if let Ok(settings) = event.payload_as::<SettingsEvent>() {
+                    self.tenants.insert(tenant_id, settings.settings.risk);
+                }
+                Vec::new()
+            }
+            ("signin", "SignInStarted") => {
+                if let Ok(started) = event.payload_as::<Started>() {
                     self.flows.insert(
                         event.stream.id,
-                        (event.tenant_id, started, event.recorded_at),
+                        Flow {
+                            tenant_id,
+                            started,
+                            at: event.recorded_at,
+                            assessed: None,
+                        },
                     );
                 }
                 Vec::new()
             }
-            "PasswordRejected" => self.failure(event),
+            ("signin", "PasswordRejected") => self.failure(event),
+            ("signin", "RiskAssessed") => self.assessed(event),
+            ("signin", "SignInCompleted") => self.succeeded(event),
+            ("signin", "SignInFailed" | "SignInCancelled" | "SignInExpired") => {
+                self.flows.remove(&event.stream.id);
+                Vec::new()
+            }
+            ("user", "UserSignedUp" | "PasswordChanged") => {
+                let breached = event
+                    .payload_as::<NewPassword>()
+                    .is_ok_and(|payload| payload.breached);
+                if !breached {
+                    return Vec::new();
+                }
+                let user_id = event.stream.id;
+                let when = if event.event_type == "UserSignedUp" {
+                    "at sign-up"
+                } else {
+                    "at a password change"
+                };
+                vec![Found::new(
+                    tenant_id,
+                    &user_id.to_string(),
+                    event.id,
+                    detected(
+                        "leaked_credentials",
+                        RiskLevel::High,
+                        "realtime",
+                        Some(user_id),
+                        None,
+                        ip_of(event).map(|ip| ip.to_string()),
+                        format!("the password chosen {when} is in the breached-password list"),
+                        vec![Evidence::of(event)],
+                    ),
+                )]
+            }
+            ("session", "RefreshTokenReused") => {
+                let Ok(reused) = event.payload_as::<Reused>() else {
+                    return Vec::new();
+                };
+                vec![Found::new(
+                    tenant_id,
+                    &event.stream.id.to_string(),
+                    event.id,
+                    detected(
+                        "anomalous_token",
+                        RiskLevel::High,
+                        "offline",
+                        reused.user_id,
+                        None,
+                        ip_of(event).map(|ip| ip.to_string()),
+                        format!(
+                            "refresh token generation {} of session {} was used again after it \
+                             was rotated; the session was revoked",
+                            reused.generation, event.stream.id
+                        ),
+                        vec![Evidence::of(event)],
+                    ),
+                )]
+            }
+            (kind, "CompromiseConfirmed") if kind == UserRisk::STREAM_TYPE => {
+                let user_id = event.stream.id;
+                vec![Found::new(
+                    tenant_id,
+                    &user_id.to_string(),
+                    event.id,
+                    detected(
+                        "admin_confirmed_compromised",
+                        RiskLevel::High,
+                        "offline",
+                        Some(user_id),
+                        None,
+                        None,
+                        "an analyst confirmed the account compromised".into(),
+                        vec![Evidence::of(event)],
+                    ),
+                )]
+            }
             _ => Vec::new(),
         }
     }
 
-    /// Forgets flows and windows older than the window (memory stays bounded).
+    /// Forgets flows and windows older than the longest window (memory stays bounded by the
+    /// traffic of a window; user histories stay, one per user).
     fn prune(&mut self, now: DateTime<Utc>) {
         self.events_since_prune = 0;
+        let longest = self
+            .tenants
+            .values()
+            .map(|s| s.window_minutes)
+            .chain([RiskSettings::default().window_minutes])
+            .max()
+            .unwrap_or(60);
         // A flow lives 10 minutes by default: keep it for a window past its start.
-        let horizon = now - self.thresholds.window - Duration::minutes(10);
-        self.flows.retain(|_, (_, _, started)| *started > horizon);
+        let horizon = now - Duration::minutes(i64::from(longest) + 10);
+        self.flows.retain(|_, flow| flow.at > horizon);
         let stale = |w: &Window| {
             w.failures.back().is_none_or(|last| last.at < horizon)
                 && w.quiet_until.is_none_or(|until| until < now)
@@ -252,48 +499,47 @@ impl Detector {
     }
 
     fn failure(&mut self, event: &RecordedEvent) -> Vec<Found> {
-        let Some((tenant_id, started, _)) = self.flows.get(&event.stream.id) else {
+        let Some(flow) = self.flows.get(&event.stream.id) else {
             return Vec::new();
         };
-        let tenant_id = *tenant_id;
-        let (account, user_id) = (started.lockout_id, started.user_id);
+        let tenant_id = flow.tenant_id;
+        let (account, user_id) = (flow.started.lockout_id, flow.started.user_id);
+        let settings = self.settings(tenant_id);
         let failure = Failure {
             at: event.recorded_at,
             account,
-            evidence: (event.id, event.position),
+            evidence: Evidence::of(event),
         };
-        let window = self.thresholds.window;
+        let window = Duration::minutes(i64::from(settings.window_minutes));
         let mut found = Vec::new();
 
         let attempts = self.accounts.entry((tenant_id, account)).or_default();
         if attempts.push(failure, window)
-            && attempts.failures.len() >= self.thresholds.brute_force_failures
+            && attempts.failures.len() >= settings.brute_force_failures as usize
         {
             let failures = attempts.fire(failure.at, window);
-            found.push(Found {
-                id: derived_id("brute_force", &account.to_string(), event.id),
+            found.push(Found::new(
                 tenant_id,
-                event: DetectionEvent::RiskDetected {
-                    kind: "brute_force".into(),
-                    level: RiskLevel::Medium,
-                    timing: "offline".into(),
+                &account.to_string(),
+                event.id,
+                detected(
+                    "brute_force",
+                    RiskLevel::Medium,
+                    "offline",
                     user_id,
-                    source: None,
-                    description: format!(
+                    None,
+                    None,
+                    format!(
                         "{} failed passwords on one account within {} minutes",
                         failures.len(),
                         window.num_minutes()
                     ),
-                    evidence: evidence(&failures),
-                },
-            });
+                    failures.iter().map(|f| f.evidence).collect(),
+                ),
+            ));
         }
 
-        let ip = event
-            .context
-            .as_ref()
-            .and_then(|c| c.ip.as_deref()?.parse::<IpAddr>().ok());
-        if let Some(ip) = ip {
+        if let Some(ip) = ip_of(event) {
             let network = network_of(ip);
             let attempts = self
                 .networks
@@ -301,49 +547,204 @@ impl Detector {
                 .or_default();
             if attempts.push(failure, window) {
                 let accounts: HashSet<Uuid> = attempts.failures.iter().map(|f| f.account).collect();
-                if accounts.len() >= self.thresholds.spray_accounts {
+                if accounts.len() >= settings.spray_accounts as usize {
                     let failures = attempts.fire(failure.at, window);
-                    found.push(Found {
-                        id: derived_id("password_spray", &network, event.id),
+                    found.push(Found::new(
                         tenant_id,
-                        event: DetectionEvent::RiskDetected {
-                            kind: "password_spray".into(),
-                            level: RiskLevel::High,
-                            timing: "offline".into(),
-                            user_id: None,
-                            source: Some(network),
-                            description: format!(
+                        &network,
+                        event.id,
+                        detected(
+                            "password_spray",
+                            RiskLevel::High,
+                            "offline",
+                            None,
+                            None,
+                            Some(network.clone()),
+                            format!(
                                 "failed passwords against {} accounts from one network within \
                                  {} minutes",
                                 accounts.len(),
                                 window.num_minutes()
                             ),
-                            evidence: evidence(&failures),
-                        },
-                    });
+                            failures.iter().map(|f| f.evidence).collect(),
+                        ),
+                    ));
                 }
             }
         }
         found
     }
-}
 
-fn evidence(failures: &[Failure]) -> Vec<Evidence> {
-    failures
-        .iter()
-        .map(|f| Evidence {
-            event_id: f.evidence.0,
-            position: f.evidence.1,
-        })
-        .collect()
+    /// The flow's real-time detections, recorded as detections; its properties kept for the
+    /// checks made when it succeeds.
+    fn assessed(&mut self, event: &RecordedEvent) -> Vec<Found> {
+        let Ok(assessed) = event.payload_as::<Assessed>() else {
+            return Vec::new();
+        };
+        let flow_id = event.stream.id;
+        let flow = self.flows.get_mut(&flow_id);
+        let user_id = assessed
+            .user_id
+            .or_else(|| flow.as_ref().and_then(|f| f.started.user_id));
+        if let (Some(flow), Some(user_id)) = (flow, user_id) {
+            flow.assessed = Some((
+                user_id,
+                assessed.properties.unwrap_or_default(),
+                Evidence::of(event),
+            ));
+        }
+        let source = ip_of(event).map(|ip| ip.to_string());
+        assessed
+            .detections
+            .into_iter()
+            .map(|detection| {
+                Found::new(
+                    event.tenant_id,
+                    &flow_id.to_string(),
+                    event.id,
+                    detected(
+                        &detection.kind,
+                        detection.level,
+                        "realtime",
+                        user_id,
+                        Some(flow_id),
+                        source.clone(),
+                        detection.evidence,
+                        vec![Evidence::of(event)],
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    /// A successful sign-in: atypical travel since the last one, unfamiliar properties.
+    fn succeeded(&mut self, event: &RecordedEvent) -> Vec<Found> {
+        let Some(flow) = self.flows.remove(&event.stream.id) else {
+            return Vec::new();
+        };
+        let Some((user_id, properties, assessed)) = flow.assessed else {
+            return Vec::new();
+        };
+        let tenant_id = flow.tenant_id;
+        let settings = self.settings(tenant_id);
+        let history = self.users.entry((tenant_id, user_id)).or_default();
+        let at = event.recorded_at;
+        let evidence = vec![assessed, Evidence::of(event)];
+        let mut found = Vec::new();
+
+        if let Some((last_at, last_location, last_evidence)) = &history.last
+            && let Some(km) = last_location.distance_km(&properties.location)
+        {
+            let hours = ((at - *last_at).num_seconds().max(60)) as f64 / 3600.0;
+            let speed = km / hours;
+            if km >= f64::from(settings.travel_min_km)
+                && speed > f64::from(settings.travel_speed_kmh)
+            {
+                let place = |l: &Location| l.country.clone().unwrap_or_else(|| "?".into());
+                found.push(Found::new(
+                    tenant_id,
+                    &user_id.to_string(),
+                    event.id,
+                    detected(
+                        "atypical_travel",
+                        RiskLevel::Medium,
+                        "offline",
+                        Some(user_id),
+                        Some(event.stream.id),
+                        ip_of(event).map(|ip| ip.to_string()),
+                        format!(
+                            "successful sign-ins from {} and {} {km:.0} km apart within {} \
+                             minutes ({speed:.0} km/h)",
+                            place(last_location),
+                            place(&properties.location),
+                            (at - *last_at).num_minutes()
+                        ),
+                        [*last_evidence]
+                            .into_iter()
+                            .chain(evidence.clone())
+                            .collect(),
+                    ),
+                ));
+            }
+        }
+
+        let learned = history.successes >= settings.learning_sign_ins
+            && history.first.is_some_and(|first| {
+                at - first >= Duration::days(i64::from(settings.learning_days))
+            });
+        let location = &properties.location;
+        let new: Vec<String> = [
+            learn(&mut history.countries, location.country.clone())
+                .then(|| format!("country {}", location.country.as_deref().unwrap_or(""))),
+            learn(&mut history.asns, location.asn)
+                .then(|| format!("network AS{}", location.asn.unwrap_or(0))),
+            learn(&mut history.browsers, properties.browser.clone())
+                .then(|| format!("browser {}", properties.browser.as_deref().unwrap_or(""))),
+            learn(&mut history.oses, properties.os.clone()).then(|| {
+                format!(
+                    "operating system {}",
+                    properties.os.as_deref().unwrap_or("")
+                )
+            }),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if learned && !new.is_empty() {
+            found.push(Found::new(
+                tenant_id,
+                &user_id.to_string(),
+                event.id,
+                detected(
+                    "unfamiliar_sign_in_properties",
+                    if new.len() > 1 {
+                        RiskLevel::Medium
+                    } else {
+                        RiskLevel::Low
+                    },
+                    "offline",
+                    Some(user_id),
+                    Some(event.stream.id),
+                    ip_of(event).map(|ip| ip.to_string()),
+                    format!("a sign-in with a new {}", new.join(", a new ")),
+                    evidence.clone(),
+                ),
+            ));
+        }
+
+        history.first.get_or_insert(at);
+        history.successes = history.successes.saturating_add(1);
+        if location.latitude.is_some() {
+            history.last = Some((at, location.clone(), assessed));
+        }
+        found
+    }
 }
 
 /// Records a detection once: a copy (the same id) is refused by the store and ignored.
+/// A detection naming a user raises that user's risk in the same append.
 pub async fn record(store: &dyn EventStore, found: &Found) -> Result<bool, StoreError> {
     let stream = StreamId::new(Detection::STREAM_TYPE, found.id);
     let mut request = AppendRequest::new(Metadata::system());
     request.expect(&stream, ExpectedVersion::Exact(0));
     request.push(found.event.to_new_event(found.tenant_id, &stream)?);
+    let DetectionEvent::RiskDetected {
+        kind,
+        level,
+        user_id,
+        sign_in_id,
+        ..
+    } = &found.event;
+    if let Some(user_id) = user_id {
+        let user_risk = StreamId::new(UserRisk::STREAM_TYPE, *user_id);
+        let raised = UserRiskEvent::RiskRaised {
+            detection_id: found.id,
+            kind: kind.clone(),
+            level: *level,
+            sign_in_id: *sign_in_id,
+        };
+        request.push(raised.to_new_event(found.tenant_id, &user_risk)?);
+    }
     match store.append(request).await {
         Ok(_) => Ok(true),
         Err(StoreError::Conflict { .. }) => Ok(false),
@@ -352,10 +753,11 @@ pub async fn record(store: &dyn EventStore, found: &Found) -> Result<bool, Store
 }
 
 /// Follows the log from the beginning and records what the detector finds, until the
-/// subscription ends. Replaying from the start on every start is what makes restarts exact
-/// (see the module documentation).
-pub async fn run(store: Arc<dyn EventStore>, thresholds: Thresholds) {
-    let mut detector = Detector::new(thresholds);
+/// subscription ends; each new detection is also published to NATS when a publisher is
+/// given. Replaying from the start on every start is what makes restarts exact (see the
+/// module documentation).
+pub async fn run(store: Arc<dyn EventStore>, publisher: Option<crate::publish::Publisher>) {
+    let mut detector = Detector::new();
     let mut events = Box::pin(gatehouse_events::subscription::subscribe(
         store.clone(),
         0,
@@ -367,10 +769,18 @@ pub async fn run(store: Arc<dyn EventStore>, thresholds: Thresholds) {
                 for found in detector.observe(&event) {
                     // The store may be briefly unavailable: a detection is not dropped for it.
                     let mut delay = std::time::Duration::from_millis(100);
-                    while let Err(error) = record(store.as_ref(), &found).await {
-                        tracing::warn!(%error, "a risk detection could not be recorded; retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(std::time::Duration::from_secs(30));
+                    let new = loop {
+                        match record(store.as_ref(), &found).await {
+                            Ok(new) => break new,
+                            Err(error) => {
+                                tracing::warn!(%error, "a risk detection could not be recorded; retrying");
+                                tokio::time::sleep(delay).await;
+                                delay = (delay * 2).min(std::time::Duration::from_secs(30));
+                            }
+                        }
+                    };
+                    if let (true, Some(publisher)) = (new, &publisher) {
+                        publisher.detection(&found, Utc::now()).await;
                     }
                 }
             }
@@ -441,7 +851,7 @@ mod tests {
         }
 
         fn detect(&self) -> Vec<Found> {
-            let mut detector = Detector::new(Thresholds::default());
+            let mut detector = Detector::new();
             self.events
                 .iter()
                 .flat_map(|e| detector.observe(e))

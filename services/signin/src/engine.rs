@@ -42,7 +42,9 @@ use gatehouse_events::{
 use gatehouse_policy::PolicyView;
 use gatehouse_policy::engine::{Context, Outcome, PrimaryKind};
 use gatehouse_policy::model::{Controls, Platform, RiskLevel};
-use gatehouse_risk::{Detection, RealtimeRisk};
+use gatehouse_risk::user_risk::{UserRisk, UserRiskEvent};
+use gatehouse_risk::view::RiskView;
+use gatehouse_risk::{Detection, Properties, RealtimeRisk};
 use rand::Rng;
 use serde_json::json;
 use std::net::IpAddr;
@@ -143,6 +145,7 @@ pub struct Engine {
     policies: Arc<PolicyView>,
     geo: Arc<Geo>,
     risk: Arc<RealtimeRisk>,
+    user_risk: Option<Arc<RiskView>>,
     federation: Option<Arc<Federation>>,
     flow_lifetime: Duration,
 }
@@ -233,6 +236,27 @@ fn vouched(
     })
 }
 
+/// A second factor passed: when the sign-in's risk was above none, that risk is remediated
+/// (SPEC §6), on the flow and in the user's risk.
+fn mfa_passed(
+    batch: &mut Batch,
+    flow: &SignIn,
+    user_id: Uuid,
+    method: MfaMethod,
+) -> Result<(), ApiError> {
+    batch.flow(SignInEvent::MfaVerified { method })?;
+    if flow.risk > RiskLevel::None && !flow.risk_remediated {
+        batch.flow(SignInEvent::SignInRiskRemediated)?;
+        let sign_in_id = batch.flow_stream.id;
+        batch.other(
+            &UserRisk::stream(user_id),
+            None,
+            &UserRiskEvent::SignInRemediated { sign_in_id },
+        )?;
+    }
+    Ok(())
+}
+
 /// A six-digit code.
 fn new_code() -> String {
     format!("{:06}", rand::rng().random_range(0..1_000_000u32))
@@ -288,6 +312,7 @@ impl Engine {
             policies,
             geo: Arc::new(Geo::none()),
             risk: Arc::new(RealtimeRisk::none()),
+            user_risk: None,
             federation: None,
             flow_lifetime: FLOW_LIFETIME,
         }
@@ -308,6 +333,14 @@ impl Engine {
     /// Runs the real-time risk checks of `risk` on each sign-in.
     pub fn with_risk(mut self, risk: Arc<RealtimeRisk>) -> Self {
         self.risk = risk;
+        self
+    }
+
+    /// Reads users' risk (Identity Protection) from `view`: user-risk conditions, the block
+    /// of a user at high risk without a second factor, the password change an analyst's
+    /// confirmed compromise asks for.
+    pub fn with_user_risk(mut self, view: Arc<RiskView>) -> Self {
+        self.user_risk = Some(view);
         self
     }
 
@@ -1177,22 +1210,36 @@ impl Engine {
                 return Ok(None);
             }
         }
-        // Risk hook: the real-time checks (the offline detectors of the risk issue add to it).
-        let client_ip = metadata
-            .context
-            .as_ref()
-            .and_then(|c| c.ip.as_deref()?.parse().ok());
+        // Risk hook: the real-time checks, and the user's risk as Identity Protection has it.
+        let client = metadata.context.as_ref();
+        let client_ip = client.and_then(|c| c.ip.as_deref()?.parse().ok());
         let (mut risk, mut detections) = self.risk.assess(client_ip);
         for detection in std::mem::take(&mut batch.detections) {
             risk = risk.max(detection.level);
             detections.push(detection);
         }
+        let location = client_ip.map(|ip| self.geo.locate(ip)).unwrap_or_default();
+        let properties = Properties::of(location, client.and_then(|c| c.user_agent.as_deref()));
         batch.flow(SignInEvent::RiskAssessed {
             level: risk.as_str().into(),
             detections,
+            user_id: Some(user.stream.id),
+            properties: Some(properties),
         })?;
+        let user_risk = self.user_risk(flow.state.tenant_id, user.stream.id, settings);
+        if user_risk.0 == RiskLevel::High
+            && available_methods(&user.state, settings, flow.state.primary_factor()).is_empty()
+        {
+            // No second factor to prove it is really them: nothing else can remediate.
+            batch.flow(SignInEvent::SignInFailed {
+                reason: "user_at_risk".into(),
+            })?;
+            return Ok(None);
+        }
         let preview = batch.preview(flow);
-        let evaluated = self.evaluate_policies(&preview, user, settings, risk, client_ip, metadata);
+        let evaluated = self.evaluate_policies(
+            &preview, user, settings, risk, user_risk, client_ip, metadata,
+        );
         let blocked = matches!(
             &evaluated,
             SignInEvent::PolicyEvaluated {
@@ -1211,14 +1258,31 @@ impl Engine {
             .await
     }
 
+    /// The user's risk level, and whether a confirmed compromise asks for a new password.
+    fn user_risk(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        settings: &TenantSettings,
+    ) -> (RiskLevel, bool) {
+        let low_age = Duration::days(i64::from(settings.risk.low_risk_age_days));
+        self.user_risk
+            .as_ref()
+            .map_or((RiskLevel::None, false), |view| {
+                view.user_risk(tenant_id, user_id, low_age)
+            })
+    }
+
     /// The policy hook: Conditional Access and the tenant's and app's MFA requirement,
     /// decided as one event that records every policy's result.
+    #[allow(clippy::too_many_arguments)]
     fn evaluate_policies(
         &self,
         flow: &SignIn,
         user: &Loaded<User>,
         settings: &TenantSettings,
         sign_in_risk: RiskLevel,
+        (user_risk, must_change_password): (RiskLevel, bool),
         ip: Option<std::net::IpAddr>,
         metadata: &Metadata,
     ) -> SignInEvent {
@@ -1246,7 +1310,7 @@ impl Engine {
                 .and_then(|c| c.user_agent.as_deref())
                 .map_or(Platform::Other, Platform::of_user_agent),
             sign_in_risk,
-            user_risk: RiskLevel::None,
+            user_risk,
             primary,
             satisfied: if user.state.phone_verified {
                 Controls::of(&[Control::PhoneVerified])
@@ -1273,6 +1337,12 @@ impl Engine {
         }
         if decision.required.has(Control::Mfa) {
             reasons.push("policy".to_string());
+        }
+        if must_change_password {
+            // An analyst confirmed the account compromised: prove it is them, then replace
+            // the password (the secure change that remediates the user's risk).
+            reasons.push("compromised".to_string());
+            required = required.union(Controls::of(&[Control::Mfa, Control::PasswordChange]));
         }
         let policies = decision
             .results
@@ -1653,7 +1723,7 @@ impl Engine {
             None if otp_method => {}
             None => return self.reject_code(flow, batch, method_name(method)).await,
         }
-        batch.flow(SignInEvent::MfaVerified { method })?;
+        mfa_passed(&mut batch, &flow.state, user_id, method)?;
         let tokens = self
             .advance(id, flow, &user, &settings, &mut batch, metadata)
             .await?;
@@ -1728,9 +1798,7 @@ impl Engine {
         batch.flow(SignInEvent::PhoneVerified)?;
         // A phone registered because no second factor existed is that second factor.
         if flow.state.pending.first() == Some(&Control::Mfa) {
-            batch.flow(SignInEvent::MfaVerified {
-                method: MfaMethod::SmsOtp,
-            })?;
+            mfa_passed(&mut batch, &flow.state, user.stream.id, MfaMethod::SmsOtp)?;
         }
         let tokens = self
             .advance(id, flow, &user, &settings, &mut batch, metadata)
@@ -1772,6 +1840,7 @@ impl Engine {
                 "must differ from the current password",
             ));
         }
+        let breached = self.passwords.breached().contains(&password);
         let hash = self
             .passwords
             .hash(password)
@@ -1785,9 +1854,23 @@ impl Engine {
             &UserEvent::PasswordChanged {
                 credential,
                 reason: "policy".into(),
+                breached,
             },
         )?;
         batch.flow(SignInEvent::PasswordChanged)?;
+        // A secure password change (after a second factor, with a password not known to be
+        // breached) remediates the user's risk.
+        let (user_risk, must_change) = self.user_risk(tenant_id, user_id, &settings);
+        let proved = flow.state.amr.iter().any(|m| m == "mfa");
+        if proved && !breached && (user_risk > RiskLevel::None || must_change) {
+            batch.other(
+                &UserRisk::stream(user_id),
+                None,
+                &UserRiskEvent::RiskRemediated {
+                    reason: "secure_password_change".into(),
+                },
+            )?;
+        }
         let tokens = self
             .advance(id, flow, &user, &settings, &mut batch, metadata)
             .await?;

@@ -155,10 +155,19 @@ pub enum SignInEvent {
     RiskAssessed {
         /// `none`, `low`, `medium`, `high`.
         level: String,
-        /// What the real-time checks found (anonymiser, malicious IP).
+        /// What the real-time checks found (anonymiser, malicious IP, leaked password).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         detections: Vec<gatehouse_risk::Detection>,
+        /// The account (Identity Protection keeps its history of places and devices).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user_id: Option<Uuid>,
+        /// Where and from what the sign-in came, as located at the time (replays of the
+        /// log judge what was known then, not today's GeoIP database).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        properties: Option<gatehouse_risk::Properties>,
     },
+    /// A second factor was passed after risk was found: this sign-in's risk is remediated.
+    SignInRiskRemediated,
     /// What the policies decided: every evaluated policy's result (report-only ones
     /// included), the block, the controls to ask for and the session controls.
     PolicyEvaluated {
@@ -233,7 +242,8 @@ pub enum SignInEvent {
     /// The flow ended without one.
     SignInFailed {
         /// Why (`too_many_wrong_codes`, `account_disabled`, `email_not_verified`,
-        /// `no_second_factor`).
+        /// `no_second_factor`, `blocked_by_policy`, `user_at_risk`: a user at high risk with
+        /// no second factor).
         reason: String,
     },
     /// The deadline passed.
@@ -371,6 +381,10 @@ pub struct SignIn {
     pub wrong_codes: u32,
     /// Authentication methods used (RFC 8176 values).
     pub amr: Vec<String>,
+    /// The sign-in risk found by the real-time checks.
+    pub risk: gatehouse_policy::model::RiskLevel,
+    /// A second factor passed after the risk was found.
+    pub risk_remediated: bool,
     /// The ending.
     pub outcome: Option<Outcome>,
     /// Start time.
@@ -499,7 +513,10 @@ impl Aggregate for SignIn {
                 self.challenge = None;
                 self.wrong_codes = 0;
             }
-            SignInEvent::RiskAssessed { .. } => {}
+            SignInEvent::RiskAssessed { level, .. } => {
+                self.risk = gatehouse_policy::model::RiskLevel::parse(&level).unwrap_or_default();
+            }
+            SignInEvent::SignInRiskRemediated => self.risk_remediated = true,
             SignInEvent::PolicyEvaluated {
                 mfa_required,
                 controls,

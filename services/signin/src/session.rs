@@ -56,6 +56,9 @@ pub enum SessionEvent {
     RefreshTokenReused {
         /// Which generation came back (0 = the first).
         generation: usize,
+        /// The session's user (read by Identity Protection: an anomalous token).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user_id: Option<Uuid>,
     },
     /// The session ended early.
     SessionRevoked {

@@ -135,7 +135,10 @@ impl SessionApi {
                 Presented::Rotated(generation) => {
                     // Two holders of one family: end it for both.
                     for event in [
-                        SessionEvent::RefreshTokenReused { generation },
+                        SessionEvent::RefreshTokenReused {
+                            generation,
+                            user_id: Some(session.state.user_id),
+                        },
                         SessionEvent::SessionRevoked {
                             reason: "token_reuse".into(),
                         },
@@ -238,6 +241,45 @@ impl SessionApi {
         )
         .await?;
         Ok(session_to_proto(session_id, &executed.state))
+    }
+
+    /// Ends every active session of `user_id` with `reason`; how many it ended.
+    pub async fn revoke_user_sessions(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        reason: &str,
+        metadata: &gatehouse_events::Metadata,
+    ) -> Result<usize, ApiError> {
+        let ids = self
+            .by_user
+            .read(|index| index.0.get(&user_id).cloned().unwrap_or_default());
+        let now = Utc::now();
+        let mut ended = 0;
+        for id in ids {
+            let executed = gatehouse_events::execute::<Session, ApiError, _>(
+                self.store.as_ref(),
+                tenant_id,
+                id,
+                metadata,
+                |session| {
+                    Ok(
+                        if session.tenant_id == tenant_id && session.is_active(now) {
+                            vec![SessionEvent::SessionRevoked {
+                                reason: reason.into(),
+                            }]
+                        } else {
+                            Vec::new()
+                        },
+                    )
+                },
+            )
+            .await?;
+            if executed.last_position.is_some() {
+                ended += 1;
+            }
+        }
+        Ok(ended)
     }
 
     async fn list(
@@ -367,5 +409,19 @@ impl pb::session_service_server::SessionService for SessionApi {
             }
             .await,
         )
+    }
+}
+
+#[tonic::async_trait]
+impl gatehouse_risk::service::Sessions for SessionApi {
+    async fn revoke_all(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        reason: &str,
+        metadata: &gatehouse_events::Metadata,
+    ) -> Result<usize, ApiError> {
+        self.revoke_user_sessions(tenant_id, user_id, reason, metadata)
+            .await
     }
 }

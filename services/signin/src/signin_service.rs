@@ -85,6 +85,10 @@ fn reason_text(reason: &str) -> &'static str {
         "email_not_verified" => "the email address is not verified yet",
         "no_second_factor" => "a second factor is required and none is available",
         "blocked_by_policy" => "an access policy of this organisation blocks this sign-in",
+        "user_at_risk" => {
+            "this account may be compromised and has no second factor to prove it is yours; \
+             contact the organisation to restore access"
+        }
         _ => "the sign-in failed",
     }
 }
