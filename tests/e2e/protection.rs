@@ -844,7 +844,8 @@ async fn run_all(data: &Path, database_url: Option<&str>) -> TestResult {
         .await?
         .into_inner()
         .sign_ins;
-    if at_risk.len() != 1 || at_risk[0].sign_in_id != leaked_flow.id || at_risk[0].country != "FR" {
+    // Newest first: the blocked attempt, then the sign-in with the leaked password.
+    if at_risk.len() != 2 || at_risk[1].sign_in_id != leaked_flow.id || at_risk[1].country != "FR" {
         return Err(format!("risky sign-ins at risk: {at_risk:?}").into());
     }
 

@@ -97,28 +97,28 @@ impl Geo {
                 .map(|c| String::from_utf8_lossy(&c).into_owned()),
             ..Location::default()
         };
-        if let Some(result) = self.reader.as_ref().and_then(|r| r.lookup(ip).ok()) {
-            let coordinate = |name: &str| {
-                result
-                    .decode_path::<f64>(&path!["location", name])
-                    .ok()
-                    .flatten()
-                    .filter(|v| v.is_finite())
-            };
-            location.latitude = coordinate("latitude").filter(|v| v.abs() <= 90.0);
-            location.longitude = coordinate("longitude").filter(|v| v.abs() <= 180.0);
-            location.asn = result
-                .decode_path::<u32>(&path!["autonomous_system_number"])
+        // Numbers are read whatever width the database's writer chose.
+        let number = |reader: Option<&Reader<Vec<u8>>>, path: &[maxminddb::PathElement]| {
+            reader?
+                .lookup(ip)
+                .ok()?
+                .decode_path::<serde_json::Value>(path)
                 .ok()
-                .flatten();
-        }
-        if let Some(result) = self.asn.as_ref().and_then(|r| r.lookup(ip).ok()) {
-            location.asn = result
-                .decode_path::<u32>(&path!["autonomous_system_number"])
-                .ok()
-                .flatten()
-                .or(location.asn);
-        }
+                .flatten()?
+                .as_f64()
+                .filter(|v| v.is_finite())
+        };
+        let reader = self.reader.as_ref();
+        location.latitude =
+            number(reader, &path!["location", "latitude"]).filter(|v| v.abs() <= 90.0);
+        location.longitude =
+            number(reader, &path!["location", "longitude"]).filter(|v| v.abs() <= 180.0);
+        let asn = |reader| {
+            number(reader, &path!["autonomous_system_number"])
+                .filter(|v| *v >= 0.0 && *v <= f64::from(u32::MAX) && v.fract() == 0.0)
+                .map(|v| v as u32)
+        };
+        location.asn = asn(self.asn.as_ref()).or_else(|| asn(reader));
         location
     }
 }

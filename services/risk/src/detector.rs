@@ -461,7 +461,7 @@ impl Detector {
                     &user_id.to_string(),
                     event.id,
                     detected(
-                        "admin_confirmed_compromised",
+                        crate::user_risk::ADMIN_CONFIRMED,
                         RiskLevel::High,
                         "offline",
                         Some(user_id),
@@ -817,10 +817,13 @@ mod tests {
         }
 
         fn push(&mut self, flow: Uuid, event_type: &str, payload: String, ip: &str) {
+            self.push_to("signin", flow, event_type, payload, ip);
+        }
+
+        fn push_to(&mut self, kind: &str, id: Uuid, event_type: &str, payload: String, ip: &str) {
             self.position += 1;
             self.at += Duration::seconds(5);
-            let mut event =
-                RecordedEvent::pending(self.tenant, StreamId::new("signin", flow), self.at);
+            let mut event = RecordedEvent::pending(self.tenant, StreamId::new(kind, id), self.at);
             event.id = Uuid::from_u128(u128::from(self.position) << 64);
             event.position = self.position;
             event.event_type = event_type.into();
@@ -848,6 +851,27 @@ mod tests {
                 let rejected = r#"{"reason":"invalid_credentials"}"#.to_string();
                 self.push(flow, "PasswordRejected", rejected, ip);
             }
+        }
+
+        /// A successful sign-in of `user` from `ip` with these properties.
+        fn success(&mut self, user: u128, ip: &str, properties: serde_json::Value) -> Uuid {
+            let flow = Uuid::from_u128(u128::from(self.position) + 1_000_000);
+            let started = format!(
+                r#"{{"application_id":"{}","client_id":"c","method":"password","user_id":"{}","lockout_id":"{}","expires_at":"2030-01-01T00:00:00Z"}}"#,
+                Uuid::nil(),
+                Uuid::from_u128(user),
+                Uuid::from_u128(user)
+            );
+            self.push(flow, "SignInStarted", started, ip);
+            let assessed = serde_json::json!({
+                "level": "none",
+                "user_id": Uuid::from_u128(user),
+                "properties": properties,
+            });
+            self.push(flow, "RiskAssessed", assessed.to_string(), ip);
+            let completed = serde_json::json!({ "session_id": Uuid::nil() });
+            self.push(flow, "SignInCompleted", completed.to_string(), ip);
+            flow
         }
 
         fn detect(&self) -> Vec<Found> {
@@ -919,5 +943,167 @@ mod tests {
         let first = log.detect();
         assert_eq!(first.len(), 2);
         assert_eq!(first, log.detect());
+    }
+
+    fn paris() -> serde_json::Value {
+        serde_json::json!({"country": "FR", "latitude": 48.8566, "longitude": 2.3522,
+            "asn": 3215, "browser": "chrome", "os": "windows"})
+    }
+
+    fn new_york() -> serde_json::Value {
+        serde_json::json!({"country": "US", "latitude": 40.7128, "longitude": -74.006,
+            "asn": 7018, "browser": "chrome", "os": "windows"})
+    }
+
+    #[test]
+    fn paris_then_new_york_minutes_later_is_atypical_travel_hours_later_is_not() {
+        let mut log = Log::new();
+        log.success(1, "192.0.2.1", paris());
+        log.success(1, "198.51.100.1", new_york());
+        log.success(2, "192.0.2.2", paris());
+        log.at += Duration::hours(10);
+        log.success(2, "198.51.100.2", new_york());
+        let found = log.detect();
+        assert_eq!(kinds(&found), ["atypical_travel"]);
+        let DetectionEvent::RiskDetected {
+            user_id,
+            evidence,
+            level,
+            description,
+            ..
+        } = &found[0].event;
+        assert_eq!(*user_id, Some(Uuid::from_u128(1)));
+        assert_eq!(*level, RiskLevel::Medium);
+        // The first sign-in's assessment, the second's assessment and its completion.
+        assert_eq!(evidence.len(), 3);
+        assert!(description.contains("FR and US"), "{description}");
+    }
+
+    #[test]
+    fn new_properties_count_only_after_the_learning_period() {
+        let mut log = Log::new();
+        // A new user's first sign-ins are all new: nothing to say while it learns.
+        log.success(1, "192.0.2.1", paris());
+        log.success(
+            1,
+            "192.0.2.1",
+            serde_json::json!({"country": "DE", "browser": "firefox"}),
+        );
+        for _ in 0..10 {
+            log.success(1, "192.0.2.1", paris());
+        }
+        log.at += Duration::days(6);
+        log.success(1, "192.0.2.1", paris());
+        assert!(log.detect().is_empty());
+        // Past 10 sign-ins and 5 days: one new property is low, two are medium.
+        log.success(
+            1,
+            "192.0.2.1",
+            serde_json::json!({"country": "FR", "latitude": 48.8566,
+            "longitude": 2.3522, "asn": 3215, "browser": "safari", "os": "windows"}),
+        );
+        log.success(
+            1,
+            "192.0.2.1",
+            serde_json::json!({"country": "JP", "asn": 2516,
+            "browser": "chrome", "os": "windows"}),
+        );
+        let found = log.detect();
+        assert_eq!(
+            kinds(&found),
+            [
+                "unfamiliar_sign_in_properties",
+                "unfamiliar_sign_in_properties"
+            ]
+        );
+        let levels: Vec<RiskLevel> = found
+            .iter()
+            .map(|f| match &f.event {
+                DetectionEvent::RiskDetected { level, .. } => *level,
+            })
+            .collect();
+        assert_eq!(levels, [RiskLevel::Low, RiskLevel::Medium]);
+    }
+
+    #[test]
+    fn real_time_findings_token_reuse_and_leaked_passwords_are_recorded_with_their_event() {
+        let mut log = Log::new();
+        let flow = Uuid::from_u128(42);
+        log.push(
+            flow,
+            "SignInStarted",
+            format!(
+                r#"{{"user_id":"{}","lockout_id":"{}"}}"#,
+                Uuid::from_u128(1),
+                Uuid::from_u128(1)
+            ),
+            "192.0.2.1",
+        );
+        let assessed = serde_json::json!({"level": "high", "user_id": Uuid::from_u128(1),
+            "detections": [
+                {"kind": "anonymous_ip", "level": "medium", "evidence": "listed"},
+                {"kind": "malicious_ip", "level": "high", "evidence": "listed"}]});
+        log.push(flow, "RiskAssessed", assessed.to_string(), "192.0.2.1");
+        let reused = serde_json::json!({"generation": 0, "user_id": Uuid::from_u128(2)});
+        log.push_to(
+            "session",
+            Uuid::from_u128(7),
+            "RefreshTokenReused",
+            reused.to_string(),
+            "192.0.2.9",
+        );
+        log.push_to(
+            "user",
+            Uuid::from_u128(3),
+            "UserSignedUp",
+            r#"{"breached":true}"#.into(),
+            "192.0.2.3",
+        );
+        log.push_to(
+            "user",
+            Uuid::from_u128(4),
+            "UserSignedUp",
+            "{}".into(),
+            "192.0.2.4",
+        );
+        let found = log.detect();
+        assert_eq!(
+            kinds(&found),
+            [
+                "anonymous_ip",
+                "malicious_ip",
+                "anomalous_token",
+                "leaked_credentials"
+            ]
+        );
+        let DetectionEvent::RiskDetected {
+            timing,
+            sign_in_id,
+            evidence,
+            ..
+        } = &found[0].event;
+        assert_eq!(timing, "realtime");
+        assert_eq!(*sign_in_id, Some(flow));
+        assert_eq!(evidence[0].position, 2);
+        assert_ne!(found[0].id, found[1].id);
+        let DetectionEvent::RiskDetected { user_id, .. } = &found[3].event;
+        assert_eq!(*user_id, Some(Uuid::from_u128(3)));
+    }
+
+    #[test]
+    fn a_tenant_s_own_thresholds_apply_from_its_settings_event_on() {
+        let mut log = Log::new();
+        log.attempt(1, 6, "203.0.113.9");
+        let settings = serde_json::json!({"settings": {"risk": {"brute_force_failures": 5}}});
+        log.push_to(
+            "tenant",
+            log.tenant,
+            "TenantSettingsUpdated",
+            settings.to_string(),
+            "192.0.2.1",
+        );
+        assert!(log.detect().is_empty());
+        log.attempt(2, 5, "203.0.113.10");
+        assert_eq!(kinds(&log.detect()), ["brute_force"]);
     }
 }

@@ -24,6 +24,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use uuid::Uuid;
 
+/// The detection kind of an analyst's ConfirmCompromised.
+pub const ADMIN_CONFIRMED: &str = "admin_confirmed_compromised";
+
 /// Events of a userrisk stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
@@ -177,6 +180,11 @@ impl Aggregate for UserRisk {
                 level,
                 sign_in_id,
             } => {
+                // The analyst's confirmation is the state itself (high until a secure
+                // password change); its detection, recorded after it, opens nothing more.
+                if kind == ADMIN_CONFIRMED {
+                    return;
+                }
                 if sign_in_id.is_some_and(|id| self.remediated_sign_ins.contains(&id)) {
                     // Its sign-in was remediated before the detection was recorded.
                     if self.state == RiskState::None {
