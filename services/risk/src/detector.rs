@@ -21,9 +21,10 @@
 //! the events (ids and positions) that caused it; when it names a user, the same append adds
 //! `RiskRaised` to the user's `userrisk` stream. The id is derived from the detection's kind,
 //! its subject and the event that triggered it, and the append expects a new stream, so a
-//! detector that replays the log (a restart, another replica) records nothing twice: the
-//! state it folds is rebuilt from the same events in the same order, it reaches the same
-//! decisions, and the store refuses the copies. Thresholds are each tenant's (its settings
+//! detector that folds events again (after a restart from its checkpoint, or on another
+//! replica) records nothing twice: it reaches the same decisions from the same events in
+//! the same order, and the store refuses the copies. The state is checkpointed (see
+//! [`run`]). Thresholds are each tenant's (its settings
 //! events are folded too, so a replay judges with the settings of the time). After a
 //! brute force or spray detection the same subject is quiet for one window.
 //!
@@ -126,7 +127,7 @@ impl Aggregate for Detection {
 }
 
 /// `SignInStarted`, as far as the detector cares.
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 struct Started {
     user_id: Option<Uuid>,
     lockout_id: Uuid,
@@ -175,7 +176,7 @@ struct RiskOnly {
     risk: RiskSettings,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Serialize, Deserialize)]
 struct Failure {
     at: DateTime<Utc>,
     account: Uuid,
@@ -183,7 +184,7 @@ struct Failure {
 }
 
 /// Failures of one subject within the window, and when it may speak again.
-#[derive(Default)]
+#[derive(Default, Serialize, Deserialize)]
 struct Window {
     failures: VecDeque<Failure>,
     quiet_until: Option<DateTime<Utc>>,
@@ -212,6 +213,7 @@ impl Window {
 }
 
 /// A flow in progress.
+#[derive(Serialize, Deserialize)]
 struct Flow {
     tenant_id: Uuid,
     started: Started,
@@ -224,7 +226,7 @@ struct Flow {
 const MAX_KNOWN: usize = 64;
 
 /// What a user's successful sign-ins looked like.
-#[derive(Default)]
+#[derive(Default, Serialize, Deserialize)]
 struct History {
     first: Option<DateTime<Utc>>,
     successes: u32,
@@ -721,6 +723,66 @@ impl Detector {
     }
 }
 
+/// The detector's state as a checkpoint: maps as lists (JSON keys are strings only).
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    format: u32,
+    tenants: Vec<(Uuid, RiskSettings)>,
+    flows: Vec<(Uuid, Flow)>,
+    accounts: Vec<((Uuid, Uuid), Window)>,
+    networks: Vec<((Uuid, String), Window)>,
+    users: Vec<((Uuid, Uuid), History)>,
+}
+
+/// Bumped when the saved state changes shape (an old checkpoint is then ignored).
+const SAVED_FORMAT: u32 = 1;
+
+impl Detector {
+    /// The state, for a checkpoint.
+    fn save(&self) -> Result<serde_json::Value, serde_json::Error> {
+        /// [`Saved`], borrowed.
+        #[derive(Serialize)]
+        struct SavedRef<'a> {
+            format: u32,
+            tenants: Vec<(&'a Uuid, &'a RiskSettings)>,
+            flows: Vec<(&'a Uuid, &'a Flow)>,
+            accounts: Vec<(&'a (Uuid, Uuid), &'a Window)>,
+            networks: Vec<(&'a (Uuid, String), &'a Window)>,
+            users: Vec<(&'a (Uuid, Uuid), &'a History)>,
+        }
+        serde_json::to_value(SavedRef {
+            format: SAVED_FORMAT,
+            tenants: self.tenants.iter().collect(),
+            flows: self.flows.iter().collect(),
+            accounts: self.accounts.iter().collect(),
+            networks: self.networks.iter().collect(),
+            users: self.users.iter().collect(),
+        })
+    }
+
+    /// The state of a checkpoint, unless it is of another format.
+    fn restore(value: serde_json::Value) -> Option<Detector> {
+        let saved: Saved = serde_json::from_value(value).ok()?;
+        (saved.format == SAVED_FORMAT).then(|| Detector {
+            tenants: saved.tenants.into_iter().collect(),
+            flows: saved.flows.into_iter().collect(),
+            accounts: saved.accounts.into_iter().collect(),
+            networks: saved.networks.into_iter().collect(),
+            users: saved.users.into_iter().collect(),
+            events_since_prune: 0,
+        })
+    }
+}
+
+/// Where the detector keeps its checkpoint: the snapshot of this (event-less) stream, whose
+/// version is the position of the last event folded into it.
+pub fn checkpoint_stream() -> StreamId {
+    StreamId::new("riskdetector", Uuid::nil())
+}
+
+/// How often the detector saves its checkpoint while events arrive.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Records a detection once: a copy (the same id) is refused by the store and ignored.
 /// A detection naming a user raises that user's risk in the same append.
 pub async fn record(store: &dyn EventStore, found: &Found) -> Result<bool, StoreError> {
@@ -752,44 +814,89 @@ pub async fn record(store: &dyn EventStore, found: &Found) -> Result<bool, Store
     }
 }
 
-/// Follows the log from the beginning and records what the detector finds, until the
-/// subscription ends; each new detection is also published to NATS when a publisher is
-/// given. Replaying from the start on every start is what makes restarts exact (see the
-/// module documentation).
+/// Follows the log and records what the detector finds, until the subscription ends; each
+/// new detection is also published to NATS when a publisher is given.
+///
+/// It starts from its checkpoint (the folded state and the position it covers, saved every
+/// few seconds once everything found up to that position is recorded), or from the start of
+/// the log without one. A crash after a checkpoint folds the events after it again: the same
+/// decisions, the same ids, copies refused (see the module documentation). Every replica
+/// may run it; their checkpoints are folds of the same log, so any one of them will do.
 pub async fn run(store: Arc<dyn EventStore>, publisher: Option<crate::publish::Publisher>) {
-    let mut detector = Detector::new();
+    let stream = checkpoint_stream();
+    let (mut detector, from) = match store.load_snapshot(&stream).await {
+        Ok(Some((position, value))) => match Detector::restore(value) {
+            Some(detector) => (detector, position),
+            None => (Detector::new(), 0),
+        },
+        Ok(None) => (Detector::new(), 0),
+        Err(error) => {
+            tracing::warn!(%error, "the risk detector's checkpoint could not be read; replaying the log");
+            (Detector::new(), 0)
+        }
+    };
     let mut events = Box::pin(gatehouse_events::subscription::subscribe(
         store.clone(),
-        0,
+        from,
         Detector::filter(),
     ));
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(event) => {
-                for found in detector.observe(&event) {
-                    // The store may be briefly unavailable: a detection is not dropped for it.
-                    let mut delay = std::time::Duration::from_millis(100);
-                    let new = loop {
-                        match record(store.as_ref(), &found).await {
-                            Ok(new) => break new,
-                            Err(error) => {
-                                tracing::warn!(%error, "a risk detection could not be recorded; retrying");
-                                tokio::time::sleep(delay).await;
-                                delay = (delay * 2).min(std::time::Duration::from_secs(30));
-                            }
+    let (mut folded, mut saved) = (from, from);
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    loop {
+        let event = tokio::select! {
+            next = events.next() => match next {
+                Some(Ok(event)) => event,
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "the risk detector stopped");
+                    return;
+                }
+                None => return,
+            },
+            _ = tick.tick() => {
+                // Everything found up to `folded` is recorded: the state there is a checkpoint.
+                if folded > saved {
+                    match save(store.as_ref(), &stream, &detector, folded).await {
+                        Ok(()) => saved = folded,
+                        Err(error) => {
+                            tracing::warn!(%error, "the risk detector's checkpoint was not saved")
                         }
-                    };
-                    if let (true, Some(publisher)) = (new, &publisher) {
-                        publisher.detection(&found, Utc::now()).await;
                     }
                 }
+                continue;
             }
-            Err(error) => {
-                tracing::warn!(%error, "the risk detector stopped");
-                return;
+        };
+        for found in detector.observe(&event) {
+            // The store may be briefly unavailable: a detection is not dropped for it.
+            let mut delay = std::time::Duration::from_millis(100);
+            let new = loop {
+                match record(store.as_ref(), &found).await {
+                    Ok(new) => break new,
+                    Err(error) => {
+                        tracing::warn!(%error, "a risk detection could not be recorded; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(std::time::Duration::from_secs(30));
+                    }
+                }
+            };
+            if let (true, Some(publisher)) = (new, &publisher) {
+                publisher.detection(&found, Utc::now()).await;
             }
         }
+        folded = event.position;
     }
+}
+
+async fn save(
+    store: &dyn EventStore,
+    stream: &StreamId,
+    detector: &Detector,
+    position: Position,
+) -> Result<(), String> {
+    let state = detector.save().map_err(|e| e.to_string())?;
+    store
+        .save_snapshot(stream, position, &state)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -1105,5 +1212,27 @@ mod tests {
         assert!(log.detect().is_empty());
         log.attempt(2, 5, "203.0.113.10");
         assert_eq!(kinds(&log.detect()), ["brute_force"]);
+    }
+
+    #[test]
+    fn a_restored_checkpoint_goes_on_as_if_it_had_never_stopped() -> Result<(), serde_json::Error> {
+        let mut log = Log::new();
+        log.attempt(1, 12, "203.0.113.9");
+        log.success(5, "192.0.2.1", paris());
+        let half = log.events.len();
+        log.attempt(1, 12, "203.0.113.9");
+        log.success(5, "198.51.100.1", new_york());
+        let straight = log.detect();
+        assert_eq!(kinds(&straight), ["brute_force", "atypical_travel"]);
+        let mut first = Detector::new();
+        let mut found: Vec<Found> = log.events[..half]
+            .iter()
+            .flat_map(|e| first.observe(e))
+            .collect();
+        let saved = first.save()?;
+        let mut second = Detector::restore(saved).ok_or(serde::de::Error::custom("format"))?;
+        found.extend(log.events[half..].iter().flat_map(|e| second.observe(e)));
+        assert_eq!(found, straight);
+        Ok(())
     }
 }

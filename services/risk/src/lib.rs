@@ -5,8 +5,8 @@
 //!
 //! - [`realtime`]: the checks the sign-in flow runs before Conditional Access (anonymiser
 //!   and malicious IPs), the sign-in risk level they make, and the sign-in's properties.
-//! - [`detector`]: the subscriber of the log that records every detection as a
-//!   `detection/<id>` stream (exactly once, even when the log is replayed): the flow's
+//! - [`detector`]: the checkpointed subscriber of the log that records every detection as a
+//!   `detection/<id>` stream (exactly once, even when events are folded again): the flow's
 //!   real-time findings, and what only the log shows (brute force, password spray, atypical
 //!   travel, unfamiliar properties, token reuse, leaked passwords at sign-up or change).
 //! - [`user_risk`]: the UserRisk aggregate (level, state, history).
