@@ -132,8 +132,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         crypto.clone(),
         directory.clone(),
     ));
-    let sessions =
-        Arc::new(SessionApi::new(store.clone(), crypto.clone(), signing.clone(), directory).await?);
+    let sessions = Arc::new(
+        SessionApi::new(store.clone(), crypto.clone(), signing.clone(), directory)
+            .await?
+            .with_user_risk(risk_view.clone()),
+    );
     let notifier = tokio::spawn(notifier::run(store.clone(), crypto, senders(&config)?));
     let risk_api = Arc::new(RiskApi::new(store.clone(), risk_view, sessions.clone()));
     // Detections go to NATS when it is configured; a configured NATS that cannot be

@@ -131,6 +131,9 @@ impl Aggregate for Detection {
 struct Started {
     user_id: Option<Uuid>,
     lockout_id: Uuid,
+    /// The flow's deadline: no event of it comes later.
+    #[serde(default)]
+    expires_at: Option<DateTime<Utc>>,
 }
 
 /// A real-time detection as the flow records it.
@@ -237,15 +240,11 @@ struct History {
     last: Option<(DateTime<Utc>, Location, Evidence)>,
 }
 
-/// Remembers `value`; true when it was new.
+/// Remembers `value`; true when it was new. A user with more values than are remembered
+/// has nothing unfamiliar left.
 fn learn<T: Ord>(known: &mut BTreeSet<T>, value: Option<T>) -> bool {
     match value {
-        Some(value) if !known.contains(&value) => {
-            if known.len() < MAX_KNOWN {
-                known.insert(value);
-            }
-            true
-        }
+        Some(value) if known.len() < MAX_KNOWN => known.insert(value),
         _ => false,
     }
 }
@@ -257,18 +256,45 @@ pub struct Found {
     pub id: Uuid,
     /// The tenant.
     pub tenant_id: Uuid,
+    /// When the event that triggered it was recorded.
+    pub caused_at: DateTime<Utc>,
     /// What to record.
     pub event: DetectionEvent,
 }
 
 impl Found {
-    fn new(tenant_id: Uuid, subject: &str, trigger: Uuid, event: DetectionEvent) -> Self {
+    fn new(tenant_id: Uuid, subject: &str, trigger: &RecordedEvent, event: DetectionEvent) -> Self {
         let DetectionEvent::RiskDetected { kind, .. } = &event;
         Found {
-            id: derived_id(kind, subject, trigger),
+            id: derived_id(kind, subject, trigger.id),
             tenant_id,
+            caused_at: trigger.recorded_at,
             event,
         }
+    }
+}
+
+/// How a detection weighs on its user's risk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserEffect {
+    /// None: failed attempts prove nothing about the account, and anyone who knows an email
+    /// could otherwise raise its owner's risk (the detection is still reported).
+    None,
+    /// Until remediated in its sign-in (a second factor passed there) or later.
+    SignIn,
+    /// Until the user changes the password securely or an analyst closes it: a breached
+    /// password, a stolen refresh token, a confirmed compromise stay true after one MFA.
+    User,
+}
+
+/// The effect of a detection of `kind` on its user's risk.
+pub fn user_effect(kind: &str) -> UserEffect {
+    match kind {
+        "brute_force" | "password_spray" => UserEffect::None,
+        "anonymous_ip" | "malicious_ip" | "atypical_travel" | "unfamiliar_sign_in_properties" => {
+            UserEffect::SignIn
+        }
+        _ => UserEffect::User,
     }
 }
 
@@ -419,7 +445,7 @@ impl Detector {
                 vec![Found::new(
                     tenant_id,
                     &user_id.to_string(),
-                    event.id,
+                    event,
                     detected(
                         "leaked_credentials",
                         RiskLevel::High,
@@ -439,7 +465,7 @@ impl Detector {
                 vec![Found::new(
                     tenant_id,
                     &event.stream.id.to_string(),
-                    event.id,
+                    event,
                     detected(
                         "anomalous_token",
                         RiskLevel::High,
@@ -461,7 +487,7 @@ impl Detector {
                 vec![Found::new(
                     tenant_id,
                     &user_id.to_string(),
-                    event.id,
+                    event,
                     detected(
                         crate::user_risk::ADMIN_CONFIRMED,
                         RiskLevel::High,
@@ -489,9 +515,14 @@ impl Detector {
             .chain([RiskSettings::default().window_minutes])
             .max()
             .unwrap_or(60);
-        // A flow lives 10 minutes by default: keep it for a window past its start.
         let horizon = now - Duration::minutes(i64::from(longest) + 10);
-        self.flows.retain(|_, flow| flow.at > horizon);
+        // A flow is forgotten once past its deadline (nothing of it can follow), so pruning
+        // never changes a decision, whenever it runs.
+        self.flows.retain(|_, flow| {
+            flow.started
+                .expires_at
+                .map_or(flow.at > horizon, |deadline| deadline > now)
+        });
         let stale = |w: &Window| {
             w.failures.back().is_none_or(|last| last.at < horizon)
                 && w.quiet_until.is_none_or(|until| until < now)
@@ -523,7 +554,7 @@ impl Detector {
             found.push(Found::new(
                 tenant_id,
                 &account.to_string(),
-                event.id,
+                event,
                 detected(
                     "brute_force",
                     RiskLevel::Medium,
@@ -554,7 +585,7 @@ impl Detector {
                     found.push(Found::new(
                         tenant_id,
                         &network,
-                        event.id,
+                        event,
                         detected(
                             "password_spray",
                             RiskLevel::High,
@@ -603,7 +634,7 @@ impl Detector {
                 Found::new(
                     event.tenant_id,
                     &flow_id.to_string(),
-                    event.id,
+                    event,
                     detected(
                         &detection.kind,
                         detection.level,
@@ -646,7 +677,7 @@ impl Detector {
                 found.push(Found::new(
                     tenant_id,
                     &user_id.to_string(),
-                    event.id,
+                    event,
                     detected(
                         "atypical_travel",
                         RiskLevel::Medium,
@@ -696,7 +727,7 @@ impl Detector {
             found.push(Found::new(
                 tenant_id,
                 &user_id.to_string(),
-                event.id,
+                event,
                 detected(
                     "unfamiliar_sign_in_properties",
                     if new.len() > 1 {
@@ -797,13 +828,15 @@ pub async fn record(store: &dyn EventStore, found: &Found) -> Result<bool, Store
         sign_in_id,
         ..
     } = &found.event;
-    if let Some(user_id) = user_id {
+    let effect = user_effect(kind);
+    if let (Some(user_id), true) = (user_id, effect != UserEffect::None) {
         let user_risk = StreamId::new(UserRisk::STREAM_TYPE, *user_id);
         let raised = UserRiskEvent::RiskRaised {
             detection_id: found.id,
             kind: kind.clone(),
             level: *level,
-            sign_in_id: *sign_in_id,
+            sign_in_id: sign_in_id.filter(|_| effect == UserEffect::SignIn),
+            caused_at: Some(found.caused_at),
         };
         request.push(raised.to_new_event(found.tenant_id, &user_risk)?);
     }
@@ -835,22 +868,30 @@ pub async fn run(store: Arc<dyn EventStore>, publisher: Option<crate::publish::P
             (Detector::new(), 0)
         }
     };
-    let mut events = Box::pin(gatehouse_events::subscription::subscribe(
-        store.clone(),
-        from,
-        Detector::filter(),
-    ));
     let (mut folded, mut saved) = (from, from);
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    let mut events = Box::pin(gatehouse_events::subscription::subscribe(
+        store.clone(),
+        folded,
+        Detector::filter(),
+    ));
     loop {
         let event = tokio::select! {
             next = events.next() => match next {
                 Some(Ok(event)) => event,
-                Some(Err(error)) => {
-                    tracing::warn!(%error, "the risk detector stopped");
-                    return;
+                other => {
+                    // The store went away: resume after what was folded, a moment later.
+                    if let Some(Err(error)) = other {
+                        tracing::warn!(%error, "the risk detector lost the log; resuming");
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    events = Box::pin(gatehouse_events::subscription::subscribe(
+                        store.clone(),
+                        folded,
+                        Detector::filter(),
+                    ));
+                    continue;
                 }
-                None => return,
             },
             _ = tick.tick() => {
                 // Everything found up to `folded` is recorded: the state there is a checkpoint.

@@ -46,8 +46,15 @@ impl Publisher {
             self.client.flush().await?;
             Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
         };
-        if let Err(error) = sent.await {
-            tracing::warn!(%error, detection = %found.id, "a detection could not be published to NATS");
+        // A NATS server that does not answer must not hold the detector up.
+        match tokio::time::timeout(std::time::Duration::from_secs(2), sent).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, detection = %found.id, "a detection could not be published to NATS")
+            }
+            Err(_) => {
+                tracing::warn!(detection = %found.id, "NATS did not take a detection in time")
+            }
         }
     }
 }

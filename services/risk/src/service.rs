@@ -294,7 +294,19 @@ impl RiskApi {
             ),
         };
         let range = Range::parse(&m.from, &m.to)?;
-        let offset = page_token(&m.page_token)?.unwrap_or(0) as usize;
+        // The token is the last user's sort key (last change, id): pages stay stable as
+        // users' risk changes, a changed user moving to the front.
+        let after: Option<(i64, Uuid)> = match m.page_token.as_str() {
+            "" => None,
+            token => Some(
+                token
+                    .split_once(':')
+                    .and_then(|(at, id)| Some((at.parse().ok()?, id.parse().ok()?)))
+                    .ok_or_else(|| {
+                        ApiError::invalid("page_token", "is not a token from a previous answer")
+                    })?,
+            ),
+        };
         let size = page_size(m.page_size);
         let low_age = self.low_age(tenant_id).await?;
         let now = Utc::now();
@@ -308,23 +320,22 @@ impl RiskApi {
                         && state.is_none_or(|s| risk.state == s)
                         && risk.updated_at.is_some_and(|at| range.contains(at))
                 })
-                .map(|(id, risk)| (risk.updated_at, *id, user_risk_to_proto(*id, risk, low_age)))
+                .map(|(id, risk)| {
+                    let at = risk.updated_at.map_or(0, |at| at.timestamp_micros());
+                    ((-at, *id), user_risk_to_proto(*id, risk, low_age))
+                })
+                .filter(|(key, _)| after.is_none_or(|(at, id)| *key > (-at, id)))
                 .collect::<Vec<_>>()
         });
-        users.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        let more = users.len() > offset + size;
+        users.sort_by_key(|(key, _)| *key);
+        let more = users.len() > size;
+        users.truncate(size);
         Ok(pb::ListRiskyUsersResponse {
-            users: users
-                .into_iter()
-                .skip(offset)
-                .take(size)
-                .map(|(_, _, u)| u)
-                .collect(),
-            next_page_token: if more {
-                (offset + size).to_string()
-            } else {
-                String::new()
+            next_page_token: match (more, users.last()) {
+                (true, Some(((at, id), _))) => format!("{}:{id}", -at),
+                _ => String::new(),
             },
+            users: users.into_iter().map(|(_, u)| u).collect(),
         })
     }
 
@@ -443,11 +454,19 @@ impl RiskApi {
             user_id,
             &metadata,
             |risk| {
+                if compromised {
+                    // Idempotent: a retry (say, after a revocation failed) adds nothing.
+                    return Ok(if risk.state == RiskState::ConfirmedCompromised {
+                        Vec::new()
+                    } else {
+                        vec![action.clone()]
+                    });
+                }
                 let open = matches!(
                     risk.state,
                     RiskState::AtRisk | RiskState::ConfirmedCompromised
                 );
-                if !compromised && !open {
+                if !open {
                     return Err(ApiError::FailedPrecondition(format!(
                         "the user's risk is {}: there is nothing open to close",
                         risk.state.as_str()
@@ -457,14 +476,15 @@ impl RiskApi {
             },
         )
         .await?;
+        // The view first: from here on this process's sign-ins ask for a new password and
+        // its refreshes of the user's sessions are refused; then every session is revoked.
+        if let Some(position) = executed.last_position {
+            self.view.wait_for(position).await;
+        }
         if compromised {
-            // After the event: a session started meanwhile meets the forced password change.
             self.sessions
                 .revoke_all(tenant_id, user_id, "compromised", &metadata)
                 .await?;
-        }
-        if let Some(position) = executed.last_position {
-            self.view.wait_for(position).await;
         }
         Ok(user_risk_to_proto(user_id, &executed.state, low_age))
     }

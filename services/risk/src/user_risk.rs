@@ -39,9 +39,13 @@ pub enum UserRiskEvent {
         kind: String,
         /// Its level.
         level: RiskLevel,
-        /// The sign-in it was found in (real-time detections).
+        /// The sign-in it was found in, when passing MFA there remediates it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         sign_in_id: Option<Uuid>,
+        /// When the event that caused it was recorded (a detector that lags behind, or
+        /// replays old history, raises nothing that a later remediation already closed).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        caused_at: Option<DateTime<Utc>>,
     },
     /// A second factor was passed in this sign-in after its risk was found.
     SignInRemediated {
@@ -134,6 +138,9 @@ pub struct UserRisk {
     pub open: BTreeMap<Uuid, OpenDetection>,
     /// Sign-ins whose risk a second factor remediated.
     remediated_sign_ins: BTreeSet<Uuid>,
+    /// When the risk was last closed (remediated, dismissed, confirmed safe): detections of
+    /// what happened before are not raised again.
+    closed_at: Option<DateTime<Utc>>,
     /// The state.
     pub state: RiskState,
     /// When it last changed.
@@ -160,9 +167,10 @@ impl UserRisk {
         self.state == RiskState::ConfirmedCompromised
     }
 
-    fn closed(&mut self, state: RiskState) {
+    fn closed(&mut self, state: RiskState, at: DateTime<Utc>) {
         self.open.clear();
         self.state = state;
+        self.closed_at = Some(at);
     }
 }
 
@@ -179,7 +187,12 @@ impl Aggregate for UserRisk {
                 kind,
                 level,
                 sign_in_id,
+                caused_at,
             } => {
+                let caused_at = caused_at.unwrap_or(envelope.recorded_at);
+                if self.closed_at.is_some_and(|closed| caused_at <= closed) {
+                    return;
+                }
                 // The analyst's confirmation is the state itself (high until a secure
                 // password change); its detection, recorded after it, opens nothing more.
                 if kind == ADMIN_CONFIRMED {
@@ -197,7 +210,7 @@ impl Aggregate for UserRisk {
                     OpenDetection {
                         kind,
                         level,
-                        at: envelope.recorded_at,
+                        at: caused_at,
                         sign_in_id,
                     },
                 );
@@ -213,10 +226,14 @@ impl Aggregate for UserRisk {
                     self.state = RiskState::Remediated;
                 }
             }
-            UserRiskEvent::RiskRemediated { .. } => self.closed(RiskState::Remediated),
+            UserRiskEvent::RiskRemediated { .. } => {
+                self.closed(RiskState::Remediated, envelope.recorded_at)
+            }
             UserRiskEvent::CompromiseConfirmed => self.state = RiskState::ConfirmedCompromised,
-            UserRiskEvent::ConfirmedSafe => self.closed(RiskState::ConfirmedSafe),
-            UserRiskEvent::RiskDismissed => self.closed(RiskState::Dismissed),
+            UserRiskEvent::ConfirmedSafe => {
+                self.closed(RiskState::ConfirmedSafe, envelope.recorded_at)
+            }
+            UserRiskEvent::RiskDismissed => self.closed(RiskState::Dismissed, envelope.recorded_at),
         }
     }
 }
@@ -246,6 +263,7 @@ mod tests {
             kind: "k".into(),
             level,
             sign_in_id: sign_in.map(Uuid::from_u128),
+            caused_at: None,
         }
     }
 
@@ -322,5 +340,28 @@ mod tests {
         ]);
         assert_eq!(risk.state, RiskState::Dismissed);
         assert_eq!(risk.level(now, age), RiskLevel::None);
+    }
+
+    #[test]
+    fn a_detection_of_something_before_the_last_remediation_is_not_raised_again() {
+        let start = DateTime::<Utc>::from_timestamp(1_800_000_000, 0).unwrap_or_default();
+        let late = UserRiskEvent::RiskRaised {
+            detection_id: Uuid::from_u128(5),
+            kind: "atypical_travel".into(),
+            level: RiskLevel::Medium,
+            sign_in_id: None,
+            caused_at: Some(start),
+        };
+        let risk = fold(vec![
+            (
+                UserRiskEvent::RiskRemediated {
+                    reason: "secure_password_change".into(),
+                },
+                0,
+            ),
+            (late, 1),
+        ]);
+        assert_eq!(risk.state, RiskState::Remediated);
+        assert!(risk.open.is_empty());
     }
 }

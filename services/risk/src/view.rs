@@ -238,6 +238,16 @@ impl RiskView {
         })
     }
 
+    /// An analyst confirmed the user compromised and no secure password change followed.
+    pub fn must_change_password(&self, tenant_id: Uuid, user_id: Uuid) -> bool {
+        self.read(tenant_id, |tenant| {
+            tenant
+                .users
+                .get(&user_id)
+                .is_some_and(UserRisk::must_change_password)
+        })
+    }
+
     /// Waits until the view includes `position` (a write just made); false after 5 seconds.
     pub async fn wait_for(&self, position: Position) -> bool {
         self.view

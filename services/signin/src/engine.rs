@@ -236,16 +236,17 @@ fn vouched(
     })
 }
 
-/// A second factor passed: when the sign-in's risk was above none, that risk is remediated
-/// (SPEC §6), on the flow and in the user's risk.
+/// A second factor passed: when it is one the user had before this flow and the sign-in's
+/// risk was above none, that risk is remediated (SPEC §6), on the flow and in the user's risk.
 fn mfa_passed(
     batch: &mut Batch,
     flow: &SignIn,
     user_id: Uuid,
     method: MfaMethod,
+    registered_before: bool,
 ) -> Result<(), ApiError> {
     batch.flow(SignInEvent::MfaVerified { method })?;
-    if flow.risk > RiskLevel::None && !flow.risk_remediated {
+    if registered_before && flow.risk > RiskLevel::None && !flow.risk_remediated {
         batch.flow(SignInEvent::SignInRiskRemediated)?;
         let sign_in_id = batch.flow_stream.id;
         batch.other(
@@ -1415,8 +1416,15 @@ impl Engine {
                         .into_iter()
                         .filter(counts)
                         .collect();
+                let (user_risk, _) = self.user_risk(flow.state.tenant_id, user.stream.id, settings);
                 if !methods.is_empty() {
                     SignInEvent::MfaRequired { methods }
+                } else if preview.risk > RiskLevel::None || user_risk > RiskLevel::None {
+                    // A risky sign-in cannot register its own second factor: whoever holds
+                    // a stolen password would "prove" themselves with their own phone.
+                    SignInEvent::SignInFailed {
+                        reason: "user_at_risk".into(),
+                    }
                 } else if settings.mfa_methods.contains(&MfaMethod::SmsOtp)
                     && counts(&MfaMethod::SmsOtp)
                 {
@@ -1723,7 +1731,7 @@ impl Engine {
             None if otp_method => {}
             None => return self.reject_code(flow, batch, method_name(method)).await,
         }
-        mfa_passed(&mut batch, &flow.state, user_id, method)?;
+        mfa_passed(&mut batch, &flow.state, user_id, method, true)?;
         let tokens = self
             .advance(id, flow, &user, &settings, &mut batch, metadata)
             .await?;
@@ -1798,7 +1806,13 @@ impl Engine {
         batch.flow(SignInEvent::PhoneVerified)?;
         // A phone registered because no second factor existed is that second factor.
         if flow.state.pending.first() == Some(&Control::Mfa) {
-            mfa_passed(&mut batch, &flow.state, user.stream.id, MfaMethod::SmsOtp)?;
+            mfa_passed(
+                &mut batch,
+                &flow.state,
+                user.stream.id,
+                MfaMethod::SmsOtp,
+                false,
+            )?;
         }
         let tokens = self
             .advance(id, flow, &user, &settings, &mut batch, metadata)
@@ -1861,7 +1875,7 @@ impl Engine {
         // A secure password change (after a second factor, with a password not known to be
         // breached) remediates the user's risk.
         let (user_risk, must_change) = self.user_risk(tenant_id, user_id, &settings);
-        let proved = flow.state.amr.iter().any(|m| m == "mfa");
+        let proved = flow.state.registered_factor_passed;
         if proved && !breached && (user_risk > RiskLevel::None || must_change) {
             batch.other(
                 &UserRisk::stream(user_id),

@@ -385,6 +385,11 @@ pub struct SignIn {
     pub risk: gatehouse_policy::model::RiskLevel,
     /// A second factor passed after the risk was found.
     pub risk_remediated: bool,
+    /// A phone was registered and verified in this flow.
+    pub phone_registered: bool,
+    /// A second factor the user had before this flow was passed (one registered in the flow
+    /// proves only that whoever holds the password also holds a phone).
+    pub registered_factor_passed: bool,
     /// The ending.
     pub outcome: Option<Outcome>,
     /// Start time.
@@ -564,10 +569,14 @@ impl Aggregate for SignIn {
             }
             SignInEvent::CodeRejected { .. } => self.wrong_codes += 1,
             SignInEvent::PhoneVerified => {
+                self.phone_registered = true;
                 self.challenge = None;
                 self.pending.retain(|c| *c != Control::PhoneVerified);
             }
             SignInEvent::MfaVerified { method } => {
+                if !(method == MfaMethod::SmsOtp && self.phone_registered) {
+                    self.registered_factor_passed = true;
+                }
                 self.amr.push(amr_of(method).into());
                 self.amr.push("mfa".into());
                 self.challenge = None;

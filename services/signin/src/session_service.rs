@@ -51,6 +51,7 @@ pub struct SessionApi {
     keys: Arc<Keys>,
     directory: Arc<Directory>,
     by_user: LiveView<ByUser>,
+    user_risk: Option<Arc<gatehouse_risk::view::RiskView>>,
 }
 
 fn refused() -> ApiError {
@@ -94,7 +95,16 @@ impl SessionApi {
             keys,
             directory,
             by_user,
+            user_risk: None,
         })
+    }
+
+    /// Refuses (and ends) sessions of users an analyst confirmed compromised, as `view`
+    /// has them: a session that escaped ConfirmCompromised's revocation (started while it
+    /// ran) ends at its next refresh.
+    pub fn with_user_risk(mut self, view: Arc<gatehouse_risk::view::RiskView>) -> Self {
+        self.user_risk = Some(view);
+        self
     }
 
     fn tenant_of<T>(request: &Request<T>, tenant_id: &str) -> Result<(Uuid, Caller), ApiError> {
@@ -151,16 +161,24 @@ impl SessionApi {
                         Err(other) => return Err(other.into()),
                     }
                 }
-                Presented::Current if state.needs_reauthentication(now) => {
-                    // A policy's sign-in frequency has passed: the session ends here.
+                Presented::Current
+                    if state.needs_reauthentication(now) || self.compromised(state) =>
+                {
+                    // A policy's sign-in frequency has passed, or the account was confirmed
+                    // compromised: the session ends here.
+                    let reason = if self.compromised(state) {
+                        "compromised"
+                    } else {
+                        "sign_in_frequency"
+                    };
                     let event = SessionEvent::SessionRevoked {
-                        reason: "sign_in_frequency".into(),
+                        reason: reason.into(),
                     };
                     append.push(event.to_new_event(tenant_id, &session.stream)?);
                     match self.store.append(append).await {
                         Ok(_) => {
                             return Err(ApiError::CredentialRefused(
-                                "sign in again: this session's sign-in frequency has passed".into(),
+                                "sign in again: this session has ended".into(),
                             ));
                         }
                         Err(StoreError::Conflict { .. }) => continue,
@@ -241,6 +259,12 @@ impl SessionApi {
         )
         .await?;
         Ok(session_to_proto(session_id, &executed.state))
+    }
+
+    fn compromised(&self, session: &Session) -> bool {
+        self.user_risk
+            .as_ref()
+            .is_some_and(|view| view.must_change_password(session.tenant_id, session.user_id))
     }
 
     /// Ends every active session of `user_id` with `reason`; how many it ended.
