@@ -442,8 +442,7 @@ async fn run_all(data: &Path, database_url: Option<&str>) -> TestResult {
         .start("nora@example.com", pb::PrimaryMethod::Password)
         .await?;
     let refused = hidden.password(&flow, PASSWORD).await?;
-    if refused.status != pb::SignInStatus::Failed as i32
-        || !refused.reason.contains("compromised")
+    if refused.status != pb::SignInStatus::Failed as i32 || !refused.reason.contains("compromised")
     {
         return Err(format!("a risky sign-in registered its own phone: {refused:?}").into());
     }
