@@ -126,14 +126,12 @@ impl Aggregate for Detection {
     }
 }
 
-/// `SignInStarted`, as far as the detector cares.
-#[derive(Serialize, Deserialize)]
-struct Started {
+/// `PasswordRejected`, as far as the detector cares (events recorded before it carried the
+/// account are not counted).
+#[derive(Deserialize)]
+struct Rejected {
+    lockout_id: Option<Uuid>,
     user_id: Option<Uuid>,
-    lockout_id: Uuid,
-    /// The flow's deadline: no event of it comes later.
-    #[serde(default)]
-    expires_at: Option<DateTime<Utc>>,
 }
 
 /// A real-time detection as the flow records it.
@@ -215,15 +213,20 @@ impl Window {
     }
 }
 
-/// A flow in progress.
+/// A flow past its password, until it ends: the account and properties its risk
+/// assessment recorded, and that event. (Only these flows are remembered: a flood of
+/// started flows costs the detector nothing.)
 #[derive(Serialize, Deserialize)]
 struct Flow {
     tenant_id: Uuid,
-    started: Started,
+    user_id: Uuid,
+    properties: Properties,
+    assessed: Evidence,
     at: DateTime<Utc>,
-    /// The account and properties its risk assessment recorded, and that event.
-    assessed: Option<(Uuid, Properties, Evidence)>,
 }
+
+/// The longest a sign-in flow may live (the server's `sign_in_lifetime` is at most a day).
+const MAX_FLOW_LIFETIME: i64 = 86_400;
 
 /// Most values remembered per property and user.
 const MAX_KNOWN: usize = 64;
@@ -372,7 +375,6 @@ impl Detector {
             event_types: [
                 "TenantCreated",
                 "TenantSettingsUpdated",
-                "SignInStarted",
                 "PasswordRejected",
                 "RiskAssessed",
                 "SignInCompleted",
@@ -405,20 +407,6 @@ impl Detector {
             ("tenant", "TenantCreated" | "TenantSettingsUpdated") => {
                 if let Ok(settings) = event.payload_as::<SettingsEvent>() {
                     self.tenants.insert(tenant_id, settings.settings.risk);
-                }
-                Vec::new()
-            }
-            ("signin", "SignInStarted") => {
-                if let Ok(started) = event.payload_as::<Started>() {
-                    self.flows.insert(
-                        event.stream.id,
-                        Flow {
-                            tenant_id,
-                            started,
-                            at: event.recorded_at,
-                            assessed: None,
-                        },
-                    );
                 }
                 Vec::new()
             }
@@ -516,13 +504,10 @@ impl Detector {
             .max()
             .unwrap_or(60);
         let horizon = now - Duration::minutes(i64::from(longest) + 10);
-        // A flow is forgotten once past its deadline (nothing of it can follow), so pruning
-        // never changes a decision, whenever it runs.
-        self.flows.retain(|_, flow| {
-            flow.started
-                .expires_at
-                .map_or(flow.at > horizon, |deadline| deadline > now)
-        });
+        // A flow ends with an event (completed, failed, cancelled, expired) that removes
+        // it; one older than the longest flow lifetime (a day) is forgotten all the same.
+        self.flows
+            .retain(|_, flow| now - flow.at < Duration::seconds(MAX_FLOW_LIFETIME));
         let stale = |w: &Window| {
             w.failures.back().is_none_or(|last| last.at < horizon)
                 && w.quiet_until.is_none_or(|until| until < now)
@@ -532,11 +517,14 @@ impl Detector {
     }
 
     fn failure(&mut self, event: &RecordedEvent) -> Vec<Found> {
-        let Some(flow) = self.flows.get(&event.stream.id) else {
+        let Ok(Rejected {
+            lockout_id: Some(account),
+            user_id,
+        }) = event.payload_as::<Rejected>()
+        else {
             return Vec::new();
         };
-        let tenant_id = flow.tenant_id;
-        let (account, user_id) = (flow.started.lockout_id, flow.started.user_id);
+        let tenant_id = event.tenant_id;
         let settings = self.settings(tenant_id);
         let failure = Failure {
             at: event.recorded_at,
@@ -615,16 +603,18 @@ impl Detector {
             return Vec::new();
         };
         let flow_id = event.stream.id;
-        let flow = self.flows.get_mut(&flow_id);
-        let user_id = assessed
-            .user_id
-            .or_else(|| flow.as_ref().and_then(|f| f.started.user_id));
-        if let (Some(flow), Some(user_id)) = (flow, user_id) {
-            flow.assessed = Some((
-                user_id,
-                assessed.properties.unwrap_or_default(),
-                Evidence::of(event),
-            ));
+        let user_id = assessed.user_id;
+        if let Some(user_id) = user_id {
+            self.flows.insert(
+                flow_id,
+                Flow {
+                    tenant_id: event.tenant_id,
+                    user_id,
+                    properties: assessed.properties.unwrap_or_default(),
+                    assessed: Evidence::of(event),
+                    at: event.recorded_at,
+                },
+            );
         }
         let source = ip_of(event).map(|ip| ip.to_string());
         assessed
@@ -652,13 +642,16 @@ impl Detector {
 
     /// A successful sign-in: atypical travel since the last one, unfamiliar properties.
     fn succeeded(&mut self, event: &RecordedEvent) -> Vec<Found> {
-        let Some(flow) = self.flows.remove(&event.stream.id) else {
+        let Some(Flow {
+            tenant_id,
+            user_id,
+            properties,
+            assessed,
+            ..
+        }) = self.flows.remove(&event.stream.id)
+        else {
             return Vec::new();
         };
-        let Some((user_id, properties, assessed)) = flow.assessed else {
-            return Vec::new();
-        };
-        let tenant_id = flow.tenant_id;
         let settings = self.settings(tenant_id);
         let history = self.users.entry((tenant_id, user_id)).or_default();
         let at = event.recorded_at;
@@ -781,7 +774,9 @@ impl Detector {
             networks: Vec<(&'a (Uuid, String), &'a Window)>,
             users: Vec<(&'a (Uuid, Uuid), &'a History)>,
         }
-        serde_json::to_value(SavedRef {
+        // Saved as one JSON text: a tree of values would cost many times the state's size
+        // in allocations, every few seconds.
+        serde_json::to_string(&SavedRef {
             format: SAVED_FORMAT,
             tenants: self.tenants.iter().collect(),
             flows: self.flows.iter().collect(),
@@ -789,11 +784,15 @@ impl Detector {
             networks: self.networks.iter().collect(),
             users: self.users.iter().collect(),
         })
+        .map(serde_json::Value::String)
     }
 
     /// The state of a checkpoint, unless it is of another format.
     fn restore(value: serde_json::Value) -> Option<Detector> {
-        let saved: Saved = serde_json::from_value(value).ok()?;
+        let serde_json::Value::String(text) = value else {
+            return None;
+        };
+        let saved: Saved = serde_json::from_str(&text).ok()?;
         (saved.format == SAVED_FORMAT).then(|| Detector {
             tenants: saved.tenants.into_iter().collect(),
             flows: saved.flows.into_iter().collect(),
@@ -812,7 +811,7 @@ pub fn checkpoint_stream() -> StreamId {
 }
 
 /// How often the detector saves its checkpoint while events arrive.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Records a detection once: a copy (the same id) is refused by the store and ignored.
 /// A detection naming a user raises that user's risk in the same append.
@@ -996,7 +995,11 @@ mod tests {
             );
             self.push(flow, "SignInStarted", started, ip);
             for _ in 0..failures {
-                let rejected = r#"{"reason":"invalid_credentials"}"#.to_string();
+                let rejected = format!(
+                    r#"{{"reason":"invalid_credentials","lockout_id":"{}","user_id":"{}"}}"#,
+                    Uuid::from_u128(account),
+                    Uuid::from_u128(account)
+                );
                 self.push(flow, "PasswordRejected", rejected, ip);
             }
         }

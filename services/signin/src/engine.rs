@@ -1075,6 +1075,8 @@ impl Engine {
                         metadata,
                         vec![SignInEvent::PasswordRejected {
                             reason: "locked_out".into(),
+                            lockout_id: Some(flow.state.lockout_id),
+                            user_id: flow.state.user_id,
                         }],
                     )
                     .await?;
@@ -1157,6 +1159,8 @@ impl Engine {
                 batch.other(&lockout.stream, Some(lockout.expected()), &event)?;
                 batch.flow(SignInEvent::PasswordRejected {
                     reason: "invalid_credentials".into(),
+                    lockout_id: Some(flow.state.lockout_id),
+                    user_id: flow.state.user_id,
                 })?;
                 failed = Some(());
             }

@@ -96,6 +96,13 @@ pub enum SignInEvent {
     PasswordRejected {
         /// `invalid_credentials` or `locked_out`.
         reason: String,
+        /// The lockout stream the attempt counted against (the account, or the email when
+        /// it has none): Identity Protection counts failures per account from this alone.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lockout_id: Option<Uuid>,
+        /// The account, when the email has one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user_id: Option<Uuid>,
     },
     /// A federation attempt began. Its `state`, `nonce` and PKCE verifier are derived from
     /// the master key, the flow and `attempt`, never stored.
