@@ -1110,6 +1110,8 @@ mod tests {
     fn paris_then_new_york_minutes_later_is_atypical_travel_hours_later_is_not() {
         let mut log = Log::new();
         log.success(1, "192.0.2.1", paris());
+        // Ten minutes later, 5 837 km away.
+        log.at += Duration::minutes(10);
         log.success(1, "198.51.100.1", new_york());
         log.success(2, "192.0.2.2", paris());
         log.at += Duration::hours(10);
