@@ -13,7 +13,6 @@ mod support;
 
 use gatehouse_events::{EventStore, StreamId};
 use gatehouse_proto::v1 as pb;
-use pb::mfa_service_client::MfaServiceClient;
 use pb::policy_service_client::PolicyServiceClient;
 use pb::user_service_client::UserServiceClient;
 use std::path::Path;
@@ -219,31 +218,6 @@ async fn flow_event(
     Ok(serde_json::from_str(event.payload.get())?)
 }
 
-async fn enroll_totp(world: &World, user_id: &str) -> Result<String, Error> {
-    let mut mfa = MfaServiceClient::new(world.channel.clone());
-    let enrollment = mfa
-        .start_totp_enrollment(req(
-            pb::StartTotpEnrollmentRequest {
-                tenant_id: world.tenant_id.clone(),
-                user_id: user_id.into(),
-                issuer: "Contoso".into(),
-            },
-            &world.key,
-        )?)
-        .await?
-        .into_inner();
-    mfa.confirm_totp_enrollment(req(
-        pb::ConfirmTotpEnrollmentRequest {
-            tenant_id: world.tenant_id.clone(),
-            user_id: user_id.into(),
-            code: totp(&enrollment.secret, -30)?,
-        },
-        &world.key,
-    )?)
-    .await?;
-    Ok(enrollment.secret)
-}
-
 /// A GeoIP database in MaxMind format, written by `mmdb-writer`: 127.0.0.88 is in North
 /// Korea, 127.0.0.1 in France.
 fn geoip_database(dir: &Path) -> Result<std::path::PathBuf, Error> {
@@ -310,7 +284,7 @@ async fn run_all(data: &Path, database_url: Option<&str>) -> TestResult {
 /// password and a TOTP code do. Disabled, the policy stops applying.
 async fn scenario_one_app_requires_mfa(auto: &World) -> TestResult {
     let alice = auto.create_user("alice@example.com", true).await?;
-    let secret = enroll_totp(auto, &alice).await?;
+    let secret = auto.enroll_totp(&alice).await?;
     let policy = create(
         auto,
         pb::PolicyDefinition {

@@ -21,7 +21,6 @@ mod support;
 use futures::StreamExt;
 use gatehouse_events::{EventFilter, EventStore, RecordedEvent};
 use gatehouse_proto::v1 as pb;
-use gatehouse_proto::v1::mfa_service_client::MfaServiceClient;
 use gatehouse_proto::v1::policy_service_client::PolicyServiceClient;
 use gatehouse_proto::v1::risk_service_client::RiskServiceClient;
 use gatehouse_proto::v1::user_service_client::UserServiceClient;
@@ -30,7 +29,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::world::{PASSWORD, World, completed, step_is, totp};
-use support::{Error, Server, TestResult, req};
+use support::{Error, Server, TestResult, detections, req};
 use tonic::transport::Channel;
 
 const CHROME_WINDOWS: &str = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 \
@@ -106,55 +105,11 @@ async fn signs_in(world: &World, email: &str, password: &str) -> Result<pb::Sign
     Ok(done)
 }
 
-async fn enroll_totp(world: &World, user_id: &str) -> Result<String, Error> {
-    let mut mfa = MfaServiceClient::new(world.channel.clone());
-    let enrollment = mfa
-        .start_totp_enrollment(req(
-            pb::StartTotpEnrollmentRequest {
-                tenant_id: world.tenant_id.clone(),
-                user_id: user_id.into(),
-                issuer: "Contoso".into(),
-            },
-            &world.key,
-        )?)
-        .await?
-        .into_inner();
-    mfa.confirm_totp_enrollment(req(
-        pb::ConfirmTotpEnrollmentRequest {
-            tenant_id: world.tenant_id.clone(),
-            user_id: user_id.into(),
-            code: totp(&enrollment.secret, -30)?,
-        },
-        &world.key,
-    )?)
-    .await?;
-    Ok(enrollment.secret)
-}
-
 /// Passes the TOTP step of a flow waiting for a second factor.
 async fn pass_totp(world: &World, flow: &pb::SignIn, secret: &str) -> Result<pb::SignIn, Error> {
     step_is(flow, pb::SignInStep::SelectMfaMethod)?;
     let flow = world.select(flow, pb::MfaMethod::Totp).await?;
     Ok(world.mfa_code(&flow, &totp(secret, 0)?).await?)
-}
-
-/// Every detection recorded so far.
-async fn detections(
-    store: &Arc<dyn EventStore>,
-) -> Result<Vec<(RecordedEvent, serde_json::Value)>, Error> {
-    let filter = EventFilter {
-        stream_types: vec!["detection".into()],
-        ..EventFilter::default()
-    };
-    let batch = store.read_all(0, &filter, 10_000).await?;
-    batch
-        .events
-        .into_iter()
-        .map(|e| {
-            let payload = serde_json::from_str(e.payload.get())?;
-            Ok((e, payload))
-        })
-        .collect()
 }
 
 /// Waits (15 s at most) for the one detection of `kind` naming `user_id`.
@@ -378,7 +333,7 @@ async fn run_all(data: &Path, database_url: Option<&str>) -> TestResult {
     // 1. An anonymiser sign-in, challenged by "sign-in risk ≥ medium → MFA"; passing MFA
     //    remediates it.
     let anna = world.create_user("anna@example.com", true).await?;
-    let anna_totp = enroll_totp(&world, &anna).await?;
+    let anna_totp = world.enroll_totp(&anna).await?;
     let risky_mfa = create_policy(
         &world,
         everyone(
@@ -551,7 +506,7 @@ async fn run_all(data: &Path, database_url: Option<&str>) -> TestResult {
 
     // 5. A reused refresh token.
     let rita = world.create_user("rita@example.com", true).await?;
-    let rita_totp = enroll_totp(&world, &rita).await?;
+    let rita_totp = world.enroll_totp(&rita).await?;
     let tokens = signs_in(&paris, "rita@example.com", PASSWORD)
         .await?
         .tokens
@@ -625,7 +580,7 @@ async fn run_all(data: &Path, database_url: Option<&str>) -> TestResult {
     // 7. ConfirmCompromised: carl's sessions are revoked, the detection recorded, and his
     //    next sign-in asks for MFA and a new password.
     let carl = world.create_user("carl@example.com", true).await?;
-    let carl_totp = enroll_totp(&world, &carl).await?;
+    let carl_totp = world.enroll_totp(&carl).await?;
     signs_in(&paris, "carl@example.com", PASSWORD).await?;
     signs_in(&paris, "carl@example.com", PASSWORD).await?;
     let action = |user: &str| pb::UserRiskRequest {

@@ -13,26 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::world::{PASSWORD, World, completed, connect, connect_from};
-use support::{Error, Server, TestResult};
-
-/// Every detection recorded so far, as (kind, payload).
-async fn detections(
-    store: &Arc<dyn EventStore>,
-) -> Result<Vec<(RecordedEvent, serde_json::Value)>, Error> {
-    let filter = EventFilter {
-        stream_types: vec!["detection".into()],
-        ..EventFilter::default()
-    };
-    let batch = store.read_all(0, &filter, 10_000).await?;
-    batch
-        .events
-        .into_iter()
-        .map(|e| {
-            let payload = serde_json::from_str(e.payload.get())?;
-            Ok((e, payload))
-        })
-        .collect()
-}
+use support::{Error, Server, TestResult, detections};
 
 /// Waits (15 s at most) until `done` holds for the recorded detections.
 async fn wait_for(

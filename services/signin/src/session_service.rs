@@ -267,45 +267,6 @@ impl SessionApi {
             .is_some_and(|view| view.must_change_password(session.tenant_id, session.user_id))
     }
 
-    /// Ends every active session of `user_id` with `reason`; how many it ended.
-    pub async fn revoke_user_sessions(
-        &self,
-        tenant_id: Uuid,
-        user_id: Uuid,
-        reason: &str,
-        metadata: &gatehouse_events::Metadata,
-    ) -> Result<usize, ApiError> {
-        let ids = self
-            .by_user
-            .read(|index| index.0.get(&user_id).cloned().unwrap_or_default());
-        let now = Utc::now();
-        let mut ended = 0;
-        for id in ids {
-            let executed = gatehouse_events::execute::<Session, ApiError, _>(
-                self.store.as_ref(),
-                tenant_id,
-                id,
-                metadata,
-                |session| {
-                    Ok(
-                        if session.tenant_id == tenant_id && session.is_active(now) {
-                            vec![SessionEvent::SessionRevoked {
-                                reason: reason.into(),
-                            }]
-                        } else {
-                            Vec::new()
-                        },
-                    )
-                },
-            )
-            .await?;
-            if executed.last_position.is_some() {
-                ended += 1;
-            }
-        }
-        Ok(ended)
-    }
-
     async fn list(
         &self,
         request: Request<pb::ListSessionsRequest>,
@@ -438,6 +399,7 @@ impl pb::session_service_server::SessionService for SessionApi {
 
 #[tonic::async_trait]
 impl gatehouse_risk::service::Sessions for SessionApi {
+    /// Ends every active session of `user_id` with `reason`; how many it ended.
     async fn revoke_all(
         &self,
         tenant_id: Uuid,
@@ -445,7 +407,34 @@ impl gatehouse_risk::service::Sessions for SessionApi {
         reason: &str,
         metadata: &gatehouse_events::Metadata,
     ) -> Result<usize, ApiError> {
-        self.revoke_user_sessions(tenant_id, user_id, reason, metadata)
-            .await
+        let ids = self
+            .by_user
+            .read(|index| index.0.get(&user_id).cloned().unwrap_or_default());
+        let now = Utc::now();
+        let mut ended = 0;
+        for id in ids {
+            let executed = gatehouse_events::execute::<Session, ApiError, _>(
+                self.store.as_ref(),
+                tenant_id,
+                id,
+                metadata,
+                |session| {
+                    Ok(
+                        if session.tenant_id == tenant_id && session.is_active(now) {
+                            vec![SessionEvent::SessionRevoked {
+                                reason: reason.into(),
+                            }]
+                        } else {
+                            Vec::new()
+                        },
+                    )
+                },
+            )
+            .await?;
+            if executed.last_position.is_some() {
+                ended += 1;
+            }
+        }
+        Ok(ended)
     }
 }

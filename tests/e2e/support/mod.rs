@@ -51,6 +51,25 @@ pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Every risk detection recorded so far: each `RiskDetected` event and its payload.
+pub async fn detections(
+    store: &std::sync::Arc<dyn gatehouse_events::EventStore>,
+) -> Result<Vec<(gatehouse_events::RecordedEvent, serde_json::Value)>, Error> {
+    let filter = gatehouse_events::EventFilter {
+        stream_types: vec!["detection".into()],
+        ..gatehouse_events::EventFilter::default()
+    };
+    let batch = store.read_all(0, &filter, 10_000).await?;
+    batch
+        .events
+        .into_iter()
+        .map(|e| {
+            let payload = serde_json::from_str(e.payload.get())?;
+            Ok((e, payload))
+        })
+        .collect()
+}
+
 /// A running server process; killed when dropped.
 pub struct Server {
     pub child: Child,

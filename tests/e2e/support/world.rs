@@ -180,6 +180,33 @@ impl World {
             .id)
     }
 
+    /// Enrols a TOTP authenticator for `user_id` (confirmed with a code of the previous
+    /// step, so that a sign-in may use the current one); its secret.
+    pub async fn enroll_totp(&self, user_id: &str) -> Result<String, Error> {
+        let mut mfa = MfaServiceClient::new(self.channel.clone());
+        let enrollment = mfa
+            .start_totp_enrollment(req(
+                pb::StartTotpEnrollmentRequest {
+                    tenant_id: self.tenant_id.clone(),
+                    user_id: user_id.into(),
+                    issuer: "Contoso".into(),
+                },
+                &self.key,
+            )?)
+            .await?
+            .into_inner();
+        mfa.confirm_totp_enrollment(req(
+            pb::ConfirmTotpEnrollmentRequest {
+                tenant_id: self.tenant_id.clone(),
+                user_id: user_id.into(),
+                code: totp(&enrollment.secret, -30)?,
+            },
+            &self.key,
+        )?)
+        .await?;
+        Ok(enrollment.secret)
+    }
+
     /// Changes the tenant's settings (with the admin key).
     pub async fn update_settings(
         &self,
