@@ -4,7 +4,7 @@
 //! [`Sessions`], and the detector records it as an `admin_confirmed_compromised` detection).
 
 use crate::user_risk::{RiskState, UserRisk, UserRiskEvent};
-use crate::view::{DetectionRecord, RiskView, RiskySignIn};
+use crate::view::{DetectionRecord, RiskView, RiskySignIn, TenantRisk};
 use chrono::{DateTime, Duration, Utc};
 use gatehouse_core::keys::Caller;
 use gatehouse_core::{ApiError, request};
@@ -489,10 +489,12 @@ impl RiskApi {
         Ok(user_risk_to_proto(user_id, &executed.state, low_age))
     }
 
+    /// The export, as a stream of chunks read from the view a page at a time (the whole
+    /// export is never held in memory), up to the detections recorded when it began.
     fn export(
         &self,
         request: &Request<pb::ExportRiskDetectionsRequest>,
-    ) -> Result<Vec<pb::ExportChunk>, ApiError> {
+    ) -> Result<ExportStream, ApiError> {
         let m = request.get_ref();
         let (tenant_id, _) = Self::tenant_of(request, &m.tenant_id)?;
         let range = Range::parse(&m.from, &m.to)?;
@@ -501,35 +503,60 @@ impl RiskApi {
             "csv" => true,
             _ => return Err(ApiError::invalid("format", "must be ndjson or csv")),
         };
-        let records: Vec<DetectionRecord> = self.view.read(tenant_id, |tenant| {
-            tenant
-                .detections
-                .values()
-                .filter(|d| range.contains(d.detected_at))
-                .cloned()
-                .collect()
+        let view = self.view.clone();
+        let end = view.read(tenant_id, |tenant| {
+            tenant.detections.keys().next_back().copied().unwrap_or(0)
         });
-        let mut chunks = Vec::new();
-        if csv {
-            chunks.push(pb::ExportChunk {
-                data: CSV_HEADER.as_bytes().to_vec(),
-            });
-        }
-        for group in records.chunks(CHUNK) {
-            let mut data = Vec::new();
-            for record in group {
-                if csv {
-                    data.extend_from_slice(csv_line(record).as_bytes());
-                } else {
-                    serde_json::to_writer(&mut data, record)
-                        .map_err(|e| ApiError::Internal(e.to_string()))?;
-                    data.push(b'\n');
-                }
+        let stream = async_stream::try_stream! {
+            if csv {
+                yield pb::ExportChunk {
+                    data: CSV_HEADER.as_bytes().to_vec(),
+                };
             }
-            chunks.push(pb::ExportChunk { data });
-        }
-        Ok(chunks)
+            let mut after = 0;
+            while after < end {
+                let page = view.read(tenant_id, |tenant| {
+                    export_page(tenant, after, end, &range, CHUNK)
+                });
+                let Some((last, _)) = page.last() else {
+                    break;
+                };
+                after = *last;
+                let mut data = Vec::new();
+                for (_, record) in &page {
+                    if csv {
+                        data.extend_from_slice(csv_line(record).as_bytes());
+                    } else {
+                        serde_json::to_writer(&mut data, record)
+                            .map_err(|e| Status::internal(e.to_string()))?;
+                        data.push(b'\n');
+                    }
+                }
+                yield pb::ExportChunk { data };
+            }
+        };
+        Ok(Box::pin(stream))
     }
+}
+
+/// Up to `limit` detections in `range` after position `after`, up to `end`.
+fn export_page(
+    tenant: &TenantRisk,
+    after: Position,
+    end: Position,
+    range: &Range,
+    limit: usize,
+) -> Vec<(Position, DetectionRecord)> {
+    if after >= end {
+        return Vec::new();
+    }
+    tenant
+        .detections
+        .range(after + 1..=end)
+        .filter(|(_, d)| range.contains(d.detected_at))
+        .take(limit)
+        .map(|(p, d)| (*p, d.clone()))
+        .collect()
 }
 
 fn answer<T>(result: Result<T, ApiError>) -> Result<Response<T>, Status> {
@@ -595,15 +622,51 @@ impl RiskService for RiskApi {
         &self,
         request: Request<pb::ExportRiskDetectionsRequest>,
     ) -> Result<Response<ExportStream>, Status> {
-        let chunks = self.export(&request).map_err(Status::from)?;
-        let stream = tokio_stream::iter(chunks.into_iter().map(Ok));
-        Ok(Response::new(Box::pin(stream)))
+        self.export(&request)
+            .map(Response::new)
+            .map_err(Status::from)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_export_pages_through_the_range_and_stops_at_its_end() {
+        let start = DateTime::<Utc>::from_timestamp(1_800_000_000, 0).unwrap_or_default();
+        let mut tenant = TenantRisk::default();
+        for i in 1..=7u64 {
+            let record = DetectionRecord {
+                id: Uuid::from_u128(u128::from(i)),
+                tenant_id: Uuid::nil(),
+                kind: "brute_force".into(),
+                level: RiskLevel::Medium,
+                timing: "offline".into(),
+                user_id: None,
+                sign_in_id: None,
+                source: None,
+                description: String::new(),
+                evidence: Vec::new(),
+                detected_at: start + Duration::minutes(i as i64),
+            };
+            tenant.detections.insert(i * 10, record);
+        }
+        // Minutes 2 to 6, positions up to 60 (the export's end), two at a time.
+        let range = Range(
+            Some(start + Duration::minutes(2)),
+            Some(start + Duration::minutes(7)),
+        );
+        let (mut after, mut seen) = (0, Vec::new());
+        loop {
+            let page = export_page(&tenant, after, 60, &range, 2);
+            assert!(page.len() <= 2);
+            let Some((last, _)) = page.last() else { break };
+            after = *last;
+            seen.extend(page.into_iter().map(|(p, _)| p));
+        }
+        assert_eq!(seen, [20, 30, 40, 50, 60]);
+    }
 
     #[test]
     fn csv_fields_are_quoted_and_formulas_neutralised() {
