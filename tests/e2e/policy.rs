@@ -983,7 +983,7 @@ async fn risk_based_access(
     }
     // A right password that is in the breached-password list: leaked credentials (high).
     // The tenant lets the account keep it (no breached-password check) for the test.
-    reject_breached(auto, false).await?;
+    auto.reject_breached(false).await?;
     UserServiceClient::new(auto.channel.clone())
         .create_user(req(
             pb::CreateUserRequest {
@@ -996,7 +996,7 @@ async fn risk_based_access(
             &auto.key,
         )?)
         .await?;
-    reject_breached(auto, true).await?;
+    auto.reject_breached(true).await?;
     let flow = auto
         .start("leaky@example.com", pb::PrimaryMethod::Password)
         .await?;
@@ -1011,20 +1011,6 @@ async fn risk_based_access(
     }
     set_state(auto, &policy, pb::PolicyState::Disabled).await?;
     Ok(())
-}
-
-/// Turns the tenant's breached-password check on or off.
-async fn reject_breached(world: &World, on: bool) -> TestResult {
-    world
-        .update_settings(|settings| {
-            settings
-                .password_policy
-                .as_mut()
-                .ok_or("no password policy")?
-                .reject_breached = on;
-            Ok(())
-        })
-        .await
 }
 
 /// Another tenant's key sees nothing of this tenant's policies, by tenant id or by policy id.

@@ -247,19 +247,6 @@ fn everyone(
     }
 }
 
-async fn reject_breached(world: &World, on: bool) -> TestResult {
-    world
-        .update_settings(|settings| {
-            settings
-                .password_policy
-                .as_mut()
-                .ok_or("no password policy")?
-                .reject_breached = on;
-            Ok(())
-        })
-        .await
-}
-
 async fn nats_subscriber(tenant_id: &str) -> Result<async_nats::Subscriber, Error> {
     let url =
         std::env::var("GATEHOUSE_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
@@ -456,7 +443,7 @@ async fn run_all(data: &Path, database_url: Option<&str>) -> TestResult {
 
     // 4. Leaked credentials at sign-up (a tenant that lets breached passwords through) and at
     //    sign-in; the user at high risk has no second factor: the next sign-in is blocked.
-    reject_breached(&world, false).await?;
+    world.reject_breached(false).await?;
     let signed_up = UserServiceClient::new(world.channel.clone())
         .sign_up(pb::SignUpRequest {
             tenant_id: world.tenant_id.clone(),
@@ -487,7 +474,7 @@ async fn run_all(data: &Path, database_url: Option<&str>) -> TestResult {
         .await?
         .into_inner()
         .id;
-    reject_breached(&world, true).await?;
+    world.reject_breached(true).await?;
     let leaked_flow = signs_in(&paris, "lee@example.com", LEAKED).await?;
     let (_, at_sign_in) = detection_of(&store, "leaked_credentials", &lee).await?;
     check(&at_sign_in, "high", "realtime")?;
@@ -769,33 +756,32 @@ async fn run_all(data: &Path, database_url: Option<&str>) -> TestResult {
     if paged != ids {
         return Err(format!("paging: {paged:?} vs {ids:?}").into());
     }
-    let users = risk(&world)
-        .list_risky_users(req(
-            pb::ListRiskyUsersRequest {
-                tenant_id: world.tenant_id.clone(),
-                state: "dismissed".into(),
-                ..Default::default()
-            },
-            &world.key,
-        )?)
-        .await?
-        .into_inner()
-        .users;
-    if users.len() != 1 || users[0].user_id != una {
-        return Err(format!("risky users, dismissed: {users:?}").into());
-    }
-    let users_page = |token: String, size: u32| {
+    let risky_users = |request: pb::ListRiskyUsersRequest| {
         let mut client = risk(&world);
         let request = req(
             pb::ListRiskyUsersRequest {
                 tenant_id: world.tenant_id.clone(),
-                page_size: size,
-                page_token: token,
-                ..Default::default()
+                ..request
             },
             &world.key,
         );
         async move { Ok::<_, Error>(client.list_risky_users(request?).await?.into_inner()) }
+    };
+    let users = risky_users(pb::ListRiskyUsersRequest {
+        state: "dismissed".into(),
+        ..Default::default()
+    })
+    .await?
+    .users;
+    if users.len() != 1 || users[0].user_id != una {
+        return Err(format!("risky users, dismissed: {users:?}").into());
+    }
+    let users_page = |page_token: String, page_size: u32| {
+        risky_users(pb::ListRiskyUsersRequest {
+            page_size,
+            page_token,
+            ..Default::default()
+        })
     };
     let every_user: Vec<String> = users_page(String::new(), 0)
         .await?
@@ -816,18 +802,12 @@ async fn run_all(data: &Path, database_url: Option<&str>) -> TestResult {
     if walked != every_user || every_user.len() != 8 {
         return Err(format!("risky users paged {walked:?}, all {every_user:?}").into());
     }
-    let at_high = risk(&world)
-        .list_risky_users(req(
-            pb::ListRiskyUsersRequest {
-                tenant_id: world.tenant_id.clone(),
-                level: "high".into(),
-                ..Default::default()
-            },
-            &world.key,
-        )?)
-        .await?
-        .into_inner()
-        .users;
+    let at_high = risky_users(pb::ListRiskyUsersRequest {
+        level: "high".into(),
+        ..Default::default()
+    })
+    .await?
+    .users;
     let high_ids: HashSet<&str> = at_high.iter().map(|u| u.user_id.as_str()).collect();
     if !high_ids.contains(lee.as_str())
         || high_ids.contains(rita.as_str())
@@ -835,18 +815,30 @@ async fn run_all(data: &Path, database_url: Option<&str>) -> TestResult {
     {
         return Err(format!("risky users, high: {at_high:?}").into());
     }
-    let remediated = risk(&world)
-        .list_risky_sign_ins(req(
+    let risky_sign_ins = |request: pb::ListRiskySignInsRequest| {
+        let mut client = risk(&world);
+        let request = req(
             pb::ListRiskySignInsRequest {
                 tenant_id: world.tenant_id.clone(),
-                state: "remediated".into(),
-                ..Default::default()
+                ..request
             },
             &world.key,
-        )?)
-        .await?
-        .into_inner()
-        .sign_ins;
+        );
+        async move {
+            Ok::<_, Error>(
+                client
+                    .list_risky_sign_ins(request?)
+                    .await?
+                    .into_inner()
+                    .sign_ins,
+            )
+        }
+    };
+    let remediated = risky_sign_ins(pb::ListRiskySignInsRequest {
+        state: "remediated".into(),
+        ..Default::default()
+    })
+    .await?;
     if remediated.len() != 1
         || remediated[0].sign_in_id != anonymised_flow
         || remediated[0].level != "medium"
@@ -854,19 +846,12 @@ async fn run_all(data: &Path, database_url: Option<&str>) -> TestResult {
     {
         return Err(format!("remediated sign-ins: {remediated:?}").into());
     }
-    let at_risk = risk(&world)
-        .list_risky_sign_ins(req(
-            pb::ListRiskySignInsRequest {
-                tenant_id: world.tenant_id.clone(),
-                state: "at_risk".into(),
-                user_id: lee.clone(),
-                ..Default::default()
-            },
-            &world.key,
-        )?)
-        .await?
-        .into_inner()
-        .sign_ins;
+    let at_risk = risky_sign_ins(pb::ListRiskySignInsRequest {
+        state: "at_risk".into(),
+        user_id: lee.clone(),
+        ..Default::default()
+    })
+    .await?;
     // Newest first: the blocked attempt, then the sign-in with the leaked password.
     if at_risk.len() != 2 || at_risk[1].sign_in_id != leaked_flow.id || at_risk[1].country != "FR" {
         return Err(format!("risky sign-ins at risk: {at_risk:?}").into());

@@ -236,6 +236,19 @@ impl World {
         Ok(())
     }
 
+    /// Turns the tenant's breached-password check on or off.
+    pub async fn reject_breached(&self, on: bool) -> TestResult {
+        self.update_settings(|settings| {
+            settings
+                .password_policy
+                .as_mut()
+                .ok_or("no password policy")?
+                .reject_breached = on;
+            Ok(())
+        })
+        .await
+    }
+
     pub async fn set_require_mfa(&self, on: bool) -> TestResult {
         self.update_settings(|settings| {
             settings.require_mfa = on;
