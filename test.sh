@@ -10,6 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# docs/events.md is generated from the event enums: a stale one fails the run.
+python3 tools/event_catalogue.py --check
+
 venv=.venv
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"

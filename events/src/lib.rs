@@ -12,6 +12,8 @@
 //! - [`aggregate`]: typed domain events with schema versions and upcasters, and the small
 //!   [`Aggregate`] trait with loading (and optional snapshots) from a store.
 //! - [`view`]: in-memory folds of the log kept current by a subscription.
+//! - [`integrity`]: the hash chain over each tenant's events, its sealer, signed checkpoints
+//!   and verification.
 //! - [`retry`]: the bounded retry for commands that lose an optimistic-concurrency race.
 //! - [`testing`]: stores for tests (SQLite in a temporary directory; a fresh PostgreSQL
 //!   database when `GATEHOUSE_TEST_DATABASE_URL` is set) and scratch databases for benchmarks.
@@ -22,6 +24,7 @@
 pub mod aggregate;
 pub mod envelope;
 pub mod error;
+pub mod integrity;
 pub mod postgres;
 pub mod retry;
 pub mod sqlite;

@@ -31,6 +31,7 @@ use crate::envelope::{
     Actor, AppendRequest, ClaimKey, ClientContext, ExpectedVersion, RecordedEvent, StreamId,
 };
 use crate::error::StoreError;
+use crate::integrity::{Hash, SEALER_CHECKPOINT, Seal, SignedCheckpoint};
 use crate::store::{AppendOutcome, EventFilter, EventStore, ReadBatch, StreamBounds};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -708,6 +709,152 @@ impl EventStore for PgStore {
         Ok(())
     }
 
+    async fn save_seals(&self, seals: Vec<Seal>, sealed_up_to: u64) -> Result<(), StoreError> {
+        let positions: Vec<i64> = seals.iter().map(|s| s.position as i64).collect();
+        let tenants: Vec<Uuid> = seals.iter().map(|s| s.tenant_id).collect();
+        let hashes: Vec<Vec<u8>> = seals.iter().map(|s| s.hash.to_vec()).collect();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO event_seals (position, tenant_id, hash) \
+             SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::bytea[]) ON CONFLICT DO NOTHING",
+        )
+        .bind(&positions)
+        .bind(&tenants)
+        .bind(&hashes)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO checkpoints (name, position) VALUES ($1, $2) ON CONFLICT (name) \
+             DO UPDATE SET position = greatest(checkpoints.position, EXCLUDED.position)",
+        )
+        .bind(SEALER_CHECKPOINT)
+        .bind(sealed_up_to as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn read_seals(
+        &self,
+        tenant_id: Option<Uuid>,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Seal>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT position, tenant_id, hash FROM event_seals WHERE position > $1 \
+             AND ($2::uuid IS NULL OR tenant_id = $2) ORDER BY position LIMIT $3",
+        )
+        .bind(after as i64)
+        .bind(tenant_id)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(decode_seal).collect()
+    }
+
+    async fn last_seal(
+        &self,
+        tenant_id: Uuid,
+        at_or_before: u64,
+    ) -> Result<Option<Seal>, StoreError> {
+        let row = sqlx::query(
+            "SELECT position, tenant_id, hash FROM event_seals WHERE tenant_id = $1 \
+             AND position <= $2 ORDER BY position DESC LIMIT 1",
+        )
+        .bind(tenant_id)
+        .bind(at_or_before as i64)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(decode_seal).transpose()
+    }
+
+    async fn save_integrity_checkpoint(
+        &self,
+        checkpoint: &SignedCheckpoint,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO integrity_checkpoints (tenant_id, position, head, signed_at, key_id, signature) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .bind(checkpoint.tenant_id)
+        .bind(checkpoint.position as i64)
+        .bind(checkpoint.head.to_vec())
+        .bind(checkpoint.signed_at)
+        .bind(&checkpoint.key_id)
+        .bind(&checkpoint.signature)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn integrity_checkpoints(
+        &self,
+        tenant_id: Option<Uuid>,
+    ) -> Result<Vec<SignedCheckpoint>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT tenant_id, position, head, signed_at, key_id, signature FROM integrity_checkpoints \
+             WHERE $1::uuid IS NULL OR tenant_id = $1 ORDER BY position",
+        )
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(SignedCheckpoint {
+                    tenant_id: row.try_get(0)?,
+                    position: row.try_get::<i64, _>(1)? as u64,
+                    head: hash_of(row.try_get(2)?)?,
+                    signed_at: row.try_get(3)?,
+                    key_id: row.try_get(4)?,
+                    signature: row.try_get(5)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn import(&self, events: Vec<RecordedEvent>) -> Result<(), StoreError> {
+        // One transaction per 100 000 events: positions are (transaction id << 20) + index,
+        // like appends, so imported events stay below everything appended later.
+        for chunk in events.chunks(100_000) {
+            let mut a = ImportArrays::default();
+            for event in chunk {
+                a.push(event);
+            }
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "INSERT INTO events (position, event_id, tenant_id, stream_type, stream_id, version, \
+                 event_type, schema_version, recorded_at, correlation_id, causation_id, actor, client_ip, \
+                 user_agent, payload) \
+                 SELECT (txid_current() << 20) + e.ord, e.id, e.tenant, e.stype, e.sid, e.version, \
+                 e.etype, e.schema, e.recorded, e.corr, e.caus, e.actor, e.ip, e.ua, e.payload::jsonb \
+                 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::bigint[], $6::text[], \
+                 $7::int[], $8::timestamptz[], $9::uuid[], $10::uuid[], $11::text[], $12::text[], \
+                 $13::text[], $14::text[]) WITH ORDINALITY \
+                 AS e(id, tenant, stype, sid, version, etype, schema, recorded, corr, caus, actor, ip, ua, payload, ord)",
+            )
+            .bind(&a.ids)
+            .bind(&a.tenants)
+            .bind(&a.stream_types)
+            .bind(&a.stream_ids)
+            .bind(&a.versions)
+            .bind(&a.event_types)
+            .bind(&a.schemas)
+            .bind(&a.recorded)
+            .bind(&a.correlations)
+            .bind(&a.causations)
+            .bind(&a.actors)
+            .bind(&a.ips)
+            .bind(&a.user_agents)
+            .bind(&a.payloads)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+        }
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(())
+    }
+
     fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
@@ -723,6 +870,60 @@ impl EventStore for PgStore {
     fn backend(&self) -> &'static str {
         "postgres"
     }
+}
+
+/// The columns of an import.
+#[derive(Default)]
+struct ImportArrays {
+    ids: Vec<Uuid>,
+    tenants: Vec<Uuid>,
+    stream_types: Vec<String>,
+    stream_ids: Vec<Uuid>,
+    versions: Vec<i64>,
+    event_types: Vec<String>,
+    schemas: Vec<i32>,
+    recorded: Vec<DateTime<Utc>>,
+    correlations: Vec<Uuid>,
+    causations: Vec<Option<Uuid>>,
+    actors: Vec<String>,
+    ips: Vec<Option<String>>,
+    user_agents: Vec<Option<String>>,
+    payloads: Vec<String>,
+}
+
+impl ImportArrays {
+    fn push(&mut self, event: &RecordedEvent) {
+        let context = event.context.as_ref();
+        self.ids.push(event.id);
+        self.tenants.push(event.tenant_id);
+        self.stream_types.push(event.stream.kind.clone());
+        self.stream_ids.push(event.stream.id);
+        self.versions.push(event.version as i64);
+        self.event_types.push(event.event_type.clone());
+        self.schemas.push(event.schema_version as i32);
+        self.recorded.push(event.recorded_at);
+        self.correlations.push(event.correlation_id);
+        self.causations.push(event.causation_id);
+        self.actors.push(event.actor.to_string());
+        self.ips.push(context.and_then(|c| c.ip.clone()));
+        self.user_agents
+            .push(context.and_then(|c| c.user_agent.clone()));
+        self.payloads.push(event.payload.get().to_owned());
+    }
+}
+
+fn hash_of(bytes: Vec<u8>) -> Result<Hash, StoreError> {
+    bytes
+        .try_into()
+        .map_err(|_| StoreError::Backend("a seal is not 32 bytes".into()))
+}
+
+fn decode_seal(row: &PgRow) -> Result<Seal, StoreError> {
+    Ok(Seal {
+        position: row.try_get::<i64, _>(0)? as u64,
+        tenant_id: row.try_get(1)?,
+        hash: hash_of(row.try_get(2)?)?,
+    })
 }
 
 /// Decodes the event columns starting at `offset`.

@@ -15,6 +15,7 @@ use crate::envelope::{
     Actor, AppendRequest, ClaimKey, ClientContext, ExpectedVersion, RecordedEvent, StreamId,
 };
 use crate::error::StoreError;
+use crate::integrity::{Hash, SEALER_CHECKPOINT, Seal, SignedCheckpoint};
 use crate::store::{AppendOutcome, EventFilter, EventStore, ReadBatch, StreamBounds};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -29,6 +30,7 @@ use uuid::Uuid;
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0001_event_log.sql"),
     include_str!("../migrations/sqlite/0002_subject_keys_and_checkpoints.sql"),
+    include_str!("../migrations/sqlite/0003_integrity.sql"),
 ];
 const COLUMNS: &str = "position, event_id, tenant_id, stream_type, stream_id, version, event_type, \
     schema_version, recorded_at, correlation_id, causation_id, actor, client_ip, user_agent, payload";
@@ -393,6 +395,20 @@ fn uuid_at(row: &Row<'_>, index: usize) -> rusqlite::Result<Uuid> {
     })
 }
 
+fn hash_of(bytes: Vec<u8>) -> Result<Hash, StoreError> {
+    bytes
+        .try_into()
+        .map_err(|_| StoreError::Backend("a seal is not 32 bytes".into()))
+}
+
+fn decode_seal(row: &Row<'_>) -> Result<Seal, StoreError> {
+    Ok(Seal {
+        position: row.get::<_, i64>(0)? as u64,
+        tenant_id: uuid_at(row, 1)?,
+        hash: hash_of(row.get(2)?)?,
+    })
+}
+
 fn decode(row: &Row<'_>) -> Result<RecordedEvent, StoreError> {
     let causation_id = match row.get_ref(10)?.as_blob_or_null()? {
         Some(bytes) => {
@@ -652,6 +668,160 @@ impl EventStore for SqliteStore {
             Ok(())
         })
         .await
+    }
+
+    async fn save_seals(&self, seals: Vec<Seal>, sealed_up_to: u64) -> Result<(), StoreError> {
+        self.write(move |c| {
+            let mut insert = c.prepare_cached(
+                "INSERT INTO event_seals (position, tenant_id, hash) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT DO NOTHING",
+            )?;
+            for seal in &seals {
+                insert.execute(params![
+                    seal.position as i64,
+                    seal.tenant_id.as_bytes(),
+                    seal.hash.as_slice()
+                ])?;
+            }
+            c.prepare_cached(
+                "INSERT INTO checkpoints (name, position) VALUES (?1, ?2) ON CONFLICT (name) \
+                 DO UPDATE SET position = max(position, excluded.position)",
+            )?
+            .execute(params![SEALER_CHECKPOINT, sealed_up_to as i64])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn read_seals(
+        &self,
+        tenant_id: Option<Uuid>,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Seal>, StoreError> {
+        self.read(move |c| {
+            let mut statement = c.prepare_cached(
+                "SELECT position, tenant_id, hash FROM event_seals WHERE position > ?1 \
+                 AND (?2 IS NULL OR tenant_id = ?2) ORDER BY position LIMIT ?3",
+            )?;
+            let mut rows = statement.query(params![
+                after as i64,
+                tenant_id.map(|t| t.as_bytes().to_vec()),
+                limit as i64
+            ])?;
+            let mut seals = Vec::new();
+            while let Some(row) = rows.next()? {
+                seals.push(decode_seal(row)?);
+            }
+            Ok(seals)
+        })
+        .await
+    }
+
+    async fn last_seal(
+        &self,
+        tenant_id: Uuid,
+        at_or_before: u64,
+    ) -> Result<Option<Seal>, StoreError> {
+        self.read(move |c| {
+            let mut statement = c.prepare_cached(
+                "SELECT position, tenant_id, hash FROM event_seals WHERE tenant_id = ?1 \
+                 AND position <= ?2 ORDER BY position DESC LIMIT 1",
+            )?;
+            let mut rows = statement.query(params![tenant_id.as_bytes(), at_or_before as i64])?;
+            match rows.next()? {
+                Some(row) => Ok(Some(decode_seal(row)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn save_integrity_checkpoint(
+        &self,
+        checkpoint: &SignedCheckpoint,
+    ) -> Result<(), StoreError> {
+        let checkpoint = checkpoint.clone();
+        self.write(move |c| {
+            c.prepare_cached(
+                "INSERT INTO integrity_checkpoints (tenant_id, position, head, signed_at, key_id, signature) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+            )?
+            .execute(params![
+                checkpoint.tenant_id.as_bytes(),
+                checkpoint.position as i64,
+                checkpoint.head.as_slice(),
+                checkpoint.signed_at.timestamp_micros(),
+                checkpoint.key_id,
+                checkpoint.signature
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn integrity_checkpoints(
+        &self,
+        tenant_id: Option<Uuid>,
+    ) -> Result<Vec<SignedCheckpoint>, StoreError> {
+        self.read(move |c| {
+            let mut statement = c.prepare_cached(
+                "SELECT tenant_id, position, head, signed_at, key_id, signature FROM integrity_checkpoints \
+                 WHERE ?1 IS NULL OR tenant_id = ?1 ORDER BY position",
+            )?;
+            let mut rows = statement.query(params![tenant_id.map(|t| t.as_bytes().to_vec())])?;
+            let mut checkpoints = Vec::new();
+            while let Some(row) = rows.next()? {
+                let micros: i64 = row.get(3)?;
+                checkpoints.push(SignedCheckpoint {
+                    tenant_id: uuid_at(row, 0)?,
+                    position: row.get::<_, i64>(1)? as u64,
+                    head: hash_of(row.get(2)?)?,
+                    signed_at: DateTime::<Utc>::from_timestamp_micros(micros)
+                        .ok_or_else(|| StoreError::Backend(format!("bad timestamp {micros}")))?,
+                    key_id: row.get(4)?,
+                    signature: row.get(5)?,
+                });
+            }
+            Ok(checkpoints)
+        })
+        .await
+    }
+
+    async fn import(&self, events: Vec<RecordedEvent>) -> Result<(), StoreError> {
+        for chunk in events.chunks(10_000) {
+            let chunk = chunk.to_vec();
+            self.write(move |c| {
+                let mut insert = c.prepare_cached(
+                    "INSERT INTO events (event_id, tenant_id, stream_type, stream_id, version, event_type, \
+                     schema_version, recorded_at, correlation_id, causation_id, actor, client_ip, user_agent, payload) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                )?;
+                for event in &chunk {
+                    let context = event.context.as_ref();
+                    insert.execute(params![
+                        event.id.as_bytes(),
+                        event.tenant_id.as_bytes(),
+                        event.stream.kind,
+                        event.stream.id.as_bytes(),
+                        event.version as i64,
+                        event.event_type,
+                        event.schema_version,
+                        event.recorded_at.timestamp_micros(),
+                        event.correlation_id.as_bytes(),
+                        event.causation_id.map(|c| c.as_bytes().to_vec()),
+                        event.actor.to_string(),
+                        context.and_then(|c| c.ip.as_deref()),
+                        context.and_then(|c| c.user_agent.as_deref()),
+                        event.payload.get(),
+                    ])?;
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(())
     }
 
     fn changes(&self) -> watch::Receiver<u64> {

@@ -2,6 +2,7 @@
 
 use crate::envelope::{AppendRequest, ClaimKey, Position, RecordedEvent, StreamId};
 use crate::error::StoreError;
+use crate::integrity::{Seal, SignedCheckpoint};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -122,6 +123,41 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Records where the consumer `name` has got to.
     async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError>;
+
+    /// Records seals of the hash chain (ignoring ones already there) and raises the sealed
+    /// point ([`crate::integrity::SEALER_CHECKPOINT`]) to `sealed_up_to`, in one transaction.
+    async fn save_seals(&self, seals: Vec<Seal>, sealed_up_to: Position) -> Result<(), StoreError>;
+
+    /// Up to `limit` seals after `after` (of one tenant, or all), in position order.
+    async fn read_seals(
+        &self,
+        tenant_id: Option<Uuid>,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<Seal>, StoreError>;
+
+    /// A tenant's last seal at or below `at_or_before`.
+    async fn last_seal(
+        &self,
+        tenant_id: Uuid,
+        at_or_before: Position,
+    ) -> Result<Option<Seal>, StoreError>;
+
+    /// Stores a signed checkpoint of a tenant's chain.
+    async fn save_integrity_checkpoint(
+        &self,
+        checkpoint: &SignedCheckpoint,
+    ) -> Result<(), StoreError>;
+
+    /// Signed checkpoints (of one tenant, or all), in position order.
+    async fn integrity_checkpoints(
+        &self,
+        tenant_id: Option<Uuid>,
+    ) -> Result<Vec<SignedCheckpoint>, StoreError>;
+
+    /// Writes events exported from another store after the last event, in order, keeping
+    /// everything but their positions (offline replay of an export; no claims, no snapshots).
+    async fn import(&self, events: Vec<RecordedEvent>) -> Result<(), StoreError>;
 
     /// A counter that changes after appends (this process's immediately, other processes'
     /// as the backend learns of them). Subscribers wait on it.

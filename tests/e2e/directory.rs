@@ -54,6 +54,7 @@ impl Directory {
         let request = pb::CreateApiKeyRequest {
             tenant_id: tenant.id.clone(),
             name: "platform team".into(),
+            personal_data: false,
         };
         Ok(self
             .tenants
@@ -452,6 +453,7 @@ async fn a_tenant_key_never_reaches_another_tenant() -> TestResult {
                 pb::CreateApiKeyRequest {
                     tenant_id: b.id.clone(),
                     name: "x".into(),
+                    personal_data: false,
                 },
                 &key_a,
             )?)
@@ -902,6 +904,7 @@ async fn tenant_and_application_rpcs_refuse_bad_input() -> TestResult {
         let create = pb::CreateApiKeyRequest {
             tenant_id: tenant.id.clone(),
             name: name.into(),
+            personal_data: false,
         };
         expect(
             d.tenants

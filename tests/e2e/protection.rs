@@ -29,51 +29,17 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::world::{PASSWORD, World, completed, step_is, totp};
-use support::{Error, Server, TestResult, detections, req};
+use support::{Error, JAPAN, NEW_YORK, PARIS, Server, TestResult, detections, geoip_database, req};
 use tonic::transport::Channel;
 
 const CHROME_WINDOWS: &str = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 \
                               (KHTML, like Gecko) Chrome/130.0 Safari/537.36";
 const FIREFOX_LINUX: &str =
     "Mozilla/5.0 (X11; Linux x86_64; rv:131.0) Gecko/20100101 Firefox/131.0";
-/// Paris, France.
-const PARIS: &str = "127.0.0.61";
-/// New York, United States: 5 837 km from Paris.
-const NEW_YORK: &str = "127.0.0.62";
-/// Japan, no coordinates known.
-const JAPAN: &str = "127.0.0.63";
 /// Listed as an anonymiser.
 const ANONYMISER: &str = "127.0.0.98";
 /// In the built-in breached-password list.
 const LEAKED: &str = "password123";
-
-/// A GeoIP database in MaxMind format written by `mmdb-writer`, with coordinates and ASNs.
-fn geoip_database(dir: &Path) -> Result<std::path::PathBuf, Error> {
-    let mut writer = mmdb_writer::Writer::new("GeoIP2-City");
-    let places = [
-        (
-            PARIS,
-            serde_json::json!({"country": {"iso_code": "FR"}, "location": {"latitude": 48.8566, "longitude": 2.3522}, "autonomous_system_number": 3215}),
-        ),
-        (
-            NEW_YORK,
-            serde_json::json!({"country": {"iso_code": "US"}, "location": {"latitude": 40.7128, "longitude": -74.0060}, "autonomous_system_number": 7018}),
-        ),
-        (
-            JAPAN,
-            serde_json::json!({"country": {"iso_code": "JP"}, "autonomous_system_number": 2516}),
-        ),
-    ];
-    for (ip, record) in places {
-        writer.insert(
-            format!("{ip}/32").parse::<mmdb_writer::ipnet::IpNet>()?,
-            &record,
-        )?;
-    }
-    let path = dir.join("city.mmdb");
-    std::fs::write(&path, writer.to_bytes()?)?;
-    Ok(path)
-}
 
 /// A world whose connections come from `source` with `user_agent`.
 async fn client(
@@ -254,7 +220,7 @@ async fn nats_subscriber(tenant_id: &str) -> Result<async_nats::Subscriber, Erro
         .await
         .map_err(|e| format!("NATS at {url} (start nats-server): {e}"))?;
     let subscriber = client
-        .subscribe(format!("gatehouse.{tenant_id}.risk.detection"))
+        .subscribe(format!("risk.{tenant_id}.detection"))
         .await?;
     client.flush().await?;
     Ok(subscriber)

@@ -57,6 +57,7 @@ async fn setup(server: &Server) -> Result<Setup, Error> {
             pb::CreateApiKeyRequest {
                 tenant_id: tenant.id.clone(),
                 name: "backend".into(),
+                personal_data: false,
             },
             &admin,
         )?)

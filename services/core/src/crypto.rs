@@ -209,6 +209,17 @@ impl Crypto {
         hmac_with(&mac.finalize().into_bytes())
     }
 
+    /// The Ed25519 key that signs the log's integrity checkpoints, derived from the master key:
+    /// every replica derives the same key and the database never holds it.
+    pub fn audit_key(&self) -> Result<gatehouse_events::integrity::AuditKey, CryptoError> {
+        let seed: [u8; 32] = self
+            .derived("gatehouse audit signing v1")
+            .finalize()
+            .into_bytes()
+            .into();
+        Ok(gatehouse_events::integrity::AuditKey::from_seed(&seed)?)
+    }
+
     /// A stable, non-reversible stand-in for `value` (hex), unique per tenant and scope.
     pub fn blind_index(&self, tenant_id: Uuid, scope: &str, value: &str) -> String {
         let mut mac = self.derived("gatehouse blind index v1");

@@ -33,6 +33,9 @@ pub struct KeyCreated {
     pub key_id: Uuid,
     /// Hex SHA-256 of the key.
     pub key_hash: String,
+    /// A tenant key that may read personal data (the admin key always may).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub personal_data: bool,
 }
 
 /// Payload fields of a key revocation.
@@ -53,6 +56,8 @@ pub enum Caller {
         tenant_id: Uuid,
         /// The key's id.
         key_id: Uuid,
+        /// The key may read personal data.
+        personal_data: bool,
     },
 }
 
@@ -62,6 +67,15 @@ impl Caller {
         match self {
             Caller::PlatformAdmin => Actor::PlatformAdmin,
             Caller::Tenant { key_id, .. } => Actor::ApiKey(*key_id),
+        }
+    }
+
+    /// True when the caller may see personal data in clear (EventService): the admin key,
+    /// and tenant keys created with `personal_data`.
+    pub fn may_read_personal_data(&self) -> bool {
+        match self {
+            Caller::PlatformAdmin => true,
+            Caller::Tenant { personal_data, .. } => *personal_data,
         }
     }
 
@@ -127,6 +141,7 @@ fn apply(keys: &mut Keys, event: &RecordedEvent) {
                 Caller::Tenant {
                     tenant_id: event.tenant_id,
                     key_id: created.key_id,
+                    personal_data: created.personal_data,
                 }
             };
             keys.hash_by_id

@@ -61,6 +61,7 @@ pub async fn ensure_admin_key(
         let event = PlatformEvent::AdminKeyCreated(KeyCreated {
             key_id: Uuid::now_v7(),
             key_hash: hash,
+            personal_data: false,
         });
         let mut request = AppendRequest::new(Metadata::system());
         request.push(event.to_new_event(Uuid::nil(), &platform.stream)?);

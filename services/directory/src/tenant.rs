@@ -340,6 +340,9 @@ pub enum TenantEvent {
         key_hash: String,
         /// Human name.
         name: String,
+        /// The key may read personal data.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        personal_data: bool,
     },
     /// An API key was revoked.
     ApiKeyRevoked {
@@ -359,6 +362,9 @@ pub struct ApiKeyState {
     pub created_at: DateTime<Utc>,
     /// Revocation time.
     pub revoked_at: Option<DateTime<Utc>>,
+    /// The key may read personal data.
+    #[serde(default)]
+    pub personal_data: bool,
 }
 
 /// A tenant's state.
@@ -389,13 +395,19 @@ impl Aggregate for Tenant {
                 self.created_at = Some(envelope.recorded_at);
             }
             TenantEvent::TenantSettingsUpdated { settings } => self.settings = settings,
-            TenantEvent::ApiKeyCreated { key_id, name, .. } => {
+            TenantEvent::ApiKeyCreated {
+                key_id,
+                name,
+                personal_data,
+                ..
+            } => {
                 self.api_keys.insert(
                     key_id,
                     ApiKeyState {
                         name,
                         created_at: envelope.recorded_at,
                         revoked_at: None,
+                        personal_data,
                     },
                 );
             }
@@ -457,6 +469,7 @@ pub fn create_api_key(
     key_id: Uuid,
     key_hash: String,
     name: &str,
+    personal_data: bool,
 ) -> Result<Vec<TenantEvent>, ApiError> {
     let mut validation = Validation::new();
     validation.text("name", name, 1, MAX_KEY_NAME);
@@ -479,6 +492,7 @@ pub fn create_api_key(
         key_id,
         key_hash,
         name: name.trim().to_string(),
+        personal_data,
     }])
 }
 

@@ -164,11 +164,22 @@ impl TenantApi {
         let message = request.get_ref();
         let id = parse_id("tenant_id", &message.tenant_id)?;
         caller.require_tenant(id, "tenant")?;
+        if message.personal_data && !caller.may_read_personal_data() {
+            return Err(ApiError::PermissionDenied(
+                "only a caller that may read personal data can create a key that may".into(),
+            ));
+        }
         let (secret, hash) = generate_key();
         let key_id = Uuid::now_v7();
         let created =
             execute::<Tenant, ApiError, _>(self.store.as_ref(), id, id, &metadata, |state| {
-                tenant::create_api_key(state, key_id, hash.clone(), &message.name)
+                tenant::create_api_key(
+                    state,
+                    key_id,
+                    hash.clone(),
+                    &message.name,
+                    message.personal_data,
+                )
             })
             .await?;
         if let Some(position) = created.last_position {
@@ -271,6 +282,7 @@ fn key_to_proto(tenant_id: Uuid, key_id: Uuid, key: &ApiKeyState) -> pb::ApiKey 
         name: key.name.clone(),
         created_at: rfc3339(key.created_at),
         revoked_at: key.revoked_at.map(rfc3339).unwrap_or_default(),
+        personal_data: key.personal_data,
     }
 }
 

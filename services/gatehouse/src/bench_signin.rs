@@ -156,6 +156,7 @@ impl Setup {
                 pb::CreateApiKeyRequest {
                     tenant_id: tenant.id.clone(),
                     name: "bench".into(),
+                    personal_data: false,
                 },
                 ADMIN_KEY,
             )?)

@@ -32,6 +32,90 @@ pub enum Command {
     Migrate(StoreArgs),
     /// Measure the event store (see README, Benchmarks).
     Bench(BenchArgs),
+    /// Audit the log: verify its hash chain, replay states and timelines, export and import.
+    Audit(AuditArgs),
+}
+
+/// `gatehouse audit`.
+#[derive(Debug, Args, Clone)]
+pub struct AuditArgs {
+    /// Store location (the same options as `serve`).
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The master key (base64url), to read personal data and derive the audit key
+    /// [default: `<data>/master.key` when it exists; otherwise personal data stays redacted].
+    #[arg(long, env = "GATEHOUSE_MASTER_KEY", hide_env_values = true)]
+    pub master_key: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: AuditCommand,
+}
+
+/// `gatehouse audit …`.
+#[derive(Debug, Subcommand, Clone)]
+pub enum AuditCommand {
+    /// Recompute the hash chain against its seals and signed checkpoints; exits 1 at the
+    /// first broken link, which it names.
+    Verify {
+        /// Only this tenant's chain.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Check checkpoint signatures with this Ed25519 public key (hex) instead of the one
+        /// derived from the master key.
+        #[arg(long)]
+        public_key: Option<String>,
+        /// Seal what is not sealed yet before verifying (as the server would within seconds).
+        #[arg(long)]
+        seal: bool,
+    },
+    /// An aggregate's state at a position or time, as JSON.
+    State {
+        /// Aggregate type: user, session, policy, userrisk, signin, tenant, …
+        stream_type: String,
+        /// Aggregate id.
+        id: String,
+        /// A position (digits) or an RFC 3339 time [default: now].
+        #[arg(long, default_value = "")]
+        at: String,
+    },
+    /// Every event touching a user, IP address, session or correlation id, one line each.
+    Timeline {
+        /// A user id.
+        #[arg(long, group = "subject")]
+        user: Option<String>,
+        /// A client IP address.
+        #[arg(long, group = "subject")]
+        ip: Option<String>,
+        /// A session id.
+        #[arg(long, group = "subject")]
+        session: Option<String>,
+        /// A correlation id.
+        #[arg(long, group = "subject")]
+        correlation: Option<String>,
+        /// Only this tenant's events.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Print each event as JSON (NDJSON) instead of a line of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a tenant's events (and its users' wrapped data keys) as NDJSON to stdout.
+    Export {
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// RFC 3339: only events recorded at or after this time.
+        #[arg(long)]
+        from: Option<String>,
+        /// RFC 3339: only events recorded before this time.
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Read an export (a file, or `-` for stdin) into an empty store and seal it.
+    Import {
+        /// The NDJSON file.
+        file: PathBuf,
+    },
 }
 
 /// Where the event store lives.
@@ -94,9 +178,19 @@ pub struct ServeArgs {
     #[arg(long, env = "GATEHOUSE_GEOIP_ASN_DATABASE")]
     pub geoip_asn_database: Option<PathBuf>,
     /// NATS server (`nats://host:4222`) new risk detections are published to, on
-    /// `gatehouse.<tenant>.risk.detection`; none by default.
+    /// `risk.<tenant>.detection`; none by default.
     #[arg(long, env = "GATEHOUSE_NATS_URL")]
     pub nats_url: Option<String>,
+    /// Relay the event log to the NATS server's JetStream stream `GATEHOUSE_EVENTS`, on
+    /// `gatehouse.<tenant>.<stream type>.<event type>` (needs `--nats-url`).
+    #[arg(long, env = "GATEHOUSE_RELAY_EVENTS")]
+    pub relay_events: bool,
+    /// Relay only these stream types (comma-separated) [default: every event].
+    #[arg(long, env = "GATEHOUSE_RELAY_STREAM_TYPES", value_delimiter = ',')]
+    pub relay_stream_types: Vec<String>,
+    /// Seconds between signed checkpoints of the log's hash chain [default: 10].
+    #[arg(long, env = "GATEHOUSE_INTEGRITY_CHECKPOINT_SECONDS")]
+    pub integrity_checkpoint_seconds: Option<u64>,
     /// Proxies (CIDR ranges, comma-separated) whose `X-Forwarded-For` gives the client IP;
     /// without them the client IP is the connection's peer.
     #[arg(long, env = "GATEHOUSE_TRUSTED_PROXIES", value_delimiter = ',')]
@@ -183,6 +277,12 @@ pub struct FileConfig {
     pub geoip_asn_database: Option<PathBuf>,
     /// See [`ServeArgs::nats_url`].
     pub nats_url: Option<String>,
+    /// See [`ServeArgs::integrity_checkpoint_seconds`].
+    pub integrity_checkpoint_seconds: Option<u64>,
+    /// See [`ServeArgs::relay_events`].
+    pub relay_events: Option<bool>,
+    /// See [`ServeArgs::relay_stream_types`].
+    pub relay_stream_types: Option<Vec<String>>,
     /// See [`ServeArgs::trusted_proxies`].
     pub trusted_proxies: Option<Vec<String>>,
     /// See [`ServeArgs::anonymous_ip_list`].
@@ -238,8 +338,14 @@ pub struct Config {
     pub geoip_database: Option<PathBuf>,
     /// GeoIP ASN database.
     pub geoip_asn_database: Option<PathBuf>,
-    /// NATS for risk detections.
+    /// NATS for risk detections and the event relay.
     pub nats_url: Option<String>,
+    /// Relay the event log to NATS JetStream.
+    pub relay_events: bool,
+    /// Stream types the relay publishes (empty: all).
+    pub relay_stream_types: Vec<String>,
+    /// How often the sealer signs the chain heads that moved.
+    pub integrity_checkpoint_every: std::time::Duration,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<String>,
     /// Anonymiser IP list file.
@@ -271,6 +377,11 @@ impl Config {
         {
             anyhow::bail!("GATEHOUSE_ADMIN_KEY must be 32 to 256 characters");
         }
+        let nats_url = args.nats_url.or(file.nats_url).filter(|u| !u.is_empty());
+        let relay_events = args.relay_events || file.relay_events.unwrap_or(false);
+        if relay_events && nats_url.is_none() {
+            anyhow::bail!("relay_events needs nats_url (the NATS server to relay to)");
+        }
         Ok(Config {
             data_dir: args
                 .store
@@ -298,7 +409,25 @@ impl Config {
             breached_passwords: args.breached_passwords.or(file.breached_passwords),
             geoip_database: args.geoip_database.or(file.geoip_database),
             geoip_asn_database: args.geoip_asn_database.or(file.geoip_asn_database),
-            nats_url: args.nats_url.or(file.nats_url).filter(|u| !u.is_empty()),
+            nats_url,
+            relay_events,
+            relay_stream_types: if args.relay_stream_types.is_empty() {
+                file.relay_stream_types.unwrap_or_default()
+            } else {
+                args.relay_stream_types
+            }
+            .into_iter()
+            .map(|kind| kind.trim().to_string())
+            .filter(|kind| !kind.is_empty())
+            .collect(),
+            integrity_checkpoint_every: match args
+                .integrity_checkpoint_seconds
+                .or(file.integrity_checkpoint_seconds)
+                .unwrap_or(10)
+            {
+                0 => anyhow::bail!("integrity_checkpoint_seconds must be at least 1"),
+                seconds => std::time::Duration::from_secs(seconds),
+            },
             anonymous_ip_list: args.anonymous_ip_list.or(file.anonymous_ip_list),
             malicious_ip_list: args.malicious_ip_list.or(file.malicious_ip_list),
             trusted_proxies: if args.trusted_proxies.is_empty() {

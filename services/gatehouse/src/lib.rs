@@ -6,13 +6,20 @@
 //! - [`server`]: `gatehouse serve`: the store, the admin key, the gRPC server (services,
 //!   health, reflection) and the HTTP server, with graceful shutdown.
 //! - [`http`]: `/healthz` and `/metrics`.
+//! - [`event_service`]: EventService, the log for auditors and downstream services.
+//! - [`audit`]: audit replay (state at a point, timelines, disclosure of personal data,
+//!   export and import), shared by EventService and `gatehouse audit`.
+//! - [`relay`]: the event log relayed to NATS JetStream (`--relay-events`).
 //! - [`bench`]: `gatehouse bench append|replay|signin`, measured against raw baselines.
 //! - [`bench_signin`]: the sign-in benchmark (a real server process, raw argon2id beside it).
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod bench;
 pub mod bench_policy;
 pub mod bench_signin;
 pub mod config;
+pub mod event_service;
 pub mod http;
+pub mod relay;
 pub mod server;

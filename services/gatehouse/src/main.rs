@@ -1,4 +1,4 @@
-//! The `gatehouse` command: `serve`, `migrate`, `bench`.
+//! The `gatehouse` command: `serve`, `migrate`, `bench`, `audit`.
 
 use clap::Parser;
 use gatehouse::config::{Cli, Command, Config, FileConfig, store_url};
@@ -21,5 +21,9 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }),
         Command::Bench(args) => runtime.block_on(gatehouse::bench::run(args)),
+        Command::Audit(args) => {
+            let code = runtime.block_on(gatehouse::audit::run_cli(args, file))?;
+            std::process::exit(code);
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! `gatehouse serve`: every service on one gRPC port, health and metrics on HTTP.
 
 use crate::config::{Config, LogFormat};
+use crate::event_service::EventApi;
 use crate::http;
 use gatehouse_core::KeyRing;
 use gatehouse_core::crypto::Crypto;
@@ -12,8 +13,10 @@ use gatehouse_core::platform::ensure_admin_key;
 use gatehouse_directory::UserApi;
 use gatehouse_directory::notifier::{self, ByChannel, NdjsonOutbox, SmtpSender, WebhookSender};
 use gatehouse_directory::{ApplicationApi, IdentityProviderApi, TenantApi};
+use gatehouse_events::integrity::Sealer;
 use gatehouse_policy::{PolicyApi, PolicyView};
 use gatehouse_proto::v1::application_service_server::ApplicationServiceServer;
+use gatehouse_proto::v1::event_service_server::EventServiceServer;
 use gatehouse_proto::v1::identity_provider_service_server::IdentityProviderServiceServer;
 use gatehouse_proto::v1::mfa_service_server::MfaServiceServer;
 use gatehouse_proto::v1::policy_service_server::PolicyServiceServer;
@@ -137,6 +140,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .await?
             .with_user_risk(risk_view.clone()),
     );
+    let events = Arc::new(EventApi::new(store.clone(), crypto.clone())?);
+    // The sealer extends each tenant's hash chain within moments of a commit and signs the
+    // heads with the audit key (every replica may run it: seals are deterministic).
+    let audit_key = Arc::new(crypto.audit_key()?);
+    let sealer = tokio::spawn(
+        Sealer::new(store.clone(), Some(audit_key))
+            .checkpoint_every(config.integrity_checkpoint_every)
+            .run(),
+    );
     let notifier = tokio::spawn(notifier::run(store.clone(), crypto, senders(&config)?));
     let risk_api = Arc::new(RiskApi::new(store.clone(), risk_view, sessions.clone()));
     // Detections go to NATS when it is configured; a configured NATS that cannot be
@@ -148,6 +160,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // The risk detector follows the log (every replica may run it: a detection is recorded
     // once whoever finds it).
     let detector = tokio::spawn(gatehouse_risk::detector::run(store.clone(), publisher));
+    // The event relay to JetStream, when asked for: it reconnects by itself, so a NATS that
+    // is down only delays it (its checkpoint is in the store).
+    let relay = match (&config.nats_url, config.relay_events) {
+        (Some(url), true) => Some(tokio::spawn(crate::relay::run(
+            store.clone(),
+            url.clone(),
+            gatehouse_events::EventFilter {
+                stream_types: config.relay_stream_types.clone(),
+                ..gatehouse_events::EventFilter::default()
+            },
+        ))),
+        _ => None,
+    };
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -176,6 +201,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await;
     health_reporter
         .set_serving::<RiskServiceServer<RiskApi>>()
+        .await;
+    health_reporter
+        .set_serving::<EventServiceServer<EventApi>>()
         .await;
     health_reporter
         .set_service_status("", ServingStatus::Serving)
@@ -234,6 +262,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             RiskServiceServer::from_arc(risk_api),
             Authenticate(keys.clone()),
         ))
+        .add_service(InterceptedService::new(
+            EventServiceServer::from_arc(events),
+            Authenticate(keys.clone()),
+        ))
         .serve_with_incoming_shutdown(
             tokio_stream_listener(grpc_listener),
             stopped(stop_rx.clone()),
@@ -272,6 +304,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     notifier.abort();
     detector.abort();
+    sealer.abort();
+    if let Some(relay) = relay {
+        relay.abort();
+    }
     erasures.abort();
     health_reporter
         .set_service_status("", ServingStatus::NotServing)

@@ -1,4 +1,4 @@
-//! New detections, published to NATS on `gatehouse.<tenant>.risk.detection` as JSON (the
+//! New detections, published to NATS on `risk.<tenant>.detection` as JSON (the
 //! [`DetectionRecord`] of the reports and exports), for subscribers that act on them.
 //!
 //! The detector publishes a detection right after recording it, once (a replay finds it
@@ -17,7 +17,7 @@ pub struct Publisher {
 
 /// The subject of a tenant's detections.
 pub fn subject(tenant_id: uuid::Uuid) -> String {
-    format!("gatehouse.{tenant_id}.risk.detection")
+    format!("risk.{tenant_id}.detection")
 }
 
 impl Publisher {

@@ -70,6 +70,41 @@ pub async fn detections(
         .collect()
 }
 
+/// Paris, France.
+pub const PARIS: &str = "127.0.0.61";
+/// New York, United States: 5 837 km from Paris.
+pub const NEW_YORK: &str = "127.0.0.62";
+/// Japan, no coordinates known.
+pub const JAPAN: &str = "127.0.0.63";
+
+/// A GeoIP database in MaxMind format written by `mmdb-writer`, with coordinates and ASNs.
+pub fn geoip_database(dir: &Path) -> Result<PathBuf, Error> {
+    let mut writer = mmdb_writer::Writer::new("GeoIP2-City");
+    let places = [
+        (
+            PARIS,
+            serde_json::json!({"country": {"iso_code": "FR"}, "location": {"latitude": 48.8566, "longitude": 2.3522}, "autonomous_system_number": 3215}),
+        ),
+        (
+            NEW_YORK,
+            serde_json::json!({"country": {"iso_code": "US"}, "location": {"latitude": 40.7128, "longitude": -74.0060}, "autonomous_system_number": 7018}),
+        ),
+        (
+            JAPAN,
+            serde_json::json!({"country": {"iso_code": "JP"}, "autonomous_system_number": 2516}),
+        ),
+    ];
+    for (ip, record) in places {
+        writer.insert(
+            format!("{ip}/32").parse::<mmdb_writer::ipnet::IpNet>()?,
+            &record,
+        )?;
+    }
+    let path = dir.join("city.mmdb");
+    std::fs::write(&path, writer.to_bytes()?)?;
+    Ok(path)
+}
+
 /// A running server process; killed when dropped.
 pub struct Server {
     pub child: Child,

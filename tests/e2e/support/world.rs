@@ -85,6 +85,7 @@ impl World {
                 pb::CreateApiKeyRequest {
                     tenant_id: tenant.id.clone(),
                     name: "backend".into(),
+                    personal_data: false,
                 },
                 admin,
             )?)
