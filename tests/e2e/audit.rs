@@ -4,7 +4,9 @@
 //! - EventService `Subscribe`: a subscriber started mid-stream gets history then live events
 //!   without gap or duplicate; resuming from a position; filters; tenant isolation; a
 //!   subscriber that never reads holds back no append and later gets everything in order.
-//! - Disclosure: personal data decrypted only for keys allowed to read it, secrets never.
+//! - Disclosure: personal data decrypted only for keys allowed to read it, secrets never,
+//!   and nobody's after erasure.
+//! - GetAggregateAt and GetTimeline over gRPC: states at a time, paging, tenant isolation.
 //! - An incident (a password spray, a successful sign-in from a new country, the analyst's
 //!   ConfirmCompromised) reconstructed by `audit timeline` and `audit state --at`.
 //! - Export, import into an empty store (SQLite, whatever the source), the same answers and
@@ -22,6 +24,7 @@ use gatehouse_proto::v1 as pb;
 use gatehouse_proto::v1::event_service_client::EventServiceClient;
 use gatehouse_proto::v1::risk_service_client::RiskServiceClient;
 use gatehouse_proto::v1::tenant_service_client::TenantServiceClient;
+use gatehouse_proto::v1::user_service_client::UserServiceClient;
 use serde_json::Value;
 use std::path::Path;
 use std::sync::Arc;
@@ -300,6 +303,253 @@ async fn disclosure(world: &World, store: &Arc<dyn EventStore>) -> TestResult {
     let opened = read(auditor.secret).await?;
     if opened["profile"]["email"] != "early0@example.com" || opened["credential"] != "[secret]" {
         return Err(format!("the auditor key saw {opened}").into());
+    }
+    Ok(())
+}
+
+/// The tenant's user events as a Python `grpcio` client, knowing only reflection, receives
+/// them from `Subscribe`, and its integrity report.
+async fn python_subscriber(
+    server: &Server,
+    world: &World,
+    store: &Arc<dyn EventStore>,
+) -> TestResult {
+    let expected = all_events(
+        store,
+        &EventFilter {
+            tenant_id: Some(world.tenant_id.parse()?),
+            stream_types: vec!["user".into()],
+            ..EventFilter::default()
+        },
+    )
+    .await?;
+    let output = std::process::Command::new(support::python())
+        .arg(support::tests_dir().join("python/events_client.py"))
+        .arg(server.grpc.to_string())
+        .arg(&world.key)
+        .arg(expected.len().to_string())
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        return Err(format!(
+            "events_client.py: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
+    }
+    let lines: Vec<&str> = stdout.lines().collect();
+    let want: Vec<String> = expected
+        .iter()
+        .map(|e| format!("{} {} {}", e.position, e.id, e.event_type))
+        .collect();
+    if lines.len() != want.len() + 1 || lines[..want.len()] != want[..] {
+        return Err(format!("the Python subscriber printed:\n{stdout}").into());
+    }
+    if !lines[want.len()].starts_with("intact true ") {
+        return Err(format!("the Python client's report: {}", lines[want.len()]).into());
+    }
+    Ok(())
+}
+
+/// After erasure, a user's personal data is unreadable for everyone, the admin key included.
+async fn erasure(world: &World, store: &Arc<dyn EventStore>) -> TestResult {
+    let erased = world.create_user("erased@example.com", true).await?;
+    UserServiceClient::new(world.channel.clone())
+        .erase_user(req(
+            pb::UserRef {
+                tenant_id: world.tenant_id.clone(),
+                user_id: erased.clone(),
+            },
+            &world.admin,
+        )?)
+        .await?;
+    let stream = all_events(
+        store,
+        &EventFilter {
+            tenant_id: Some(world.tenant_id.parse()?),
+            stream_types: vec!["user".into()],
+            event_types: vec!["UserCreated".into()],
+        },
+    )
+    .await?
+    .into_iter()
+    .find(|e| e.stream.id.to_string() == erased)
+    .ok_or("no UserCreated for the erased user")?;
+    let page = events(world)
+        .read_events(req(
+            pb::ReadEventsRequest {
+                after: stream.position - 1,
+                filter: Some(pb::EventFilter {
+                    stream_id: erased.clone(),
+                    ..Default::default()
+                }),
+                page_size: 10,
+            },
+            &world.admin,
+        )?)
+        .await?
+        .into_inner();
+    let created = page
+        .events
+        .iter()
+        .find(|e| e.event_type == "UserCreated")
+        .ok_or("UserCreated not read")?;
+    let payload = json(&created.payload_json)?;
+    if payload["profile"] != "[erased]" || payload["credential"] != "[secret]" {
+        return Err(format!("an erased user's payload: {payload}").into());
+    }
+    if page.events.iter().any(|e| e.stream_id != erased) {
+        return Err("the stream_id filter let other streams through".into());
+    }
+    Ok(())
+}
+
+/// GetAggregateAt and GetTimeline over gRPC, with tenant isolation and paging.
+async fn replay_over_grpc(world: &World, other: &World, incident: &Incident) -> TestResult {
+    let at = |key: &str, kind: &str, id: &str, at: &str| {
+        let mut client = events(world);
+        let request = req(
+            pb::GetAggregateAtRequest {
+                tenant_id: String::new(),
+                stream_type: kind.into(),
+                stream_id: id.into(),
+                at: at.into(),
+            },
+            key,
+        );
+        async move { Ok::<_, Error>(client.get_aggregate_at(request?).await) }
+    };
+    let then = at(
+        &world.key,
+        "session",
+        &incident.session_id,
+        &incident.between,
+    )
+    .await??
+    .into_inner();
+    let now = at(&world.key, "session", &incident.session_id, "")
+        .await??
+        .into_inner();
+    let (then_state, now_state) = (json(&then.state_json)?, json(&now.state_json)?);
+    if !then_state["revoked"].is_null()
+        || now_state["revoked"] != "compromised"
+        || then.version >= now.version
+    {
+        return Err(format!("session over gRPC: then {then:?}, now {now:?}").into());
+    }
+    let user = at(&world.key, "user", &incident.victim, "")
+        .await??
+        .into_inner();
+    let user_state = json(&user.state_json)?;
+    if user_state["profile"] != "[redacted]" || user_state["credential"] != "[secret]" {
+        return Err(format!("a key without personal data saw the user as {user_state}").into());
+    }
+    for (key, kind, id, at_text, code, case) in [
+        (
+            &other.key,
+            "session",
+            incident.session_id.as_str(),
+            "",
+            tonic::Code::NotFound,
+            "another tenant's session",
+        ),
+        (
+            &world.key,
+            "session",
+            incident.session_id.as_str(),
+            "1",
+            tonic::Code::NotFound,
+            "before it existed",
+        ),
+        (
+            &world.key,
+            "nonsense",
+            incident.session_id.as_str(),
+            "",
+            tonic::Code::InvalidArgument,
+            "unknown type",
+        ),
+        (
+            &world.key,
+            "session",
+            "not-an-id",
+            "",
+            tonic::Code::InvalidArgument,
+            "bad id",
+        ),
+        (
+            &world.key,
+            "session",
+            incident.session_id.as_str(),
+            "yesterday",
+            tonic::Code::InvalidArgument,
+            "bad time",
+        ),
+    ] {
+        match at(key, kind, id, at_text).await? {
+            Err(status) if status.code() == code => {}
+            other => return Err(format!("{case}: {other:?}").into()),
+        }
+    }
+
+    // The victim's timeline, a page of 7 at a time.
+    let mut entries = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = events(world)
+            .get_timeline(req(
+                pb::GetTimelineRequest {
+                    subject: Some(pb::get_timeline_request::Subject::UserId(
+                        incident.victim.clone(),
+                    )),
+                    after,
+                    page_size: 7,
+                    ..Default::default()
+                },
+                &world.key,
+            )?)
+            .await?
+            .into_inner();
+        if page.entries.len() > 7 {
+            return Err("a page longer than asked".into());
+        }
+        entries.extend(page.entries);
+        if page.next_after == 0 {
+            break;
+        }
+        after = page.next_after;
+    }
+    let positions: Vec<u64> = entries
+        .iter()
+        .filter_map(|e| e.event.as_ref().map(|e| e.position))
+        .collect();
+    if entries.len() < 15 || positions.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(format!("timeline over gRPC: {positions:?}").into());
+    }
+    if !entries.iter().any(|e| {
+        e.description
+            .starts_with("compromise confirmed on userrisk")
+            && e.event
+                .as_ref()
+                .is_some_and(|e| e.actor.starts_with("api_key:"))
+    }) {
+        return Err("the analyst's confirmation is not in the timeline".into());
+    }
+    // Another tenant's key finds nothing of it.
+    let foreign = events(world)
+        .get_timeline(req(
+            pb::GetTimelineRequest {
+                subject: Some(pb::get_timeline_request::Subject::UserId(
+                    incident.victim.clone(),
+                )),
+                ..Default::default()
+            },
+            &other.key,
+        )?)
+        .await?
+        .into_inner();
+    if !foreign.entries.is_empty() {
+        return Err(format!("another tenant saw {} entries", foreign.entries.len()).into());
     }
     Ok(())
 }
@@ -797,7 +1047,10 @@ async fn run_all(data: &Path, database_url: Option<&str>) -> TestResult {
     let started = Instant::now();
     subscriptions(&world, &other, &store).await?;
     disclosure(&world, &store).await?;
+    erasure(&world, &store).await?;
     let incident = incident(&server, &world).await?;
+    replay_over_grpc(&world, &other, &incident).await?;
+    python_subscriber(&server, &world, &store).await?;
     // Far more than HTTP/2 lets a stream buffer (64 KiB): the stalled stream is held back by
     // flow control, and the appends go on regardless.
     let tenant: uuid::Uuid = other.tenant_id.parse()?;

@@ -3,9 +3,11 @@
 use chrono::{DateTime, Utc};
 use gatehouse_core::ApiError;
 use gatehouse_core::error::Validation;
-use gatehouse_events::{Aggregate, DomainEvent, RecordedEvent};
+use gatehouse_events::{Aggregate, DomainEvent, RecordedEvent, Upcasters};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 use uuid::Uuid;
 
 /// Longest tenant display name, in characters.
@@ -340,8 +342,7 @@ pub enum TenantEvent {
         key_hash: String,
         /// Human name.
         name: String,
-        /// The key may read personal data.
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        /// The key may read personal data (schema version 2; version 1 keys may not).
         personal_data: bool,
     },
     /// An API key was revoked.
@@ -351,7 +352,24 @@ pub enum TenantEvent {
     },
 }
 
-impl DomainEvent for TenantEvent {}
+/// `ApiKeyCreated` version 1 → 2: keys created before `personal_data` existed may not read
+/// personal data.
+fn api_key_created_v1(mut payload: Value) -> Result<Value, String> {
+    let Value::Object(fields) = &mut payload else {
+        return Err("ApiKeyCreated payload is not an object".into());
+    };
+    fields.entry("personal_data").or_insert(Value::Bool(false));
+    Ok(payload)
+}
+
+static UPCASTERS: LazyLock<Upcasters> =
+    LazyLock::new(|| Upcasters::new().step("ApiKeyCreated", 1, api_key_created_v1));
+
+impl DomainEvent for TenantEvent {
+    fn upcasters() -> &'static Upcasters {
+        &UPCASTERS
+    }
+}
 
 /// What the tenant knows of one API key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -502,5 +520,51 @@ pub fn revoke_api_key(state: &Tenant, key_id: Uuid) -> Result<Vec<TenantEvent>, 
         None => Err(ApiError::NotFound("API key".into())),
         Some(key) if key.revoked_at.is_some() => Ok(Vec::new()),
         Some(_) => Ok(vec![TenantEvent::ApiKeyRevoked { key_id }]),
+    }
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+    use gatehouse_events::StreamId;
+
+    #[test]
+    fn a_version_1_api_key_is_read_as_one_that_may_not_read_personal_data()
+    -> Result<(), gatehouse_events::StoreError> {
+        let key_id = Uuid::now_v7();
+        let mut stored = RecordedEvent::pending(
+            Uuid::nil(),
+            StreamId::new("tenant", Uuid::nil()),
+            Utc::now(),
+        );
+        stored.event_type = "ApiKeyCreated".into();
+        stored.schema_version = 1;
+        stored.payload = serde_json::value::RawValue::from_string(format!(
+            r#"{{"key_id":"{key_id}","key_hash":"00","name":"old"}}"#
+        ))
+        .map_err(|e| gatehouse_events::StoreError::Invalid(e.to_string()))?;
+        let TenantEvent::ApiKeyCreated {
+            personal_data,
+            name,
+            ..
+        } = TenantEvent::decode(&stored)?
+        else {
+            return Err(gatehouse_events::StoreError::Invalid(
+                "not ApiKeyCreated".into(),
+            ));
+        };
+        assert!(!personal_data);
+        assert_eq!(name, "old");
+        // New keys are written at version 2, always with the field.
+        let (event_type, version, payload) = TenantEvent::ApiKeyCreated {
+            key_id,
+            key_hash: "00".into(),
+            name: "new".into(),
+            personal_data: false,
+        }
+        .encode()?;
+        assert_eq!((event_type.as_str(), version), ("ApiKeyCreated", 2));
+        assert_eq!(payload["personal_data"], Value::Bool(false));
+        Ok(())
     }
 }
