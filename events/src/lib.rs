@@ -14,6 +14,7 @@
 //! - [`view`]: in-memory folds of the log kept current by a subscription.
 //! - [`integrity`]: the hash chain over each tenant's events, its sealer, signed checkpoints
 //!   and verification.
+//! - [`readmodel`]: the SQL dialect projections write their tables in, beside the log.
 //! - [`retry`]: the bounded retry for commands that lose an optimistic-concurrency race.
 //! - [`testing`]: stores for tests (SQLite in a temporary directory; a fresh PostgreSQL
 //!   database when `GATEHOUSE_TEST_DATABASE_URL` is set) and scratch databases for benchmarks.
@@ -26,6 +27,7 @@ pub mod envelope;
 pub mod error;
 pub mod integrity;
 pub mod postgres;
+pub mod readmodel;
 pub mod retry;
 pub mod sqlite;
 pub mod store;

@@ -32,6 +32,7 @@ use crate::envelope::{
 };
 use crate::error::StoreError;
 use crate::integrity::{Hash, SEALER_CHECKPOINT, Seal, SignedCheckpoint};
+use crate::readmodel::{SqlValue, Statement, numbered};
 use crate::store::{AppendOutcome, EventFilter, EventStore, ReadBatch, StreamBounds};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -855,6 +856,36 @@ impl EventStore for PgStore {
         Ok(())
     }
 
+    async fn read_model_commit(
+        &self,
+        fence: Option<Statement>,
+        statements: Vec<Statement>,
+    ) -> Result<bool, StoreError> {
+        commit_read_model(self.pool.clone(), fence, statements).await
+    }
+
+    async fn read_model_query(&self, query: Statement) -> Result<Vec<Vec<SqlValue>>, StoreError> {
+        let sql = numbered(&query.sql);
+        let rows = bind_all(&sql, &query.params).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                (0..row.len())
+                    .map(|i| {
+                        if let Ok(value) = row.try_get::<Option<i64>, _>(i) {
+                            Ok(SqlValue::Int(value.unwrap_or(0)))
+                        } else if let Ok(value) = row.try_get::<Option<i32>, _>(i) {
+                            Ok(SqlValue::Int(i64::from(value.unwrap_or(0))))
+                        } else {
+                            Ok(SqlValue::Text(
+                                row.try_get::<Option<String>, _>(i)?.unwrap_or_default(),
+                            ))
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
     fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
@@ -910,6 +941,59 @@ impl ImportArrays {
             .push(context.and_then(|c| c.user_agent.clone()));
         self.payloads.push(event.payload.get().to_owned());
     }
+}
+
+/// Read-model statements in one transaction, after the fence.
+async fn commit_read_model(
+    pool: PgPool,
+    fence: Option<Statement>,
+    statements: Vec<Statement>,
+) -> Result<bool, StoreError> {
+    let mut tx = pool.begin().await?;
+    if let Some(fence) = fence {
+        let sql = numbered(&fence.sql);
+        let changed = bind_all(&sql, &fence.params)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if changed != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+    }
+    for statement in &statements {
+        // Scripts without parameters (DDL) run one statement at a time.
+        let parts: Vec<String> = if statement.params.is_empty() {
+            statement
+                .sql
+                .split(';')
+                .filter(|part| !part.trim().is_empty())
+                .map(str::to_string)
+                .collect()
+        } else {
+            vec![numbered(&statement.sql)]
+        };
+        for sql in &parts {
+            bind_all(sql, &statement.params).execute(&mut *tx).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// A read-model statement with its values bound, placeholders numbered.
+fn bind_all<'a>(
+    sql: &'a str,
+    params: &'a [SqlValue],
+) -> sqlx::query::Query<'a, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    let mut query = sqlx::query(sql).persistent(false);
+    for value in params {
+        query = match value {
+            SqlValue::Int(value) => query.bind(*value),
+            SqlValue::Text(text) => query.bind(text.clone()),
+        };
+    }
+    query
 }
 
 fn hash_of(bytes: Vec<u8>) -> Result<Hash, StoreError> {

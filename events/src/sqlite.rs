@@ -16,6 +16,7 @@ use crate::envelope::{
 };
 use crate::error::StoreError;
 use crate::integrity::{Hash, SEALER_CHECKPOINT, Seal, SignedCheckpoint};
+use crate::readmodel::{SqlValue, Statement};
 use crate::store::{AppendOutcome, EventFilter, EventStore, ReadBatch, StreamBounds};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -31,6 +32,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0001_event_log.sql"),
     include_str!("../migrations/sqlite/0002_subject_keys_and_checkpoints.sql"),
     include_str!("../migrations/sqlite/0003_integrity.sql"),
+    include_str!("../migrations/sqlite/0004_projections.sql"),
 ];
 const COLUMNS: &str = "position, event_id, tenant_id, stream_type, stream_id, version, event_type, \
     schema_version, recorded_at, correlation_id, causation_id, actor, client_ip, user_agent, payload";
@@ -393,6 +395,25 @@ fn uuid_at(row: &Row<'_>, index: usize) -> rusqlite::Result<Uuid> {
     Uuid::from_slice(bytes).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Blob, Box::new(e))
     })
+}
+
+fn sql_value(value: &SqlValue) -> rusqlite::types::Value {
+    match value {
+        SqlValue::Int(value) => rusqlite::types::Value::Integer(*value),
+        SqlValue::Text(text) => rusqlite::types::Value::Text(text.clone()),
+    }
+}
+
+/// Runs a read-model statement (several statements when it has no parameters, for DDL);
+/// the rows it changed.
+fn execute_statement(connection: &Connection, statement: &Statement) -> Result<usize, StoreError> {
+    if statement.params.is_empty() && statement.sql.trim_end().trim_end_matches(';').contains(';') {
+        connection.execute_batch(&statement.sql)?;
+        return Ok(0);
+    }
+    Ok(connection
+        .prepare_cached(&statement.sql)?
+        .execute(params_from_iter(statement.params.iter().map(sql_value)))?)
 }
 
 fn hash_of(bytes: Vec<u8>) -> Result<Hash, StoreError> {
@@ -822,6 +843,61 @@ impl EventStore for SqliteStore {
         }
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
         Ok(())
+    }
+
+    async fn read_model_commit(
+        &self,
+        fence: Option<Statement>,
+        statements: Vec<Statement>,
+    ) -> Result<bool, StoreError> {
+        let fenced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = fenced.clone();
+        let result = self
+            .write(move |c| {
+                if let Some(fence) = &fence
+                    && execute_statement(c, fence)? != 1
+                {
+                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                    // An error rolls the savepoint back: nothing of this commit stays.
+                    return Err(StoreError::Backend("fenced".into()));
+                }
+                for statement in &statements {
+                    execute_statement(c, statement)?;
+                }
+                Ok(())
+            })
+            .await;
+        match result {
+            Err(_) if fenced.load(std::sync::atomic::Ordering::SeqCst) => Ok(false),
+            Err(error) => Err(error),
+            Ok(()) => Ok(true),
+        }
+    }
+
+    async fn read_model_query(&self, query: Statement) -> Result<Vec<Vec<SqlValue>>, StoreError> {
+        self.read(move |c| {
+            let mut statement = c.prepare_cached(&query.sql)?;
+            let columns = statement.column_count();
+            let mut rows = statement.query(params_from_iter(query.params.iter().map(sql_value)))?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                let mut values = Vec::with_capacity(columns);
+                for i in 0..columns {
+                    values.push(match row.get_ref(i)? {
+                        rusqlite::types::ValueRef::Integer(value) => SqlValue::Int(value),
+                        rusqlite::types::ValueRef::Real(value) => SqlValue::Int(value as i64),
+                        rusqlite::types::ValueRef::Text(text) => {
+                            SqlValue::Text(String::from_utf8_lossy(text).into_owned())
+                        }
+                        rusqlite::types::ValueRef::Null => SqlValue::Int(0),
+                        rusqlite::types::ValueRef::Blob(_) => SqlValue::Text(String::new()),
+                    });
+                }
+                out.push(values);
+            }
+            Ok(out)
+        })
+        .await
     }
 
     fn changes(&self) -> watch::Receiver<u64> {

@@ -3,6 +3,7 @@
 use crate::envelope::{AppendRequest, ClaimKey, Position, RecordedEvent, StreamId};
 use crate::error::StoreError;
 use crate::integrity::{Seal, SignedCheckpoint};
+use crate::readmodel::{SqlValue, Statement};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -158,6 +159,18 @@ pub trait EventStore: Send + Sync + 'static {
     /// Writes events exported from another store after the last event, in order, keeping
     /// everything but their positions (offline replay of an export; no claims, no snapshots).
     async fn import(&self, events: Vec<RecordedEvent>) -> Result<(), StoreError>;
+
+    /// Runs read-model statements in one transaction, after `fence` (which must change exactly
+    /// one row: a projection's checkpoint row, held under its lease). Returns false, having
+    /// changed nothing, when the fence changed no row. DDL is allowed.
+    async fn read_model_commit(
+        &self,
+        fence: Option<Statement>,
+        statements: Vec<Statement>,
+    ) -> Result<bool, StoreError>;
+
+    /// Runs a read-model query; each row as values (integers and text).
+    async fn read_model_query(&self, query: Statement) -> Result<Vec<Vec<SqlValue>>, StoreError>;
 
     /// A counter that changes after appends (this process's immediately, other processes'
     /// as the backend learns of them). Subscribers wait on it.

@@ -5,15 +5,26 @@
 //! - [`Projection`]: the contract of a read model: which events it wants and how it folds one.
 //! - [`rebuild`]: replays the log from the start into a projection, up to the head at the
 //!   time the rebuild began.
+//! - [`runtime`]: SQL read models beside the log, written exactly once with their position,
+//!   one runner per projection across replicas (a lease), rebuilt into a new generation and
+//!   swapped in without downtime, stopped by a poison event.
+//! - [`activity`]: the sign-in log and activity counters of SPEC §7.
 //! - [`event_counts`]: the smallest real projection (events per type), used by
 //!   `gatehouse bench replay` to measure what the replay machinery itself costs.
 //!
 //! Projections only read the log; they never call services.
 #![forbid(unsafe_code)]
 
+pub mod activity;
 pub mod event_counts;
+pub mod runtime;
 
 use gatehouse_events::{EventFilter, EventStore, Position, RecordedEvent, StoreError};
+
+/// Every SQL projection the server runs.
+pub fn all() -> Vec<runtime::Factory> {
+    vec![std::sync::Arc::new(activity::Activity::boxed)]
+}
 
 /// A read model folded from the log.
 pub trait Projection {

@@ -34,6 +34,32 @@ pub enum Command {
     Bench(BenchArgs),
     /// Audit the log: verify its hash chain, replay states and timelines, export and import.
     Audit(AuditArgs),
+    /// Read models: their status, and rebuilding one from the log.
+    Projections(ProjectionsArgs),
+}
+
+/// `gatehouse projections`.
+#[derive(Debug, Args, Clone)]
+pub struct ProjectionsArgs {
+    /// Store location (the same options as `serve`).
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: ProjectionsCommand,
+}
+
+/// `gatehouse projections …`.
+#[derive(Debug, Subcommand, Clone)]
+pub enum ProjectionsCommand {
+    /// Each projection's generation, position, lease and failure, as JSON lines.
+    Status,
+    /// Replays the log into fresh tables and swaps them in; the running server keeps serving
+    /// the old ones until then, and continues on the new ones.
+    Rebuild {
+        /// The projection (see `status`).
+        name: String,
+    },
 }
 
 /// `gatehouse audit`.

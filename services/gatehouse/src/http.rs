@@ -5,8 +5,12 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use gatehouse_events::EventStore;
+use gatehouse_events::readmodel::Statement;
+use gatehouse_projections::runtime::Status;
 use gatehouse_signin::{Keys, tokens};
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
@@ -18,6 +22,19 @@ pub struct Metrics {
     registry: Registry,
     uptime: Gauge<f64, std::sync::atomic::AtomicU64>,
     started: Instant,
+    projections: Vec<(&'static str, tokio::sync::watch::Receiver<Status>)>,
+    store: Option<Arc<dyn EventStore>>,
+    projection: ProjectionGauges,
+}
+
+/// Per projection: where it is and how far behind.
+#[derive(Default)]
+struct ProjectionGauges {
+    position: Family<Vec<(String, String)>, Gauge>,
+    lag_positions: Family<Vec<(String, String)>, Gauge>,
+    lag_seconds: Family<Vec<(String, String)>, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    leased: Family<Vec<(String, String)>, Gauge>,
+    failed: Family<Vec<(String, String)>, Gauge>,
 }
 
 impl Metrics {
@@ -37,10 +54,96 @@ impl Metrics {
             "Always 1; the version is in the help text",
             info,
         );
+        let projection = ProjectionGauges::default();
+        registry.register(
+            "projection_position",
+            "Log position the projection has applied",
+            projection.position.clone(),
+        );
+        registry.register(
+            "projection_lag_positions",
+            "Log positions between the head and what the projection applied (PostgreSQL positions are sparse)",
+            projection.lag_positions.clone(),
+        );
+        registry.register(
+            "projection_lag_seconds",
+            "Age of the last event applied while the projection is behind; 0 when caught up",
+            projection.lag_seconds.clone(),
+        );
+        registry.register(
+            "projection_leased",
+            "1 when this process runs the projection (holds its lease)",
+            projection.leased.clone(),
+        );
+        registry.register(
+            "projection_failed",
+            "1 when a poison event stopped the projection",
+            projection.failed.clone(),
+        );
         Metrics {
             registry,
             uptime,
             started: Instant::now(),
+            projections: Vec::new(),
+            store: None,
+            projection,
+        }
+    }
+
+    /// Exports the lag of projections run by this process.
+    pub fn watch_projections(
+        &mut self,
+        store: Arc<dyn EventStore>,
+        projections: Vec<(&'static str, tokio::sync::watch::Receiver<Status>)>,
+    ) {
+        self.store = Some(store);
+        self.projections = projections;
+    }
+
+    /// Reads the log's head and sets the projection gauges.
+    async fn refresh(&self) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let head = store
+            .read_model_query(Statement::new(
+                "SELECT CAST(coalesce(max(position), 0) AS BIGINT) FROM events",
+                Vec::new(),
+            ))
+            .await
+            .ok()
+            .and_then(|rows| rows.first().and_then(|r| r.first()).map(|v| v.int()))
+            .unwrap_or(0);
+        for (name, status) in &self.projections {
+            let status = status.borrow().clone();
+            let labels = vec![("projection".to_string(), name.to_string())];
+            let position = status.position as i64;
+            self.projection
+                .position
+                .get_or_create(&labels)
+                .set(position);
+            self.projection
+                .lag_positions
+                .get_or_create(&labels)
+                .set((head - position).max(0));
+            let behind = match (status.caught_up, status.last_event_at) {
+                (false, Some(at)) => {
+                    (chrono::Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0
+                }
+                _ => 0.0,
+            };
+            self.projection
+                .lag_seconds
+                .get_or_create(&labels)
+                .set(behind);
+            self.projection
+                .leased
+                .get_or_create(&labels)
+                .set(i64::from(status.leased));
+            self.projection
+                .failed
+                .get_or_create(&labels)
+                .set(i64::from(status.failure.is_some()));
         }
     }
 
@@ -120,6 +223,7 @@ async fn discovery(State(keys): State<Arc<Keys>>, Path(tenant): Path<String>) ->
 }
 
 async fn render_metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    metrics.refresh().await;
     match metrics.render() {
         Ok(text) => (
             StatusCode::OK,

@@ -21,6 +21,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }),
         Command::Bench(args) => runtime.block_on(gatehouse::bench::run(args)),
+        Command::Projections(args) => runtime.block_on(gatehouse::projections_cli::run(args, file)),
         Command::Audit(args) => {
             let code = runtime.block_on(gatehouse::audit::run_cli(args, file))?;
             std::process::exit(code);

@@ -15,6 +15,7 @@ use gatehouse_directory::notifier::{self, ByChannel, NdjsonOutbox, SmtpSender, W
 use gatehouse_directory::{ApplicationApi, IdentityProviderApi, TenantApi};
 use gatehouse_events::integrity::Sealer;
 use gatehouse_policy::{PolicyApi, PolicyView};
+use gatehouse_projections::runtime::Runner;
 use gatehouse_proto::v1::application_service_server::ApplicationServiceServer;
 use gatehouse_proto::v1::event_service_server::EventServiceServer;
 use gatehouse_proto::v1::identity_provider_service_server::IdentityProviderServiceServer;
@@ -150,6 +151,29 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .run(),
     );
     let notifier = tokio::spawn(notifier::run(store.clone(), crypto, senders(&config)?));
+    // Read models: each projection runs in one replica at a time (a lease in the store); the
+    // others stand by and take over when its lease runs out.
+    let owner = format!("{}-{}", std::process::id(), uuid::Uuid::now_v7());
+    let projection_runners: Vec<Arc<Runner>> = gatehouse_projections::all()
+        .into_iter()
+        .map(|factory| Arc::new(Runner::new(store.clone(), factory, owner.clone())))
+        .collect();
+    let projection_tasks: Vec<_> = projection_runners
+        .iter()
+        .map(|runner| {
+            let runner = runner.clone();
+            tokio::spawn(async move {
+                let poison = runner.run().await;
+                tracing::error!(
+                    projection = runner.name(),
+                    position = poison.position,
+                    reason = %poison.reason,
+                    "a projection stopped on an event it cannot apply; fix it and run \
+                     `gatehouse projections rebuild`"
+                );
+            })
+        })
+        .collect();
     let risk_api = Arc::new(RiskApi::new(store.clone(), risk_view, sessions.clone()));
     // Detections go to NATS when it is configured; a configured NATS that cannot be
     // reached stops the start (an operator asked for it).
@@ -270,7 +294,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             tokio_stream_listener(grpc_listener),
             stopped(stop_rx.clone()),
         );
-    let metrics = Arc::new(http::Metrics::new());
+    let mut metrics = http::Metrics::new();
+    metrics.watch_projections(
+        store.clone(),
+        projection_runners
+            .iter()
+            .map(|runner| (runner.name(), runner.status()))
+            .collect(),
+    );
+    let metrics = Arc::new(metrics);
     let http = axum::serve(http_listener, http::router(metrics, signing))
         .with_graceful_shutdown(stopped(stop_rx));
 
@@ -305,6 +337,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     notifier.abort();
     detector.abort();
     sealer.abort();
+    for task in &projection_tasks {
+        task.abort();
+    }
     if let Some(relay) = relay {
         relay.abort();
     }

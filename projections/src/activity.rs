@@ -1,0 +1,385 @@
+//! Activity insights (SPEC §7): the sign-in log and the activity counters, one projection.
+//!
+//! Tables (logical names):
+//!
+//! - `signins`: one row per sign-in flow: tenant, app, start, user, IP, country, browser, OS,
+//!   primary method (`password`, `email_otp`, `federated:<kind>`), MFA method, the Conditional
+//!   Access policies that applied, risk level, outcome (`pending`, `success`, `failure`,
+//!   `blocked`, `expired`, `cancelled`), reason, end.
+//! - `activity`: counters per tenant, app, hour (UTC, microseconds), metric and dimension:
+//!   `attempts` (flows started), `successes`, `failures` by reason (each refused password or
+//!   code, and each flow that failed), `blocks` by policy, `signups` (self-service and
+//!   federated), `mfa_challenges` and `mfa_completions` by method, `signins_by_method`,
+//!   `signins_by_country`, `signins_by_os`, `signins_by_browser` (successes), and
+//!   `risk_detections` by kind (app empty). Days and months are sums of hours.
+//! - `active_users`: one row per tenant, app, day and user who completed a sign-in: daily and
+//!   monthly active users are exact `COUNT(DISTINCT user_id)` over it.
+//!
+//! A flow's later events do not repeat its app or user, so the projection remembers the flows
+//! still open (restored from `signins` rows still `pending` after a restart).
+
+use crate::runtime::{Key, Poison, SqlProjection, Writes};
+use gatehouse_events::readmodel::SqlValue;
+use gatehouse_events::{EventFilter, RecordedEvent};
+use serde_json::Value;
+use std::collections::HashMap;
+
+/// The projection's name.
+pub const NAME: &str = "activity";
+const HOUR: i64 = 3_600_000_000;
+const DAY: i64 = 24 * HOUR;
+
+const TABLES: &[(&str, &str)] = &[
+    (
+        "signins",
+        "CREATE TABLE IF NOT EXISTS {t} (
+            flow_id TEXT PRIMARY KEY,
+            tenant_id TEXT NOT NULL DEFAULT '',
+            application_id TEXT NOT NULL DEFAULT '',
+            started_at BIGINT NOT NULL DEFAULT 0,
+            user_id TEXT NOT NULL DEFAULT '',
+            ip TEXT NOT NULL DEFAULT '',
+            country TEXT NOT NULL DEFAULT '',
+            browser TEXT NOT NULL DEFAULT '',
+            os TEXT NOT NULL DEFAULT '',
+            primary_method TEXT NOT NULL DEFAULT '',
+            mfa_method TEXT NOT NULL DEFAULT '',
+            policies TEXT NOT NULL DEFAULT '',
+            risk_level TEXT NOT NULL DEFAULT '',
+            outcome TEXT NOT NULL DEFAULT 'pending',
+            reason TEXT NOT NULL DEFAULT '',
+            ended_at BIGINT NOT NULL DEFAULT 0
+        );
+        CREATE INDEX IF NOT EXISTS {t}_time ON {t} (tenant_id, started_at)",
+    ),
+    (
+        "activity",
+        "CREATE TABLE IF NOT EXISTS {t} (
+            tenant_id TEXT NOT NULL,
+            application_id TEXT NOT NULL,
+            hour BIGINT NOT NULL,
+            metric TEXT NOT NULL,
+            dimension TEXT NOT NULL,
+            count BIGINT NOT NULL DEFAULT 0,
+            PRIMARY KEY (tenant_id, hour, metric, dimension, application_id)
+        )",
+    ),
+    (
+        "active_users",
+        "CREATE TABLE IF NOT EXISTS {t} (
+            tenant_id TEXT NOT NULL,
+            application_id TEXT NOT NULL,
+            day BIGINT NOT NULL,
+            user_id TEXT NOT NULL,
+            PRIMARY KEY (tenant_id, day, application_id, user_id)
+        )",
+    ),
+];
+
+/// What the projection remembers of an open flow.
+#[derive(Debug, Clone, Default)]
+struct Flow {
+    tenant_id: String,
+    application_id: String,
+    user_id: String,
+    method: String,
+    country: String,
+    browser: String,
+    os: String,
+    blocked_by: String,
+}
+
+/// The activity projection.
+#[derive(Debug, Default)]
+pub struct Activity {
+    flows: HashMap<String, Flow>,
+}
+
+impl Activity {
+    /// A fresh instance.
+    pub fn boxed() -> Box<dyn SqlProjection> {
+        Box::new(Activity::default())
+    }
+}
+
+fn text(value: &Value, key: &str) -> String {
+    value
+        .get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+impl Activity {
+    fn count(writes: &mut Writes, flow: &Flow, at: i64, metric: &'static str, dimension: &str) {
+        counter(
+            writes,
+            &flow.tenant_id,
+            &flow.application_id,
+            at,
+            metric,
+            dimension,
+        );
+    }
+
+    fn signin(&mut self, event: &RecordedEvent, payload: &Value, writes: &mut Writes) {
+        let id = event.stream.id.to_string();
+        let at = event.recorded_at.timestamp_micros();
+        let key: Key = vec![("flow_id", id.clone().into())];
+        let set = |writes: &mut Writes, column: &'static str, value: SqlValue| {
+            writes.set("signins", key.clone(), column, value);
+        };
+        match event.event_type.as_str() {
+            "SignInStarted" => {
+                let flow = Flow {
+                    tenant_id: event.tenant_id.to_string(),
+                    application_id: text(payload, "application_id"),
+                    user_id: text(payload, "user_id"),
+                    method: text(payload, "method"),
+                    ..Flow::default()
+                };
+                set(writes, "tenant_id", flow.tenant_id.clone().into());
+                set(writes, "application_id", flow.application_id.clone().into());
+                set(writes, "started_at", at.into());
+                set(writes, "user_id", flow.user_id.clone().into());
+                set(writes, "primary_method", flow.method.clone().into());
+                let ip = event.context.as_ref().and_then(|c| c.ip.clone());
+                set(writes, "ip", ip.unwrap_or_default().into());
+                Self::count(writes, &flow, at, "attempts", "");
+                self.flows.insert(id, flow);
+            }
+            "FederationSucceeded" => {
+                let method = format!("federated:{}", text(payload, "kind"));
+                let user = text(payload, "user_id");
+                set(writes, "primary_method", method.clone().into());
+                set(writes, "user_id", user.clone().into());
+                if let Some(flow) = self.flows.get_mut(&id) {
+                    flow.method = method;
+                    flow.user_id = user;
+                }
+            }
+            "RiskAssessed" => {
+                set(writes, "risk_level", text(payload, "level").into());
+                let properties = payload.get("properties").cloned().unwrap_or(Value::Null);
+                let location = properties.get("location").unwrap_or(&properties);
+                let (country, browser, os) = (
+                    text(location, "country"),
+                    text(&properties, "browser"),
+                    text(&properties, "os"),
+                );
+                set(writes, "country", country.clone().into());
+                set(writes, "browser", browser.clone().into());
+                set(writes, "os", os.clone().into());
+                if let Some(flow) = self.flows.get_mut(&id) {
+                    (flow.country, flow.browser, flow.os) = (country, browser, os);
+                    let user = text(payload, "user_id");
+                    if !user.is_empty() {
+                        flow.user_id = user;
+                    }
+                }
+            }
+            "PolicyEvaluated" => {
+                let applied: Vec<String> = payload
+                    .get("policies")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| {
+                        !matches!(
+                            p.get("result").and_then(Value::as_str),
+                            Some("not_applied" | "notApplied" | "not_applicable")
+                        )
+                    })
+                    .map(|p| text(p, "policy_id"))
+                    .collect();
+                set(writes, "policies", applied.join(",").into());
+                if let Some(flow) = self.flows.get_mut(&id) {
+                    flow.blocked_by = text(payload, "blocked_by");
+                    let country = text(payload, "country");
+                    if flow.country.is_empty() && !country.is_empty() {
+                        flow.country = country.clone();
+                        set(writes, "country", country.into());
+                    }
+                }
+            }
+            "MfaMethodSelected" => {
+                if let Some(flow) = self.flows.get(&id) {
+                    Self::count(writes, flow, at, "mfa_challenges", &text(payload, "method"));
+                }
+            }
+            "MfaVerified" => {
+                let method = text(payload, "method");
+                set(writes, "mfa_method", method.clone().into());
+                if let Some(flow) = self.flows.get(&id) {
+                    Self::count(writes, flow, at, "mfa_completions", &method);
+                }
+            }
+            "PasswordRejected" | "CodeRejected" | "FederationFailed" => {
+                if let Some(flow) = self.flows.get(&id) {
+                    let reason = match event.event_type.as_str() {
+                        "CodeRejected" => "wrong_code".to_string(),
+                        _ => text(payload, "reason"),
+                    };
+                    Self::count(writes, flow, at, "failures", &reason);
+                }
+            }
+            "SignInCompleted" => {
+                set(writes, "outcome", "success".into());
+                set(writes, "ended_at", at.into());
+                if let Some(flow) = self.flows.remove(&id) {
+                    Self::count(writes, &flow, at, "successes", "");
+                    Self::count(writes, &flow, at, "signins_by_method", &flow.method);
+                    Self::count(writes, &flow, at, "signins_by_country", &flow.country);
+                    Self::count(writes, &flow, at, "signins_by_os", &flow.os);
+                    Self::count(writes, &flow, at, "signins_by_browser", &flow.browser);
+                    if !flow.user_id.is_empty() {
+                        writes.insert(
+                            "active_users",
+                            vec![
+                                ("tenant_id", flow.tenant_id.clone().into()),
+                                ("day", (at - at.rem_euclid(DAY)).into()),
+                                ("application_id", flow.application_id.clone().into()),
+                                ("user_id", flow.user_id.clone().into()),
+                            ],
+                        );
+                    }
+                }
+            }
+            "SignInFailed" => {
+                let reason = text(payload, "reason");
+                let blocked = reason == "blocked_by_policy";
+                set(
+                    writes,
+                    "outcome",
+                    if blocked { "blocked" } else { "failure" }.into(),
+                );
+                set(writes, "reason", reason.clone().into());
+                set(writes, "ended_at", at.into());
+                if let Some(flow) = self.flows.remove(&id) {
+                    Self::count(writes, &flow, at, "failures", &reason);
+                    if blocked {
+                        Self::count(writes, &flow, at, "blocks", &flow.blocked_by);
+                    }
+                }
+            }
+            "SignInExpired" | "SignInCancelled" => {
+                let outcome = if event.event_type == "SignInExpired" {
+                    "expired"
+                } else {
+                    "cancelled"
+                };
+                set(writes, "outcome", outcome.into());
+                set(writes, "ended_at", at.into());
+                self.flows.remove(&id);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn counter(
+    writes: &mut Writes,
+    tenant_id: &str,
+    application_id: &str,
+    at: i64,
+    metric: &'static str,
+    dimension: &str,
+) {
+    writes.add(
+        "activity",
+        vec![
+            ("tenant_id", tenant_id.into()),
+            ("hour", (at - at.rem_euclid(HOUR)).into()),
+            ("metric", metric.into()),
+            ("dimension", dimension.into()),
+            ("application_id", application_id.into()),
+        ],
+        "count",
+        1,
+    );
+}
+
+impl SqlProjection for Activity {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn tables(&self) -> &'static [(&'static str, &'static str)] {
+        TABLES
+    }
+
+    fn filter(&self) -> EventFilter {
+        EventFilter {
+            stream_types: vec!["signin".into(), "user".into(), "detection".into()],
+            ..EventFilter::default()
+        }
+    }
+
+    fn restore_query(&self) -> Option<&'static str> {
+        Some(
+            "SELECT flow_id, tenant_id, application_id, user_id, primary_method, country, \
+             browser, os FROM {signins} WHERE outcome = 'pending'",
+        )
+    }
+
+    fn restore(&mut self, rows: Vec<Vec<SqlValue>>) {
+        for row in rows {
+            let field = |i: usize| row.get(i).map(SqlValue::text).unwrap_or_default();
+            self.flows.insert(
+                field(0),
+                Flow {
+                    tenant_id: field(1),
+                    application_id: field(2),
+                    user_id: field(3),
+                    method: field(4),
+                    country: field(5),
+                    browser: field(6),
+                    os: field(7),
+                    blocked_by: String::new(),
+                },
+            );
+        }
+    }
+
+    fn apply(&mut self, events: &[RecordedEvent], writes: &mut Writes) -> Result<(), Poison> {
+        for event in events {
+            let payload: Value = event.payload_value().map_err(|e| Poison {
+                position: event.position,
+                reason: e.to_string(),
+            })?;
+            if !payload.is_object() {
+                return Err(Poison {
+                    position: event.position,
+                    reason: format!("{} payload is not an object", event.event_type),
+                });
+            }
+            let at = event.recorded_at.timestamp_micros();
+            let tenant = event.tenant_id.to_string();
+            match (event.stream.kind.as_str(), event.event_type.as_str()) {
+                ("signin", _) => self.signin(event, &payload, writes),
+                ("user", "UserSignedUp" | "UserSignedUpFederated") => {
+                    counter(
+                        writes,
+                        &tenant,
+                        &text(&payload, "application_id"),
+                        at,
+                        "signups",
+                        "",
+                    );
+                }
+                ("detection", "RiskDetected") => {
+                    counter(
+                        writes,
+                        &tenant,
+                        "",
+                        at,
+                        "risk_detections",
+                        &text(&payload, "kind"),
+                    );
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,671 @@
+//! The projection runtime: read models in SQL tables beside the log, kept exactly once.
+//!
+//! - **Exactly once.** A runner follows the log from its projection's position and, for each
+//!   batch, writes the rows and the new position in one transaction of the store's own
+//!   database ([`EventStore::read_model_commit`]). A crash between batches loses the whole
+//!   uncommitted batch and its position together, so a restart applies it again, once.
+//! - **One runner per projection, whatever the replicas.** The registry row of a projection
+//!   (`projections`) holds a lease: an owner and an expiry. Every commit starts with a fence,
+//!   `UPDATE projections SET lease_until = … WHERE name = … AND owner = me AND generation = g`,
+//!   which renews the lease and must change exactly one row, or the commit changes nothing.
+//!   A replica whose lease expired (paused, partitioned) finds its next commit refused and
+//!   goes back to waiting; clocks only decide when a lease may be taken over, never whether two
+//!   runners both apply a batch.
+//! - **Rebuild without downtime.** Tables are named per generation. [`rebuild`] replays the log
+//!   into the next generation's tables while the live runner keeps serving the current one,
+//!   and its last batch switches the registry to the new generation in the same transaction;
+//!   the live runner's next fence fails (the generation changed), and it resumes on the new
+//!   tables from their position. The old tables are dropped after a grace period.
+//! - **Poison events.** An event a projection cannot read stops its runner with the position
+//!   and reason recorded in the registry (and in [`Status`]), instead of skipping it.
+//! - **Reading your writes.** [`Runner::wait_for`] waits until the projection has applied a
+//!   position.
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use gatehouse_events::readmodel::{SqlValue, Statement};
+use gatehouse_events::{EventFilter, EventStore, Position, RecordedEvent, StoreError};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How long a lease lasts without a commit renewing it.
+pub const LEASE: Duration = Duration::from_secs(15);
+/// An idle runner renews its lease this often.
+const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// Events read per batch while rebuilding.
+const REBUILD_BATCH: usize = 10_000;
+/// Old tables outlive a swap by this much, for queries already reading them.
+const DROP_GRACE: Duration = Duration::from_secs(5);
+
+/// An event a projection cannot apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Poison {
+    /// Its position.
+    pub position: Position,
+    /// Why.
+    pub reason: String,
+}
+
+/// A read model kept in SQL tables.
+pub trait SqlProjection: Send + Sync + 'static {
+    /// Unique name (letters, digits, `_`), part of its table names.
+    fn name(&self) -> &'static str;
+
+    /// Its tables: (logical name, DDL with `{t}` for the table's physical name; statements
+    /// separated by `;`). Non-key columns need defaults: rows are upserted column by column.
+    fn tables(&self) -> &'static [(&'static str, &'static str)];
+
+    /// The events it needs.
+    fn filter(&self) -> EventFilter;
+
+    /// A query (logical table names in braces) whose rows [`SqlProjection::restore`] needs to
+    /// resume after a restart, if it keeps state between batches.
+    fn restore_query(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// Takes back its state from the rows of [`SqlProjection::restore_query`].
+    fn restore(&mut self, _rows: Vec<Vec<SqlValue>>) {}
+
+    /// Folds a batch into row changes.
+    fn apply(&mut self, events: &[RecordedEvent], writes: &mut Writes) -> Result<(), Poison>;
+}
+
+/// Builds fresh instances of a projection (one per start of a runner or rebuild).
+pub type Factory = Arc<dyn Fn() -> Box<dyn SqlProjection> + Send + Sync>;
+
+/// A key: (column, value) pairs.
+pub type Key = Vec<(&'static str, SqlValue)>;
+
+/// The row changes of one batch, coalesced per row before they are written.
+#[derive(Debug, Default)]
+pub struct Writes {
+    counters: BTreeMap<(&'static str, Key), BTreeMap<&'static str, i64>>,
+    upserts: BTreeMap<(&'static str, Key), BTreeMap<&'static str, SqlValue>>,
+    inserts: BTreeSet<(&'static str, Key)>,
+}
+
+impl Writes {
+    /// Adds `delta` to counter `column` of the row `key` (created at 0).
+    pub fn add(&mut self, table: &'static str, key: Key, column: &'static str, delta: i64) {
+        *self
+            .counters
+            .entry((table, key))
+            .or_default()
+            .entry(column)
+            .or_default() += delta;
+    }
+
+    /// Sets `column` of the row `key` (created with defaults); the last value of a batch wins.
+    pub fn set(&mut self, table: &'static str, key: Key, column: &'static str, value: SqlValue) {
+        self.upserts
+            .entry((table, key))
+            .or_default()
+            .insert(column, value);
+    }
+
+    /// Creates the row `key` unless it exists.
+    pub fn insert(&mut self, table: &'static str, key: Key) {
+        self.inserts.insert((table, key));
+    }
+
+    /// True when nothing changes.
+    pub fn is_empty(&self) -> bool {
+        self.counters.is_empty() && self.upserts.is_empty() && self.inserts.is_empty()
+    }
+
+    /// The statements, with physical table names.
+    fn render(self, names: &HashMap<&'static str, String>) -> Result<Vec<Statement>, StoreError> {
+        let name = |table: &str| {
+            names
+                .get(table)
+                .cloned()
+                .ok_or_else(|| StoreError::Invalid(format!("no table {table}")))
+        };
+        let mut statements = Vec::new();
+        let mut row = |table: &str,
+                       key: Key,
+                       columns: Vec<(&'static str, SqlValue)>,
+                       conflict: &dyn Fn(&str, &str) -> String|
+         -> Result<(), StoreError> {
+            let physical = name(table)?;
+            let key_columns: Vec<&str> = key.iter().map(|(c, _)| *c).collect();
+            let all: Vec<&str> = key_columns
+                .iter()
+                .copied()
+                .chain(columns.iter().map(|(c, _)| *c))
+                .collect();
+            let action = if columns.is_empty() {
+                "NOTHING".to_string()
+            } else {
+                format!(
+                    "UPDATE SET {}",
+                    columns
+                        .iter()
+                        .map(|(c, _)| conflict(&physical, c))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            statements.push(Statement::new(
+                format!(
+                    "INSERT INTO {physical} ({}) VALUES ({}) ON CONFLICT ({}) DO {action}",
+                    all.join(", "),
+                    vec!["?"; all.len()].join(", "),
+                    key_columns.join(", ")
+                ),
+                key.into_iter()
+                    .map(|(_, v)| v)
+                    .chain(columns.into_iter().map(|(_, v)| v))
+                    .collect(),
+            ));
+            Ok(())
+        };
+        for ((table, key), columns) in self.counters {
+            let columns = columns
+                .into_iter()
+                .map(|(c, delta)| (c, SqlValue::Int(delta)))
+                .collect();
+            row(table, key, columns, &|t, c| {
+                format!("{c} = {t}.{c} + excluded.{c}")
+            })?;
+        }
+        for ((table, key), columns) in self.upserts {
+            row(table, key, columns.into_iter().collect(), &|_, c| {
+                format!("{c} = excluded.{c}")
+            })?;
+        }
+        for (table, key) in self.inserts {
+            row(table, key, Vec::new(), &|_, _| String::new())?;
+        }
+        Ok(statements)
+    }
+}
+
+/// The physical name of a projection's table in a generation.
+pub fn physical(projection: &str, table: &str, generation: i64) -> String {
+    format!("rm_{projection}_{table}_g{generation}")
+}
+
+fn names(projection: &dyn SqlProjection, generation: i64) -> HashMap<&'static str, String> {
+    projection
+        .tables()
+        .iter()
+        .map(|(table, _)| (*table, physical(projection.name(), table, generation)))
+        .collect()
+}
+
+/// `{table}` → physical names in `sql`.
+pub fn substitute(sql: &str, names: &HashMap<&'static str, String>) -> String {
+    let mut sql = sql.to_string();
+    for (table, physical) in names {
+        sql = sql.replace(&format!("{{{table}}}"), physical);
+    }
+    sql
+}
+
+/// The physical table names queries read now (the active generation).
+pub async fn active_tables(
+    store: &dyn EventStore,
+    projection: &dyn SqlProjection,
+) -> Result<HashMap<&'static str, String>, StoreError> {
+    Ok(names(
+        projection,
+        registered(store, projection.name()).await?.generation,
+    ))
+}
+
+fn now_micros() -> i64 {
+    Utc::now().timestamp_micros()
+}
+
+/// A projection's registry row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Registry {
+    generation: i64,
+    building: i64,
+    owner: String,
+    lease_until: i64,
+    failure: String,
+}
+
+async fn registered(store: &dyn EventStore, name: &str) -> Result<Registry, StoreError> {
+    let rows = store
+        .read_model_query(Statement::new(
+            "SELECT generation, building, owner, lease_until, failure FROM projections WHERE name = ?",
+            vec![name.into()],
+        ))
+        .await?;
+    let row = rows
+        .first()
+        .ok_or_else(|| StoreError::Invalid(format!("projection {name} is not registered")))?;
+    Ok(Registry {
+        generation: row[0].int(),
+        building: row[1].int(),
+        owner: row[2].text(),
+        lease_until: row[3].int(),
+        failure: row[4].text(),
+    })
+}
+
+async fn position_of(
+    store: &dyn EventStore,
+    name: &str,
+    generation: i64,
+) -> Result<Position, StoreError> {
+    let rows = store
+        .read_model_query(Statement::new(
+            "SELECT position FROM projection_positions WHERE name = ? AND generation = ?",
+            vec![name.into(), generation.into()],
+        ))
+        .await?;
+    Ok(rows.first().map_or(0, |r| r[0].int()) as Position)
+}
+
+/// Creates a generation's tables (when missing) and its position row.
+async fn create_tables(
+    store: &dyn EventStore,
+    projection: &dyn SqlProjection,
+    generation: i64,
+) -> Result<(), StoreError> {
+    let names = names(projection, generation);
+    let mut statements = Vec::new();
+    for (table, ddl) in projection.tables() {
+        let physical = names.get(table).cloned().unwrap_or_default();
+        statements.push(Statement::new(ddl.replace("{t}", &physical), Vec::new()));
+    }
+    statements.push(Statement::new(
+        "INSERT INTO projection_positions (name, generation, position) VALUES (?, ?, 0) \
+         ON CONFLICT (name, generation) DO NOTHING",
+        vec![projection.name().into(), generation.into()],
+    ));
+    store.read_model_commit(None, statements).await?;
+    Ok(())
+}
+
+async fn drop_tables(
+    store: &dyn EventStore,
+    projection: &dyn SqlProjection,
+    generation: i64,
+) -> Result<(), StoreError> {
+    let mut statements: Vec<Statement> = names(projection, generation)
+        .values()
+        .map(|physical| Statement::new(format!("DROP TABLE IF EXISTS {physical}"), Vec::new()))
+        .collect();
+    statements.push(Statement::new(
+        "DELETE FROM projection_positions WHERE name = ? AND generation = ?",
+        vec![projection.name().into(), generation.into()],
+    ));
+    store.read_model_commit(None, statements).await?;
+    Ok(())
+}
+
+/// Registers a projection (generation 1, no owner) unless it is, and creates the active
+/// generation's tables.
+pub async fn register(
+    store: &dyn EventStore,
+    projection: &dyn SqlProjection,
+) -> Result<(), StoreError> {
+    store
+        .read_model_commit(
+            None,
+            vec![Statement::new(
+                "INSERT INTO projections (name, generation) VALUES (?, 1) ON CONFLICT (name) DO NOTHING",
+                vec![projection.name().into()],
+            )],
+        )
+        .await?;
+    let registry = registered(store, projection.name()).await?;
+    create_tables(store, projection, registry.generation).await
+}
+
+/// Where a runner is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Status {
+    /// This runner holds the lease.
+    pub leased: bool,
+    /// The generation it writes.
+    pub generation: i64,
+    /// Position applied (committed).
+    pub position: Position,
+    /// Its last batch reached the end of the log.
+    pub caught_up: bool,
+    /// Recorded time of the last event applied.
+    pub last_event_at: Option<DateTime<Utc>>,
+    /// A poison event stopped it.
+    pub failure: Option<String>,
+}
+
+/// Runs one projection for as long as it holds its lease.
+pub struct Runner {
+    store: Arc<dyn EventStore>,
+    factory: Factory,
+    owner: String,
+    name: &'static str,
+    lease: Duration,
+    status: watch::Sender<Status>,
+}
+
+/// Why following stopped.
+enum Stop {
+    /// The fence failed: another owner, or a new generation.
+    Lost,
+    /// A poison event.
+    Poisoned(String),
+}
+
+impl Runner {
+    /// A runner of the projection `factory` builds, as `owner` (unique per process).
+    pub fn new(store: Arc<dyn EventStore>, factory: Factory, owner: impl Into<String>) -> Self {
+        let name = factory().name();
+        Runner {
+            store,
+            factory,
+            owner: owner.into(),
+            name,
+            lease: LEASE,
+            status: watch::channel(Status::default()).0,
+        }
+    }
+
+    /// Holds leases this long instead (tests of takeover).
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// The projection's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Where it is, as it moves.
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.subscribe()
+    }
+
+    /// Waits until the projection has applied `position` (false after `timeout`).
+    pub async fn wait_for(&self, position: Position, timeout: Duration) -> bool {
+        let mut status = self.status();
+        tokio::time::timeout(timeout, status.wait_for(|s| s.position >= position))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Runs until a poison event (returned) — taking the lease when free, resuming after
+    /// errors and lost leases.
+    pub async fn run(&self) -> Poison {
+        loop {
+            match self.lead().await {
+                Ok(Some(Stop::Poisoned(reason))) => {
+                    let position = self.status.borrow().position;
+                    return Poison { position, reason };
+                }
+                Ok(Some(Stop::Lost)) => {
+                    self.status.send_modify(|s| s.leased = false);
+                }
+                Ok(None) => tokio::time::sleep(self.lease / 5).await,
+                Err(error) => {
+                    tracing::warn!(%error, projection = self.name, "projection runner failed; resuming");
+                    self.status.send_modify(|s| s.leased = false);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Takes the lease if it can and follows the log; `None` when another owner holds it.
+    async fn lead(&self) -> Result<Option<Stop>, StoreError> {
+        let store = self.store.as_ref();
+        let mut projection = (self.factory)();
+        register(store, projection.as_ref()).await?;
+        let registry = registered(store, self.name).await?;
+        if !registry.failure.is_empty() {
+            self.status
+                .send_modify(|s| s.failure = Some(registry.failure.clone()));
+            return Ok(Some(Stop::Poisoned(registry.failure)));
+        }
+        let now = now_micros();
+        let taken = store
+            .read_model_commit(
+                Some(Statement::new(
+                    "UPDATE projections SET owner = ?, lease_until = ? WHERE name = ? \
+                     AND (owner = ? OR owner = '' OR lease_until < ?)",
+                    vec![
+                        self.owner.clone().into(),
+                        (now + self.lease.as_micros() as i64).into(),
+                        self.name.into(),
+                        self.owner.clone().into(),
+                        now.into(),
+                    ],
+                )),
+                Vec::new(),
+            )
+            .await?;
+        if !taken {
+            return Ok(None);
+        }
+        let generation = registry.generation;
+        let names = names(projection.as_ref(), generation);
+        if let Some(query) = projection.restore_query() {
+            let rows = store
+                .read_model_query(Statement::new(substitute(query, &names), Vec::new()))
+                .await?;
+            projection.restore(rows);
+        }
+        let position = position_of(store, self.name, generation).await?;
+        self.status.send_modify(|s| {
+            *s = Status {
+                leased: true,
+                generation,
+                position,
+                ..Status::default()
+            }
+        });
+        tracing::info!(
+            projection = self.name,
+            generation,
+            position,
+            "projection runner leads"
+        );
+        self.follow(projection, generation, position, &names).await
+    }
+
+    fn fence(&self, generation: i64) -> Statement {
+        Statement::new(
+            "UPDATE projections SET lease_until = ? WHERE name = ? AND owner = ? AND generation = ?",
+            vec![
+                (now_micros() + self.lease.as_micros() as i64).into(),
+                self.name.into(),
+                self.owner.clone().into(),
+                generation.into(),
+            ],
+        )
+    }
+
+    async fn follow(
+        &self,
+        mut projection: Box<dyn SqlProjection>,
+        generation: i64,
+        position: Position,
+        names: &HashMap<&'static str, String>,
+    ) -> Result<Option<Stop>, StoreError> {
+        let store = self.store.as_ref();
+        let mut batches = Box::pin(gatehouse_events::subscription::subscribe_batches(
+            self.store.clone(),
+            position,
+            projection.filter(),
+        ));
+        loop {
+            let renew = RENEW_EVERY.min(self.lease / 3);
+            let batch = match tokio::time::timeout(renew, batches.next()).await {
+                Err(_) => {
+                    self.status.send_modify(|s| s.caught_up = true);
+                    if !store
+                        .read_model_commit(Some(self.fence(generation)), Vec::new())
+                        .await?
+                    {
+                        return Ok(Some(Stop::Lost));
+                    }
+                    continue;
+                }
+                Ok(None) => return Err(StoreError::Backend("the log subscription ended".into())),
+                Ok(Some(batch)) => batch?,
+            };
+            let mut writes = Writes::default();
+            if let Err(poison) = projection.apply(&batch.events, &mut writes) {
+                let failure = format!("event at position {}: {}", poison.position, poison.reason);
+                tracing::error!(projection = self.name, %failure, "poison event: the projection stops");
+                store
+                    .read_model_commit(
+                        Some(self.fence(generation)),
+                        vec![Statement::new(
+                            "UPDATE projections SET failure = ? WHERE name = ?",
+                            vec![failure.clone().into(), self.name.into()],
+                        )],
+                    )
+                    .await?;
+                self.status
+                    .send_modify(|s| s.failure = Some(failure.clone()));
+                return Ok(Some(Stop::Poisoned(failure)));
+            }
+            let mut statements = writes.render(names)?;
+            statements.push(Statement::new(
+                "UPDATE projection_positions SET position = ? WHERE name = ? AND generation = ?",
+                vec![
+                    (batch.next as i64).into(),
+                    self.name.into(),
+                    generation.into(),
+                ],
+            ));
+            if !store
+                .read_model_commit(Some(self.fence(generation)), statements)
+                .await?
+            {
+                return Ok(Some(Stop::Lost));
+            }
+            let last = batch.events.last().map(|e| e.recorded_at);
+            self.status.send_modify(|s| {
+                s.position = batch.next;
+                s.caught_up = batch.events.len() < gatehouse_events::subscription::BATCH;
+                if last.is_some() {
+                    s.last_event_at = last;
+                }
+            });
+        }
+    }
+}
+
+/// What a rebuild did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebuilt {
+    /// The generation now active.
+    pub generation: i64,
+    /// Events applied.
+    pub events: u64,
+    /// Position reached.
+    pub position: Position,
+}
+
+/// Replays the whole log into the next generation's tables and makes it the active one,
+/// while the current one keeps serving queries (see the module notes).
+pub async fn rebuild(store: &dyn EventStore, factory: &Factory) -> Result<Rebuilt, StoreError> {
+    let mut projection = factory();
+    let name = projection.name();
+    register(store, projection.as_ref()).await?;
+    let registry = registered(store, name).await?;
+    let building = registry.generation.max(registry.building) + 1;
+    let claimed = store
+        .read_model_commit(
+            Some(Statement::new(
+                "UPDATE projections SET building = ?, failure = '' WHERE name = ? AND building = 0",
+                vec![building.into(), name.into()],
+            )),
+            Vec::new(),
+        )
+        .await?;
+    if !claimed {
+        return Err(StoreError::Invalid(format!(
+            "a rebuild of {name} is already in progress (generation {})",
+            registry.building
+        )));
+    }
+    let result = replay_into(store, projection.as_mut(), building).await;
+    if result.is_err() {
+        let _ = store
+            .read_model_commit(
+                None,
+                vec![Statement::new(
+                    "UPDATE projections SET building = 0 WHERE name = ? AND building = ?",
+                    vec![name.into(), building.into()],
+                )],
+            )
+            .await;
+        let _ = drop_tables(store, projection.as_ref(), building).await;
+        return result;
+    }
+    // Queries that began on the old tables finish before they go.
+    tokio::time::sleep(DROP_GRACE).await;
+    let old = factory();
+    drop_tables(store, old.as_ref(), registry.generation).await?;
+    result
+}
+
+async fn replay_into(
+    store: &dyn EventStore,
+    projection: &mut dyn SqlProjection,
+    generation: i64,
+) -> Result<Rebuilt, StoreError> {
+    let name = projection.name();
+    drop_tables(store, projection, generation).await?;
+    create_tables(store, projection, generation).await?;
+    let names = names(projection, generation);
+    let filter = projection.filter();
+    let mut rebuilt = Rebuilt {
+        generation,
+        events: 0,
+        position: 0,
+    };
+    loop {
+        let batch = store
+            .read_all(rebuilt.position, &filter, REBUILD_BATCH)
+            .await?;
+        let last = batch.events.len() < REBUILD_BATCH;
+        let mut writes = Writes::default();
+        projection.apply(&batch.events, &mut writes).map_err(|p| {
+            StoreError::Invalid(format!("event at position {}: {}", p.position, p.reason))
+        })?;
+        rebuilt.events += batch.events.len() as u64;
+        rebuilt.position = rebuilt.position.max(batch.next);
+        let mut statements = writes.render(&names)?;
+        statements.push(Statement::new(
+            "UPDATE projection_positions SET position = ? WHERE name = ? AND generation = ?",
+            vec![
+                (rebuilt.position as i64).into(),
+                name.into(),
+                generation.into(),
+            ],
+        ));
+        if last {
+            // Caught up: the same transaction makes this generation the one queries read.
+            statements.push(Statement::new(
+                "UPDATE projections SET generation = ?, building = 0 WHERE name = ? AND building = ?",
+                vec![generation.into(), name.into(), generation.into()],
+            ));
+        }
+        let fence = Statement::new(
+            "UPDATE projections SET building = building WHERE name = ? AND building = ?",
+            vec![name.into(), generation.into()],
+        );
+        if !store.read_model_commit(Some(fence), statements).await? {
+            return Err(StoreError::Invalid(format!(
+                "the rebuild of {name} was cancelled"
+            )));
+        }
+        if last {
+            return Ok(rebuilt);
+        }
+    }
+}
