@@ -22,6 +22,7 @@ use gatehouse_events::{
 };
 use gatehouse_proto::v1 as pb;
 use gatehouse_proto::v1::event_service_client::EventServiceClient;
+use gatehouse_proto::v1::insights_service_client::InsightsServiceClient;
 use gatehouse_proto::v1::risk_service_client::RiskServiceClient;
 use gatehouse_proto::v1::tenant_service_client::TenantServiceClient;
 use gatehouse_proto::v1::user_service_client::UserServiceClient;
@@ -534,6 +535,36 @@ async fn replay_over_grpc(world: &World, other: &World, incident: &Incident) -> 
                 .is_some_and(|e| e.actor.starts_with("api_key:"))
     }) {
         return Err("the analyst's confirmation is not in the timeline".into());
+    }
+    // The activity projection's sign-in log tells the same story from real flows: the
+    // victim's usual sign-ins from France and the attacker's from the United States.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let log = InsightsServiceClient::new(world.channel.clone())
+            .list_sign_ins(req(
+                pb::ListSignInsRequest {
+                    user_id: incident.victim.clone(),
+                    outcome: "success".into(),
+                    ..Default::default()
+                },
+                &world.key,
+            )?)
+            .await?
+            .into_inner()
+            .sign_ins;
+        let attacker = log
+            .iter()
+            .find(|s| s.ip == NEW_YORK && s.country == "US" && s.primary_method == "password");
+        if log.len() == 3
+            && attacker.is_some()
+            && log.iter().filter(|s| s.country == "FR").count() == 2
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the victim's sign-in log: {log:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Another tenant's key finds nothing of it.
     let foreign = events(world)

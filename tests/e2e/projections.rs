@@ -123,6 +123,124 @@ async fn counts_match(
     }
 }
 
+/// InsightsService over the same history, through the admin key.
+async fn insights(server: &Server, admin: &str, tenant: Uuid, truth: &Truth) -> TestResult {
+    use gatehouse_proto::v1 as pb;
+    use gatehouse_proto::v1::insights_service_client::InsightsServiceClient;
+    let channel = support::world::connect(server).await?;
+    let mut client = InsightsServiceClient::new(channel.clone());
+    let now = chrono::Utc::now();
+    let (from, to) = (
+        (now - chrono::Duration::days(1)).to_rfc3339(),
+        (now + chrono::Duration::days(1)).to_rfc3339(),
+    );
+    let summary = client
+        .get_activity_summary(support::req(
+            pb::GetActivitySummaryRequest {
+                tenant_id: tenant.to_string(),
+                from: from.clone(),
+                to: to.clone(),
+                ..Default::default()
+            },
+            admin,
+        )?)
+        .await?
+        .into_inner();
+    let disabled = summary
+        .failures_by_reason
+        .iter()
+        .find(|c| c.dimension == "account_disabled")
+        .map_or(0, |c| c.count);
+    if summary.attempts != truth.completed + truth.failed
+        || summary.successes != truth.completed
+        || disabled != truth.failed
+        || summary.active_users != truth.users.len() as i64
+    {
+        return Err(format!("summary {summary:?}").into());
+    }
+    let series = client
+        .query_activity(support::req(
+            pb::QueryActivityRequest {
+                tenant_id: tenant.to_string(),
+                from: from.clone(),
+                to: to.clone(),
+                granularity: "hour".into(),
+                metrics: vec!["successes".into(), "failures".into()],
+                group_by: vec!["dimension".into()],
+                ..Default::default()
+            },
+            admin,
+        )?)
+        .await?
+        .into_inner();
+    let total = |metric: &str| -> i64 {
+        series
+            .points
+            .iter()
+            .filter(|p| p.metric == metric)
+            .map(|p| p.value)
+            .sum()
+    };
+    if total("successes") != truth.completed || total("failures") != truth.failed {
+        return Err(format!("series {:?}", series.points).into());
+    }
+    // The failed sign-ins, seven at a time, newest first.
+    let (mut token, mut seen, mut last) = (String::new(), 0, String::new());
+    loop {
+        let page = client
+            .list_sign_ins(support::req(
+                pb::ListSignInsRequest {
+                    tenant_id: tenant.to_string(),
+                    outcome: "failure".into(),
+                    page_size: 7,
+                    page_token: token.clone(),
+                    ..Default::default()
+                },
+                admin,
+            )?)
+            .await?
+            .into_inner();
+        for record in &page.sign_ins {
+            if record.outcome != "failure" || record.reason != "account_disabled" {
+                return Err(format!("a listed sign-in: {record:?}").into());
+            }
+            if !last.is_empty() && record.started_at > last {
+                return Err("the sign-in log is not newest first".into());
+            }
+            last = record.started_at.clone();
+        }
+        seen += page.sign_ins.len() as i64;
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    if seen != truth.failed {
+        return Err(format!("{seen} failed sign-ins listed, {} expected", truth.failed).into());
+    }
+    // Bad input names its field.
+    let bad = client
+        .query_activity(support::req(
+            pb::QueryActivityRequest {
+                tenant_id: tenant.to_string(),
+                from,
+                to,
+                granularity: "week".into(),
+                metrics: vec!["successes".into()],
+                ..Default::default()
+            },
+            admin,
+        )?)
+        .await;
+    support::expect(
+        bad.map(|_| ()),
+        tonic::Code::InvalidArgument,
+        Some("granularity"),
+        "a week",
+    )?;
+    Ok(())
+}
+
 /// A metric's value for the activity projection, from `/metrics`.
 fn metric(server: &Server, name: &str) -> Result<f64, Error> {
     let (_, body) = server.http_get("/metrics")?;
@@ -166,6 +284,8 @@ async fn run_all(data: &Path, url: Option<&str>) -> TestResult {
     let mut truth = Truth::default();
     append_flows(&store, &mut truth, tenant, app, &users, 200).await?;
     counts_match(&store, tenant, &truth, "first start").await?;
+    let admin = server.printed_admin_key().ok_or("no admin key")?;
+    insights(&server, &admin, tenant, &truth).await?;
     if metric(&server, "projection_leased")? != 1.0
         || metric(&server, "projection_position")? <= 0.0
     {

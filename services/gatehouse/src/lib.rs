@@ -6,6 +6,8 @@
 //! - [`server`]: `gatehouse serve`: the store, the admin key, the gRPC server (services,
 //!   health, reflection) and the HTTP server, with graceful shutdown.
 //! - [`http`]: `/healthz` and `/metrics`.
+//! - [`insights_service`]: InsightsService (and the dashboard's questions) over the activity
+//!   projection.
 //! - [`projections_cli`]: `gatehouse projections status|rebuild`.
 //! - [`event_service`]: EventService, the log for auditors and downstream services.
 //! - [`audit`]: audit replay (state at a point, timelines, disclosure of personal data,
@@ -22,6 +24,7 @@ pub mod bench_signin;
 pub mod config;
 pub mod event_service;
 pub mod http;
+pub mod insights_service;
 pub mod projections_cli;
 pub mod relay;
 pub mod server;

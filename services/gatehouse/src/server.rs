@@ -3,6 +3,7 @@
 use crate::config::{Config, LogFormat};
 use crate::event_service::EventApi;
 use crate::http;
+use crate::insights_service::Insights;
 use gatehouse_core::KeyRing;
 use gatehouse_core::crypto::Crypto;
 use gatehouse_core::geo::Geo;
@@ -19,6 +20,7 @@ use gatehouse_projections::runtime::Runner;
 use gatehouse_proto::v1::application_service_server::ApplicationServiceServer;
 use gatehouse_proto::v1::event_service_server::EventServiceServer;
 use gatehouse_proto::v1::identity_provider_service_server::IdentityProviderServiceServer;
+use gatehouse_proto::v1::insights_service_server::InsightsServiceServer;
 use gatehouse_proto::v1::mfa_service_server::MfaServiceServer;
 use gatehouse_proto::v1::policy_service_server::PolicyServiceServer;
 use gatehouse_proto::v1::risk_service_server::RiskServiceServer;
@@ -142,6 +144,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .with_user_risk(risk_view.clone()),
     );
     let events = Arc::new(EventApi::new(store.clone(), crypto.clone())?);
+    let insights = Insights::new(store.clone());
     // The sealer extends each tenant's hash chain within moments of a commit and signs the
     // heads with the audit key (every replica may run it: seals are deterministic).
     let audit_key = Arc::new(crypto.audit_key()?);
@@ -230,6 +233,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .set_serving::<EventServiceServer<EventApi>>()
         .await;
     health_reporter
+        .set_serving::<InsightsServiceServer<Insights>>()
+        .await;
+    health_reporter
         .set_service_status("", ServingStatus::Serving)
         .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -288,6 +294,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         ))
         .add_service(InterceptedService::new(
             EventServiceServer::from_arc(events),
+            Authenticate(keys.clone()),
+        ))
+        .add_service(InterceptedService::new(
+            InsightsServiceServer::new(insights.clone()),
             Authenticate(keys.clone()),
         ))
         .serve_with_incoming_shutdown(
