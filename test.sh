@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every Gatehouse test. Installs what the tests need first (a Python virtualenv for
-# the black-box clients), so it works on a fresh clone.
+# the black-box clients, npm packages, Debian's chromium when run as root), so it works on a
+# fresh clone.
 #
 #   ./test.sh                 SQLite always
 #   GATEHOUSE_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test ./test.sh
@@ -20,6 +21,17 @@ fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 export GATEHOUSE_TEST_PYTHON="$PWD/$venv/bin/python"
 npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error
+# The dashboard test drives Debian's Chromium with playwright-core (no browser download).
+npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
+if ! command -v "${GATEHOUSE_TEST_CHROMIUM:-/usr/bin/chromium}" >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "test.sh: installing Debian's chromium for the dashboard test"
+    (apt-get install -y --no-install-recommends chromium || { apt-get update && apt-get install -y --no-install-recommends chromium; }) >/dev/null
+  else
+    echo "test.sh: Chromium is missing: install Debian's chromium (or set GATEHOUSE_TEST_CHROMIUM)" >&2
+    exit 1
+  fi
+fi
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -24,6 +24,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         descriptors.encode_to_vec(),
     )?;
     tonic_prost_build::configure()
+        // The dashboard's JSON API answers with the same messages as gRPC.
+        .type_attribute(".gatehouse.v1", "#[derive(serde::Serialize)]")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

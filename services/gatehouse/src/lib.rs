@@ -6,6 +6,7 @@
 //! - [`server`]: `gatehouse serve`: the store, the admin key, the gRPC server (services,
 //!   health, reflection) and the HTTP server, with graceful shutdown.
 //! - [`http`]: `/healthz` and `/metrics`.
+//! - [`dashboard`]: the dashboard page and the JSON API it reads.
 //! - [`insights_service`]: InsightsService (and the dashboard's questions) over the activity
 //!   projection.
 //! - [`projections_cli`]: `gatehouse projections status|rebuild`.
@@ -22,6 +23,7 @@ pub mod bench;
 pub mod bench_policy;
 pub mod bench_signin;
 pub mod config;
+pub mod dashboard;
 pub mod event_service;
 pub mod http;
 pub mod insights_service;

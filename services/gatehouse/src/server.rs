@@ -1,6 +1,7 @@
 //! `gatehouse serve`: every service on one gRPC port, health and metrics on HTTP.
 
 use crate::config::{Config, LogFormat};
+use crate::dashboard;
 use crate::event_service::EventApi;
 use crate::http;
 use crate::insights_service::Insights;
@@ -178,6 +179,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         })
         .collect();
     let risk_api = Arc::new(RiskApi::new(store.clone(), risk_view, sessions.clone()));
+    let dashboard = crate::dashboard::Dashboard {
+        keys: keys.clone(),
+        insights: insights.clone(),
+        risk: risk_api.clone(),
+    };
     // Detections go to NATS when it is configured; a configured NATS that cannot be
     // reached stops the start (an operator asked for it).
     let publisher = match &config.nats_url {
@@ -289,7 +295,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             Authenticate(keys.clone()),
         ))
         .add_service(InterceptedService::new(
-            RiskServiceServer::from_arc(risk_api),
+            RiskServiceServer::from_arc(risk_api.clone()),
             Authenticate(keys.clone()),
         ))
         .add_service(InterceptedService::new(
@@ -313,8 +319,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .collect(),
     );
     let metrics = Arc::new(metrics);
-    let http = axum::serve(http_listener, http::router(metrics, signing))
-        .with_graceful_shutdown(stopped(stop_rx));
+    let http = axum::serve(
+        http_listener,
+        http::router(metrics, signing).merge(dashboard::router(dashboard)),
+    )
+    .with_graceful_shutdown(stopped(stop_rx));
 
     tracing::info!(%grpc_addr, %http_addr, "gatehouse ready");
     // A line that scripts and tests wait for.
