@@ -116,73 +116,84 @@ impl Writes {
         self.counters.is_empty() && self.upserts.is_empty() && self.inserts.is_empty()
     }
 
-    /// The statements, with physical table names.
+    /// The statements, with physical table names: one multi-row `INSERT … ON CONFLICT` per
+    /// table and shape of row (the same key and value columns), at most [`ROWS_PER_STATEMENT`]
+    /// rows each. Rows were coalesced per key, so no statement touches a row twice.
     fn render(self, names: &HashMap<&'static str, String>) -> Result<Vec<Statement>, StoreError> {
-        let name = |table: &str| {
-            names
-                .get(table)
-                .cloned()
-                .ok_or_else(|| StoreError::Invalid(format!("no table {table}")))
-        };
-        let mut statements = Vec::new();
-        let mut row = |table: &str,
-                       key: Key,
-                       columns: Vec<(&'static str, SqlValue)>,
-                       conflict: &dyn Fn(&str, &str) -> String|
-         -> Result<(), StoreError> {
-            let physical = name(table)?;
-            let key_columns: Vec<&str> = key.iter().map(|(c, _)| *c).collect();
-            let all: Vec<&str> = key_columns
-                .iter()
-                .copied()
-                .chain(columns.iter().map(|(c, _)| *c))
-                .collect();
-            let action = if columns.is_empty() {
-                "NOTHING".to_string()
-            } else {
-                format!(
-                    "UPDATE SET {}",
-                    columns
-                        .iter()
-                        .map(|(c, _)| conflict(&physical, c))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            };
-            statements.push(Statement::new(
-                format!(
-                    "INSERT INTO {physical} ({}) VALUES ({}) ON CONFLICT ({}) DO {action}",
-                    all.join(", "),
-                    vec!["?"; all.len()].join(", "),
-                    key_columns.join(", ")
-                ),
-                key.into_iter()
-                    .map(|(_, v)| v)
-                    .chain(columns.into_iter().map(|(_, v)| v))
-                    .collect(),
-            ));
-            Ok(())
+        /// (table, key columns, value columns, how a conflict updates) → rows of values.
+        type Shapes =
+            BTreeMap<(&'static str, Vec<&'static str>, Vec<&'static str>, u8), Vec<Vec<SqlValue>>>;
+        const ADD: u8 = 0;
+        const SET: u8 = 1;
+        const NOTHING: u8 = 2;
+        let mut shapes: Shapes = BTreeMap::new();
+        let mut shape = |table, key: Key, columns: Vec<(&'static str, SqlValue)>, how| {
+            let key_columns = key.iter().map(|(c, _)| *c).collect();
+            let value_columns = columns.iter().map(|(c, _)| *c).collect();
+            shapes
+                .entry((table, key_columns, value_columns, how))
+                .or_default()
+                .push(key.into_iter().chain(columns).map(|(_, v)| v).collect());
         };
         for ((table, key), columns) in self.counters {
             let columns = columns
                 .into_iter()
                 .map(|(c, delta)| (c, SqlValue::Int(delta)))
                 .collect();
-            row(table, key, columns, &|t, c| {
-                format!("{c} = {t}.{c} + excluded.{c}")
-            })?;
+            shape(table, key, columns, ADD);
         }
         for ((table, key), columns) in self.upserts {
-            row(table, key, columns.into_iter().collect(), &|_, c| {
-                format!("{c} = excluded.{c}")
-            })?;
+            shape(table, key, columns.into_iter().collect(), SET);
         }
         for (table, key) in self.inserts {
-            row(table, key, Vec::new(), &|_, _| String::new())?;
+            shape(table, key, Vec::new(), NOTHING);
+        }
+        let mut statements = Vec::new();
+        for ((table, key_columns, value_columns, how), rows) in shapes {
+            let physical = names
+                .get(table)
+                .cloned()
+                .ok_or_else(|| StoreError::Invalid(format!("no table {table}")))?;
+            let action = match how {
+                NOTHING => "NOTHING".to_string(),
+                _ => format!(
+                    "UPDATE SET {}",
+                    value_columns
+                        .iter()
+                        .map(|c| match how {
+                            ADD => format!("{c} = {physical}.{c} + excluded.{c}"),
+                            _ => format!("{c} = excluded.{c}"),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+            let width = key_columns.len() + value_columns.len();
+            let tuple = format!("({})", vec!["?"; width].join(", "));
+            let columns = key_columns
+                .iter()
+                .chain(&value_columns)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ");
+            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                statements.push(Statement::new(
+                    format!(
+                        "INSERT INTO {physical} ({columns}) VALUES {} ON CONFLICT ({}) DO {action}",
+                        vec![tuple.as_str(); chunk.len()].join(", "),
+                        key_columns.join(", ")
+                    ),
+                    chunk.iter().flatten().cloned().collect(),
+                ));
+            }
         }
         Ok(statements)
     }
 }
+
+/// Rows per multi-row statement (PostgreSQL takes 65 535 parameters, SQLite 32 766; rows
+/// here have at most 20 values).
+const ROWS_PER_STATEMENT: usize = 500;
 
 /// The physical name of a projection's table in a generation.
 pub fn physical(projection: &str, table: &str, generation: i64) -> String {
@@ -493,10 +504,13 @@ impl Runner {
         names: &HashMap<&'static str, String>,
     ) -> Result<Option<Stop>, StoreError> {
         let store = self.store.as_ref();
+        // Unfiltered, filtered here: see `replay_into` (and live batches come unfiltered from
+        // the process's shared tail anyway).
+        let filter = projection.filter();
         let mut batches = Box::pin(gatehouse_events::subscription::subscribe_batches(
             self.store.clone(),
             position,
-            projection.filter(),
+            EventFilter::default(),
         ));
         loop {
             let renew = RENEW_EVERY.min(self.lease / 3);
@@ -514,8 +528,11 @@ impl Runner {
                 Ok(None) => return Err(StoreError::Backend("the log subscription ended".into())),
                 Ok(Some(batch)) => batch?,
             };
+            let behind = batch.events.len() >= gatehouse_events::subscription::BATCH;
+            let mut events = batch.events;
+            events.retain(|e| filter.matches(e));
             let mut writes = Writes::default();
-            if let Err(poison) = projection.apply(&batch.events, &mut writes) {
+            if let Err(poison) = projection.apply(&events, &mut writes) {
                 let failure = format!("event at position {}: {}", poison.position, poison.reason);
                 tracing::error!(projection = self.name, %failure, "poison event: the projection stops");
                 store
@@ -546,10 +563,10 @@ impl Runner {
             {
                 return Ok(Some(Stop::Lost));
             }
-            let last = batch.events.last().map(|e| e.recorded_at);
+            let last = events.last().map(|e| e.recorded_at);
             self.status.send_modify(|s| {
                 s.position = batch.next;
-                s.caught_up = batch.events.len() < gatehouse_events::subscription::BATCH;
+                s.caught_up = !behind;
                 if last.is_some() {
                     s.last_event_at = last;
                 }
@@ -559,7 +576,7 @@ impl Runner {
 }
 
 /// What a rebuild did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Rebuilt {
     /// The generation now active.
     pub generation: i64,
@@ -567,6 +584,9 @@ pub struct Rebuilt {
     pub events: u64,
     /// Position reached.
     pub position: Position,
+    /// Seconds from the start of the replay to the swap (without the grace before the old
+    /// tables are dropped).
+    pub seconds: f64,
 }
 
 /// Replays the whole log into the next generation's tables and makes it the active one,
@@ -592,7 +612,13 @@ pub async fn rebuild(store: &dyn EventStore, factory: &Factory) -> Result<Rebuil
             registry.building
         )));
     }
-    let result = replay_into(store, projection.as_mut(), building).await;
+    let started = std::time::Instant::now();
+    let result = replay_into(store, projection.as_mut(), building)
+        .await
+        .map(|rebuilt| Rebuilt {
+            seconds: started.elapsed().as_secs_f64(),
+            ..rebuilt
+        });
     if result.is_err() {
         let _ = store
             .read_model_commit(
@@ -627,18 +653,22 @@ async fn replay_into(
         generation,
         events: 0,
         position: 0,
+        seconds: 0.0,
     };
+    let everything = EventFilter::default();
+    // The whole log in position order, filtered here: with a filter that matches most of the
+    // log, PostgreSQL may sort every matching row for each batch (measured: 14 000 events/s
+    // instead of 49 000 at a million events).
+    let mut batch = store.read_all(0, &everything, REBUILD_BATCH).await?;
     loop {
-        let batch = store
-            .read_all(rebuilt.position, &filter, REBUILD_BATCH)
-            .await?;
         let last = batch.events.len() < REBUILD_BATCH;
+        rebuilt.position = rebuilt.position.max(batch.next);
+        batch.events.retain(|e| filter.matches(e));
         let mut writes = Writes::default();
         projection.apply(&batch.events, &mut writes).map_err(|p| {
             StoreError::Invalid(format!("event at position {}: {}", p.position, p.reason))
         })?;
         rebuilt.events += batch.events.len() as u64;
-        rebuilt.position = rebuilt.position.max(batch.next);
         let mut statements = writes.render(&names)?;
         statements.push(Statement::new(
             "UPDATE projection_positions SET position = ? WHERE name = ? AND generation = ?",
@@ -659,13 +689,28 @@ async fn replay_into(
             "UPDATE projections SET building = building WHERE name = ? AND building = ?",
             vec![name.into(), generation.into()],
         );
-        if !store.read_model_commit(Some(fence), statements).await? {
+        // The next batch is read while this one commits.
+        let (next, committed) = futures::join!(
+            async {
+                if last {
+                    Ok(None)
+                } else {
+                    store
+                        .read_all(rebuilt.position, &everything, REBUILD_BATCH)
+                        .await
+                        .map(Some)
+                }
+            },
+            store.read_model_commit(Some(fence), statements)
+        );
+        if !committed? {
             return Err(StoreError::Invalid(format!(
                 "the rebuild of {name} was cancelled"
             )));
         }
-        if last {
-            return Ok(rebuilt);
+        match next? {
+            Some(next) => batch = next,
+            None => return Ok(rebuilt),
         }
     }
 }

@@ -411,6 +411,139 @@ async fn fill(store: &Arc<dyn EventStore>, count: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The activity projection (sign-in log, counters, active users) rebuilt from a log of sign-in
+/// flows into fresh tables, against a raw scan of the same rows; in its own scratch store.
+async fn activity_rebuild(args: &BenchArgs) -> anyhow::Result<Value> {
+    let target = Target::create(args.database_url.as_deref()).await?;
+    let result = async {
+        let store = gatehouse_events::connect(&target.url()).await?;
+        println!(
+            "activity rebuild: filling the log with {} sign-in events",
+            args.events
+        );
+        fill_sign_ins(&store, args.events).await?;
+        let factory = gatehouse_projections::all()
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("no projection"))?;
+        let (mut raw, mut ours, mut rows) = (0f64, 0f64, 0u64);
+        for _ in 0..2 {
+            let (scanned, rate) = raw_scan(&target).await?;
+            anyhow::ensure!(scanned == args.events, "raw scan saw {scanned} rows");
+            raw = raw.max(rate);
+            let rebuilt = gatehouse_projections::runtime::rebuild(store.as_ref(), &factory).await?;
+            anyhow::ensure!(
+                rebuilt.events == args.events,
+                "the rebuild applied {} events",
+                rebuilt.events
+            );
+            ours = ours.max(rebuilt.events as f64 / rebuilt.seconds);
+            let count = store
+                .read_model_query(gatehouse_events::readmodel::Statement::new(
+                    format!(
+                        "SELECT CAST(COUNT(*) AS BIGINT) FROM {}",
+                        gatehouse_projections::runtime::physical(
+                            "activity",
+                            "signins",
+                            rebuilt.generation
+                        )
+                    ),
+                    Vec::new(),
+                ))
+                .await?;
+            rows = count.first().map_or(0, |r| r[0].int() as u64);
+        }
+        let ratio = ours / raw;
+        println!(
+            "  activity rebuild {ours:.0} events/s into {rows} sign-in rows, raw scan {raw:.0} events/s, ratio {ratio:.2}"
+        );
+        Ok(json!({
+            "events": args.events,
+            "sign_in_rows": rows,
+            "rebuild_events_per_s": ours.round(),
+            "raw_scan_events_per_s": raw.round(),
+            "ratio": (ratio * 1000.0).round() / 1000.0,
+        }))
+    }
+    .await;
+    target.remove().await;
+    result
+}
+
+/// Sign-in flows of five events each (started, risk assessed, MFA verified, then completed,
+/// or a rejected password then failed), 200 flows an append, over 30 days, 10 tenants,
+/// 3 apps each, 10 000 users, 3 countries.
+async fn fill_sign_ins(store: &Arc<dyn EventStore>, count: u64) -> anyhow::Result<()> {
+    let appends = count.div_ceil(1000);
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let tenants: Arc<Vec<Uuid>> = Arc::new((0..10).map(|_| Uuid::now_v7()).collect());
+    let base = chrono::Utc::now() - chrono::Duration::days(30);
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let (store, next, tenants) = (store.clone(), next.clone(), tenants.clone());
+            tokio::spawn(async move {
+                loop {
+                    let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if index >= appends {
+                        return Ok::<(), anyhow::Error>(());
+                    }
+                    let in_this = (count - index * 1000).min(1000);
+                    let mut request = AppendRequest::new(metadata());
+                    request.recorded_at(
+                        base + chrono::Duration::seconds((index * 2591) as i64 % 2_592_000),
+                    );
+                    for n in 0..in_this {
+                        let flow = index * 200 + n / 5;
+                        let tenant = tenants[(flow % 10) as usize];
+                        let stream = StreamId::new("signin", Uuid::from_u64_pair(index, n / 5));
+                        let user = Uuid::from_u64_pair(7, flow % 10_000);
+                        let app = Uuid::from_u64_pair(8, flow % 30);
+                        let failed = flow % 7 == 0;
+                        let country = ["FR", "US", "JP"][(flow % 3) as usize];
+                        let (event_type, payload) = match (n % 5, failed) {
+                            (0, _) => (
+                                "SignInStarted",
+                                json!({"application_id": app, "client_id": "c",
+                                "method": "password", "user_id": user, "lockout_id": user,
+                                "expires_at": "2026-01-01T00:00:00Z"}),
+                            ),
+                            (1, _) => (
+                                "RiskAssessed",
+                                json!({"level": "none", "user_id": user,
+                                "properties": {"location": {"country": country},
+                                "browser": "Firefox", "os": "Linux"}}),
+                            ),
+                            (2, false) => ("MfaMethodSelected", json!({"method": "totp"})),
+                            (3, false) => ("MfaVerified", json!({"method": "totp"})),
+                            (4, false) => (
+                                "SignInCompleted",
+                                json!({"session_id": Uuid::from_u64_pair(9, flow)}),
+                            ),
+                            (2 | 3, true) => (
+                                "PasswordRejected",
+                                json!({"reason": "invalid_credentials", "user_id": user}),
+                            ),
+                            _ => ("SignInFailed", json!({"reason": "too_many_wrong_codes"})),
+                        };
+                        request.push(NewEvent {
+                            tenant_id: tenant,
+                            stream,
+                            event_type: event_type.into(),
+                            schema_version: 1,
+                            payload,
+                        });
+                    }
+                    store.append(request).await?;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
 /// Events per second of the fastest plain scan of the log's rows by the same driver.
 async fn raw_scan(target: &Target) -> anyhow::Result<(u64, f64)> {
     let started = Instant::now();
@@ -493,6 +626,7 @@ async fn replay(target: &Target, args: &BenchArgs) -> anyhow::Result<Value> {
     println!(
         "  projection rebuild {ours:.0} events/s, raw scan {raw:.0} events/s, ratio {ratio:.2}"
     );
+    let activity = activity_rebuild(args).await?;
     Ok(json!({
         "bench": "replay",
         "events": args.events,
@@ -500,5 +634,6 @@ async fn replay(target: &Target, args: &BenchArgs) -> anyhow::Result<Value> {
         "rebuild_events_per_s": ours.round(),
         "raw_scan_events_per_s": raw.round(),
         "ratio": (ratio * 1000.0).round() / 1000.0,
+        "activity": activity,
     }))
 }
