@@ -275,11 +275,14 @@ impl Sealer {
             chain.moved.clear();
             return Ok(());
         };
-        for tenant_id in chain.moved.drain() {
+        let moved: Vec<Uuid> = chain.moved.iter().copied().collect();
+        for tenant_id in moved {
             if let Some((position, head)) = chain.heads.get(&tenant_id) {
                 let checkpoint = key.sign(tenant_id, *position, *head);
                 self.store.save_integrity_checkpoint(&checkpoint).await?;
             }
+            // Forgotten only once signed: a failed save signs it on the next round.
+            chain.moved.remove(&tenant_id);
         }
         Ok(())
     }
@@ -377,6 +380,10 @@ impl<T> Paged<T> {
     }
 }
 
+async fn sealed_now(store: &dyn EventStore) -> Result<Position, StoreError> {
+    Ok(store.load_checkpoint(SEALER_CHECKPOINT).await?.unwrap_or(0))
+}
+
 /// Recomputes the chain of one tenant (or of all) and checks it against the seals and the
 /// signed checkpoints (signatures checked with `public_key`; without one, checkpoints are
 /// checked against the chain only).
@@ -423,6 +430,19 @@ pub async fn verify(
             seals.done = batch.len() < VERIFY_BATCH;
             if let Some(last) = batch.last() {
                 seal_cursor = last.position;
+            }
+            // Seals and the sealed point commit together and the point only rises, so a seal
+            // above it means the point was lowered (to pass rewritten events off as new).
+            // (A running sealer may have moved on since the walk began: ask again.)
+            if let Some(beyond) = batch.iter().find(|s| s.position > sealed_up_to)
+                && sealed_now(store).await? < beyond.position
+            {
+                report.broken = Some(broken(
+                    beyond.position,
+                    beyond.tenant_id,
+                    "a seal lies above the sealed point (the sealed point was moved back)",
+                ));
+                return Ok(report);
             }
             seals
                 .items
@@ -516,16 +536,18 @@ pub async fn verify(
             }
         }
     }
-    // A signed checkpoint whose position the walk never reached names an event that is gone.
+    // A signed checkpoint whose position the walk never reached names an event that is gone,
+    // or lies above a sealed point that was moved back.
+    let now = sealed_now(store).await?;
     if let Some((position, checkpoint)) = checkpoints
         .into_iter()
+        .filter(|(p, _)| *p <= sealed_up_to || *p > now)
         .find_map(|(p, c)| c.into_iter().next().map(|c| (p, c)))
-        .filter(|(p, _)| *p <= sealed_up_to)
     {
         report.broken = Some(broken(
             position,
             checkpoint.tenant_id,
-            "a signed checkpoint names an event that is not in the log",
+            "a signed checkpoint names an event that is not in the sealed log",
         ));
     }
     Ok(report)

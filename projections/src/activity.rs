@@ -48,7 +48,8 @@ const TABLES: &[(&str, &str)] = &[
             risk_level TEXT NOT NULL DEFAULT '',
             outcome TEXT NOT NULL DEFAULT 'pending',
             reason TEXT NOT NULL DEFAULT '',
-            ended_at BIGINT NOT NULL DEFAULT 0
+            ended_at BIGINT NOT NULL DEFAULT 0,
+            blocked_by TEXT NOT NULL DEFAULT ''
         );
         CREATE INDEX IF NOT EXISTS {t}_time ON {t} (tenant_id, started_at)",
     ),
@@ -170,9 +171,12 @@ impl Activity {
                 set(writes, "country", country.clone().into());
                 set(writes, "browser", browser.clone().into());
                 set(writes, "os", os.clone().into());
+                let user = text(payload, "user_id");
+                if !user.is_empty() {
+                    set(writes, "user_id", user.clone().into());
+                }
                 if let Some(flow) = self.flows.get_mut(&id) {
                     (flow.country, flow.browser, flow.os) = (country, browser, os);
-                    let user = text(payload, "user_id");
                     if !user.is_empty() {
                         flow.user_id = user;
                     }
@@ -193,8 +197,10 @@ impl Activity {
                     .map(|p| text(p, "policy_id"))
                     .collect();
                 set(writes, "policies", applied.join(",").into());
+                let blocked_by = text(payload, "blocked_by");
+                set(writes, "blocked_by", blocked_by.clone().into());
                 if let Some(flow) = self.flows.get_mut(&id) {
-                    flow.blocked_by = text(payload, "blocked_by");
+                    flow.blocked_by = blocked_by;
                     let country = text(payload, "country");
                     if flow.country.is_empty() && !country.is_empty() {
                         flow.country = country.clone();
@@ -318,7 +324,7 @@ impl SqlProjection for Activity {
     fn restore_query(&self) -> Option<&'static str> {
         Some(
             "SELECT flow_id, tenant_id, application_id, user_id, primary_method, country, \
-             browser, os FROM {signins} WHERE outcome = 'pending'",
+             browser, os, blocked_by FROM {signins} WHERE outcome = 'pending'",
         )
     }
 
@@ -335,7 +341,7 @@ impl SqlProjection for Activity {
                     country: field(5),
                     browser: field(6),
                     os: field(7),
-                    blocked_by: String::new(),
+                    blocked_by: field(8),
                 },
             );
         }

@@ -408,6 +408,18 @@ impl Runner {
     /// Runs until a poison event (returned) — taking the lease when free, resuming after
     /// errors and lost leases.
     pub async fn run(&self) -> Poison {
+        // Tables are created once per start, not on every attempt at the lease (DDL takes
+        // locks the leader's writes would wait on).
+        loop {
+            let projection = (self.factory)();
+            match register(self.store.as_ref(), projection.as_ref()).await {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!(%error, projection = self.name, "cannot register the projection; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
         loop {
             match self.lead().await {
                 Ok(Some(Stop::Poisoned(reason))) => {
@@ -431,7 +443,6 @@ impl Runner {
     async fn lead(&self) -> Result<Option<Stop>, StoreError> {
         let store = self.store.as_ref();
         let mut projection = (self.factory)();
-        register(store, projection.as_ref()).await?;
         let registry = registered(store, self.name).await?;
         if !registry.failure.is_empty() {
             self.status
@@ -459,6 +470,9 @@ impl Runner {
             return Ok(None);
         }
         let generation = registry.generation;
+        // Taken once per lease: a new generation's tables exist already (its rebuild made
+        // them), and for the first one this makes them.
+        create_tables(store, projection.as_ref(), generation).await?;
         let names = names(projection.as_ref(), generation);
         if let Some(query) = projection.restore_query() {
             let rows = store
@@ -535,7 +549,7 @@ impl Runner {
             if let Err(poison) = projection.apply(&events, &mut writes) {
                 let failure = format!("event at position {}: {}", poison.position, poison.reason);
                 tracing::error!(projection = self.name, %failure, "poison event: the projection stops");
-                store
+                let recorded = store
                     .read_model_commit(
                         Some(self.fence(generation)),
                         vec![Statement::new(
@@ -544,6 +558,10 @@ impl Runner {
                         )],
                     )
                     .await?;
+                if !recorded {
+                    // Not ours to judge any more (another owner or generation).
+                    return Ok(Some(Stop::Lost));
+                }
                 self.status
                     .send_modify(|s| s.failure = Some(failure.clone()));
                 return Ok(Some(Stop::Poisoned(failure)));

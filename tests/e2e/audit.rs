@@ -301,9 +301,42 @@ async fn disclosure(world: &World, store: &Arc<dyn EventStore>) -> TestResult {
     if !auditor.key.as_ref().is_some_and(|k| k.personal_data) {
         return Err(format!("auditor key: {auditor:?}").into());
     }
-    let opened = read(auditor.secret).await?;
+    let opened = read(auditor.secret.clone()).await?;
     if opened["profile"]["email"] != "early0@example.com" || opened["credential"] != "[secret]" {
         return Err(format!("the auditor key saw {opened}").into());
+    }
+    // A key revoked while its subscription is open stops receiving at once.
+    let head = all_events(store, &EventFilter::default())
+        .await?
+        .last()
+        .map_or(0, |e| e.position);
+    let mut open = subscribe(world, &auditor.secret, head, pb::EventFilter::default()).await?;
+    TenantServiceClient::new(world.channel.clone())
+        .revoke_api_key(req(
+            pb::RevokeApiKeyRequest {
+                tenant_id: world.tenant_id.clone(),
+                key_id: auditor
+                    .key
+                    .as_ref()
+                    .map(|k| k.id.clone())
+                    .unwrap_or_default(),
+            },
+            &world.admin,
+        )?)
+        .await?;
+    world
+        .create_user("after.revocation@example.com", true)
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), open.next()).await {
+            Ok(Some(Err(status))) if status.code() == tonic::Code::Unauthenticated => break,
+            // Events appended before the revocation may still come; not the new user's.
+            Ok(Some(Ok(event)))
+                if !event.payload_json.contains("after.revocation")
+                    && Instant::now() < deadline => {}
+            other => return Err(format!("a revoked key's subscription: {other:?}").into()),
+        }
     }
     Ok(())
 }
@@ -1017,6 +1050,36 @@ async fn tampering(
         "signature",
         "wrong public key",
     )?;
+
+    // The sealed point moved back (to pass later rewrites off as unsealed events).
+    let sealed = store
+        .load_checkpoint("integrity:sealer")
+        .await?
+        .ok_or("no sealed point")?;
+    let moved_back = at(40)?;
+    database
+        .execute(&format!(
+            "UPDATE checkpoints SET position = {moved_back} WHERE name = 'integrity:sealer'"
+        ))
+        .await?;
+    let first_above = store
+        .read_seals(None, moved_back, 1)
+        .await?
+        .first()
+        .map(|s| s.position)
+        .ok_or("no seal above")?;
+    broken_at(
+        verify(data, url, &[])?,
+        first_above,
+        "moved back",
+        "sealed point moved back",
+    )?;
+    database
+        .execute(&format!(
+            "UPDATE checkpoints SET position = {sealed} WHERE name = 'integrity:sealer'"
+        ))
+        .await?;
+    intact("sealed point restored")?;
 
     // Altered and resealed: whoever can write the tables recomputes the seals after the
     // change; the chain is consistent again, but no longer reaches the head signed earlier.

@@ -10,7 +10,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use futures::{Stream, StreamExt};
 use gatehouse_core::ApiError;
 use gatehouse_core::crypto::Crypto;
-use gatehouse_core::keys::Caller;
+use gatehouse_core::keys::{Caller, KeyRing};
 use gatehouse_events::integrity::{self, hex};
 use gatehouse_events::{EventFilter, EventStore, RecordedEvent};
 use gatehouse_proto::v1 as pb;
@@ -28,12 +28,17 @@ const MAX_NAME: usize = 100;
 pub struct EventApi {
     store: Arc<dyn EventStore>,
     crypto: Arc<Crypto>,
+    keys: Arc<KeyRing>,
     audit_public_key: Vec<u8>,
 }
 
 impl EventApi {
     /// The service over `store`; `crypto` opens personal data and names the audit key.
-    pub fn new(store: Arc<dyn EventStore>, crypto: Arc<Crypto>) -> Result<Self, ApiError> {
+    pub fn new(
+        store: Arc<dyn EventStore>,
+        crypto: Arc<Crypto>,
+        keys: Arc<KeyRing>,
+    ) -> Result<Self, ApiError> {
         let audit_public_key = crypto
             .audit_key()
             .map_err(|e| ApiError::Internal(e.to_string()))?
@@ -41,6 +46,7 @@ impl EventApi {
         Ok(EventApi {
             store,
             crypto,
+            keys,
             audit_public_key,
         })
     }
@@ -210,10 +216,26 @@ impl EventApi {
         let m = request.get_ref();
         let filter = Filter::parse(&caller, m.filter.as_ref())?;
         let disclosure = self.disclosure(&caller);
+        // The key is checked again for every event: a key revoked while its subscription is
+        // open stops receiving at once.
+        let key = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(|k| k.trim().to_string())
+            .ok_or(ApiError::Unauthenticated)?;
+        let keys = self.keys.clone();
         let events = gatehouse_events::subscribe(self.store.clone(), m.after, filter.store.clone());
         let stream = async_stream::try_stream! {
             let mut events = Box::pin(events);
             while let Some(event) = events.next().await {
+                if keys.authenticate(&key).as_ref() != Some(&caller) {
+                    Err(ApiError::Unauthenticated.into_status())?;
+                }
                 let event = event.map_err(|e| Status::unavailable(e.to_string()))?;
                 if filter.matches(&event) {
                     yield to_proto(&event, &disclosure).await.map_err(Status::from)?;

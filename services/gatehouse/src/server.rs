@@ -144,7 +144,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .await?
             .with_user_risk(risk_view.clone()),
     );
-    let events = Arc::new(EventApi::new(store.clone(), crypto.clone())?);
+    let events = Arc::new(EventApi::new(store.clone(), crypto.clone(), keys.clone())?);
     let insights = Insights::new(store.clone());
     // The sealer extends each tenant's hash chain within moments of a commit and signs the
     // heads with the audit key (every replica may run it: seals are deterministic).
