@@ -101,16 +101,11 @@ impl SignedCheckpoint {
             "gatehouse checkpoint v1\n{}\n{}\n{}\n{}\n",
             self.tenant_id,
             self.position,
-            hex(&self.head),
+            hex::encode(self.head),
             self.signed_at.to_rfc3339_opts(SecondsFormat::Micros, true)
         )
         .into_bytes()
     }
-}
-
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The Ed25519 key that signs checkpoints.
@@ -157,7 +152,7 @@ impl AuditKey {
 
 /// The id of a public key.
 pub fn key_id(public_key: &[u8]) -> String {
-    hex(&Sha256::digest(public_key)[..8])
+    hex::encode(&Sha256::digest(public_key)[..8])
 }
 
 /// The bytes a link covers: every envelope field but the position, as a JSON array, with the

@@ -459,7 +459,7 @@ pub async fn export(
             let line = ExportLine::SubjectKey {
                 subject_id,
                 tenant_id,
-                wrapped_key: gatehouse_events::integrity::hex(&wrapped),
+                wrapped_key: hex::encode(&wrapped),
             };
             serde_json::to_writer(&mut *out, &line).map_err(|e| internal(&e))?;
             out.write_all(b"\n").map_err(|e| internal(&e))?;
@@ -521,7 +521,7 @@ pub async fn import(store: Arc<dyn EventStore>, input: impl BufRead) -> Result<u
                 tenant_id,
                 wrapped_key,
             } => {
-                let bytes = parse_hex(&wrapped_key).map_err(|_| {
+                let bytes = hex::decode(&wrapped_key).map_err(|_| {
                     ApiError::invalid("input", format!("line {}: bad key", number + 1))
                 })?;
                 store
@@ -558,20 +558,7 @@ pub async fn run_cli(
     file: crate::config::FileConfig,
 ) -> anyhow::Result<i32> {
     use crate::config::AuditCommand;
-    let data = args
-        .store
-        .data
-        .clone()
-        .or(file.data.clone())
-        .unwrap_or_else(|| "data".into());
-    let url = crate::config::store_url(
-        args.store
-            .database_url
-            .clone()
-            .or(file.database_url.clone())
-            .as_deref(),
-        &data,
-    );
+    let (data, url) = args.store.resolve(&file);
     let store = gatehouse_events::connect(&url).await?;
     // The master key opens personal data and derives the audit key; the audit commands never
     // create one.
@@ -596,7 +583,7 @@ pub async fn run_cli(
                 Sealer::new(store.clone(), None).catch_up().await?;
             }
             let public_key = match (public_key, master.is_some()) {
-                (Some(text), _) => Some(parse_hex(&text)?),
+                (Some(text), _) => Some(hex::decode(text.trim())?),
                 (None, true) => Some(crypto.audit_key()?.public_key()),
                 (None, false) => None,
             };
@@ -723,19 +710,4 @@ pub async fn run_cli(
             Ok(0)
         }
     }
-}
-
-fn parse_hex(text: &str) -> anyhow::Result<Vec<u8>> {
-    let text = text.trim();
-    if !text.len().is_multiple_of(2) {
-        anyhow::bail!("not hex: odd length");
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| {
-            text.get(i..i + 2)
-                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
-                .ok_or_else(|| anyhow::anyhow!("not hex"))
-        })
-        .collect()
 }

@@ -506,6 +506,23 @@ impl Config {
     }
 }
 
+impl StoreArgs {
+    /// The data directory and store URL, flags first, then the file, then `./data`.
+    pub fn resolve(&self, file: &FileConfig) -> (PathBuf, String) {
+        let data = self
+            .data
+            .clone()
+            .or_else(|| file.data.clone())
+            .unwrap_or_else(|| "data".into());
+        let database_url = self
+            .database_url
+            .as_deref()
+            .or(file.database_url.as_deref());
+        let url = store_url(database_url, &data);
+        (data, url)
+    }
+}
+
 /// The event store URL for a data directory and an optional PostgreSQL URL.
 pub fn store_url(database_url: Option<&str>, data_dir: &Path) -> String {
     match database_url {

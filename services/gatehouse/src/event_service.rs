@@ -11,7 +11,7 @@ use futures::{Stream, StreamExt};
 use gatehouse_core::ApiError;
 use gatehouse_core::crypto::Crypto;
 use gatehouse_core::keys::{Caller, KeyRing};
-use gatehouse_events::integrity::{self, hex};
+use gatehouse_events::integrity;
 use gatehouse_events::{EventFilter, EventStore, RecordedEvent};
 use gatehouse_proto::v1 as pb;
 use gatehouse_proto::v1::event_service_server::EventService;
@@ -366,10 +366,10 @@ pub fn report_to_proto(report: &integrity::Report, public_key: &[u8]) -> pb::Int
             .map(|(tenant, (position, hash))| pb::ChainHead {
                 tenant_id: tenant.to_string(),
                 position: *position,
-                hash: hex(hash),
+                hash: hex::encode(hash),
             })
             .collect(),
-        audit_public_key: hex(public_key),
+        audit_public_key: hex::encode(public_key),
     }
 }
 

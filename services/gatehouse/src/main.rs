@@ -1,7 +1,7 @@
 //! The `gatehouse` command: `serve`, `migrate`, `bench`, `audit`.
 
 use clap::Parser;
-use gatehouse::config::{Cli, Command, Config, FileConfig, store_url};
+use gatehouse::config::{Cli, Command, Config, FileConfig};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -14,8 +14,7 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(gatehouse::server::serve(Config::resolve(*args, file)?))
         }
         Command::Migrate(args) => runtime.block_on(async {
-            let data = args.data.or(file.data).unwrap_or_else(|| "data".into());
-            let url = store_url(args.database_url.or(file.database_url).as_deref(), &data);
+            let (_, url) = args.resolve(&file);
             let store = gatehouse_events::connect(&url).await?;
             println!("migrations applied ({} store)", store.backend());
             Ok(())

@@ -1,21 +1,13 @@
 //! `gatehouse projections status|rebuild`, on the store directly (a running server may be
 //! running the projections meanwhile: see [`gatehouse_projections::runtime`]).
 
-use crate::config::{FileConfig, ProjectionsArgs, ProjectionsCommand, store_url};
+use crate::config::{FileConfig, ProjectionsArgs, ProjectionsCommand};
 use gatehouse_events::readmodel::Statement;
 use gatehouse_projections::runtime;
 
 /// Runs the command.
 pub async fn run(args: ProjectionsArgs, file: FileConfig) -> anyhow::Result<()> {
-    let data = args
-        .store
-        .data
-        .or(file.data)
-        .unwrap_or_else(|| "data".into());
-    let url = store_url(
-        args.store.database_url.or(file.database_url).as_deref(),
-        &data,
-    );
+    let (_, url) = args.store.resolve(&file);
     let store = gatehouse_events::connect(&url).await?;
     let factories = gatehouse_projections::all();
     match args.command {
