@@ -14,7 +14,7 @@
 //! - Tampering with event rows directly in the database (altered, deleted, inserted, and
 //!   altered then resealed) found by `audit verify` at the right position.
 
-mod support;
+use crate::support;
 
 use futures::StreamExt;
 use gatehouse_events::{

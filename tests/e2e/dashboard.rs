@@ -4,7 +4,7 @@
 //! shown, and a screenshot is saved (`target/tmp/dashboard.png`). The JSON API behind it
 //! refuses a missing or foreign key.
 
-mod support;
+use crate::support;
 
 use chrono::{Duration as Span, Utc};
 use gatehouse_events::{AppendRequest, ClientContext, Metadata, NewEvent, StreamId};

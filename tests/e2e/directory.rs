@@ -1,7 +1,7 @@
 //! The directory over gRPC against a running server: tenants, settings, API keys and
 //! applications, tenant isolation and validation. SQLite always; PostgreSQL when configured.
 
-mod support;
+use crate::support;
 
 use gatehouse_proto::v1 as pb;
 use pb::application_service_client::ApplicationServiceClient;

@@ -16,7 +16,7 @@
 //! foreign key; key rotation; shutdown refuses connections) and the fake Facebook (dialog,
 //! code exchange, Graph `/me`, denial, single-use codes).
 
-mod support;
+use crate::support;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

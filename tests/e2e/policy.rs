@@ -9,7 +9,7 @@
 //! Sign-ins come from different loopback source addresses (127.0.0.x), which the server sees
 //! as the client IP, or through 127.0.0.1 as a trusted proxy with `X-Forwarded-For`. SQLite always; PostgreSQL when configured.
 
-mod support;
+use crate::support;
 
 use gatehouse_events::{EventStore, StreamId};
 use gatehouse_proto::v1 as pb;

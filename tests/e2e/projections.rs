@@ -4,7 +4,7 @@
 //! when the leader dies); `/metrics` shows its position and lag; `gatehouse projections
 //! rebuild` swaps in identical tables while the server runs.
 
-mod support;
+use crate::support;
 
 use gatehouse_events::readmodel::{SqlValue, Statement};
 use gatehouse_events::{AppendRequest, EventStore, Metadata, NewEvent, Position, StreamId};

@@ -16,7 +16,7 @@
 //! SQLite always; PostgreSQL when configured. NATS at `GATEHOUSE_TEST_NATS_URL` (default
 //! `nats://127.0.0.1:4222`) must be running.
 
-mod support;
+use crate::support;
 
 use futures::StreamExt;
 use gatehouse_events::{EventFilter, EventStore, RecordedEvent};

@@ -8,7 +8,7 @@
 //! `gatehouse.*.user.*` reads exactly the user streams' events.
 //! SQLite always; PostgreSQL when configured. Needs `/usr/sbin/nats-server`.
 
-mod support;
+use crate::support;
 
 use async_nats::jetstream::{self, consumer, stream::Stream as JsStream};
 use futures::StreamExt;

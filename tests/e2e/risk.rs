@@ -5,7 +5,7 @@
 //! checkpoint) records no detection twice and misses none that straddles the restart. SQLite always; PostgreSQL
 //! when configured.
 
-mod support;
+use crate::support;
 
 use gatehouse_events::{EventFilter, EventStore, RecordedEvent};
 use gatehouse_proto::v1 as pb;

@@ -1,7 +1,7 @@
 //! `gatehouse serve` as a fresh clone runs it: an empty data directory, healthy within
 //! seconds, reflection and health served, the admin key created once and enforced.
 
-mod support;
+use crate::support;
 
 use gatehouse_proto::v1::tenant_service_client::TenantServiceClient;
 use gatehouse_proto::v1::{CreateTenantRequest, GetTenantRequest, ListTenantsRequest};

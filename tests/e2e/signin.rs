@@ -5,7 +5,7 @@
 //! against /jwks, refresh rotation with reuse detection, key rotation, expiry. SQLite always;
 //! PostgreSQL when configured.
 
-mod support;
+use crate::support;
 
 use gatehouse_proto::v1 as pb;
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! reset and change, phone verification, disable and enable, erasure. SQLite always;
 //! PostgreSQL when configured.
 
-mod support;
+use crate::support;
 
 use gatehouse_proto::v1 as pb;
 use pb::application_service_client::ApplicationServiceClient;

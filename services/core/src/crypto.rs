@@ -220,6 +220,34 @@ impl Crypto {
         Ok(gatehouse_events::integrity::AuditKey::from_seed(&seed)?)
     }
 
+    /// Seals `value` (as JSON) for the process itself, e.g. into a browser cookie: encrypted
+    /// and authenticated under a key derived from the master key for `purpose`, so that every
+    /// replica opens it, nobody else reads or forges it, and a value sealed for one purpose
+    /// does not open as another.
+    pub fn seal_token<T: Serialize>(&self, purpose: &str, value: &T) -> String {
+        let key = self.token_key(purpose);
+        let plaintext = serde_json::to_vec(value).unwrap_or_default();
+        URL_SAFE_NO_PAD.encode(seal_with(&key, &plaintext, purpose.as_bytes()))
+    }
+
+    /// Opens what [`Crypto::seal_token`] sealed for `purpose`; `None` when it was not (or was
+    /// altered).
+    pub fn open_token<T: serde::de::DeserializeOwned>(
+        &self,
+        purpose: &str,
+        token: &str,
+    ) -> Option<T> {
+        let bytes = URL_SAFE_NO_PAD.decode(token).ok()?;
+        let plaintext = open_with(&self.token_key(purpose), &bytes, purpose.as_bytes()).ok()?;
+        serde_json::from_slice(&plaintext).ok()
+    }
+
+    fn token_key(&self, purpose: &str) -> [u8; 32] {
+        let mut mac = self.derived("gatehouse sealed token v1");
+        mac.update(purpose.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
     /// A stable, non-reversible stand-in for `value` (hex), unique per tenant and scope.
     pub fn blind_index(&self, tenant_id: Uuid, scope: &str, value: &str) -> String {
         let mut mac = self.derived("gatehouse blind index v1");

@@ -80,6 +80,22 @@ pub fn client_context<T>(request: &Request<T>) -> ClientContext {
     }
 }
 
+/// The client context of an HTTP request (the hosted pages, the OpenID Connect endpoints):
+/// the same proxy rules as gRPC's.
+pub fn http_client_context<'a>(
+    peer: Option<IpAddr>,
+    forwarded: impl Iterator<Item = &'a str>,
+    user_agent: Option<&str>,
+) -> ClientContext {
+    let trusted = TRUSTED_PROXIES.get().map_or(&[][..], Vec::as_slice);
+    ClientContext {
+        ip: peer
+            .and_then(|peer| client_behind(peer, forwarded, trusted))
+            .map(|ip| ip.to_string()),
+        user_agent: user_agent.map(|ua| ua.chars().take(MAX_USER_AGENT).collect()),
+    }
+}
+
 /// Metadata for the events a request causes.
 pub fn metadata<T>(request: &Request<T>, actor: Actor) -> Metadata {
     Metadata {

@@ -191,6 +191,9 @@ pub struct ServeArgs {
     /// Seconds a sign-in flow may take before it expires [default: 600].
     #[arg(long, env = "GATEHOUSE_SIGN_IN_LIFETIME")]
     pub sign_in_lifetime: Option<u32>,
+    /// Seconds an OpenID Connect authorization code can be exchanged [default: 60].
+    #[arg(long, env = "GATEHOUSE_AUTHORIZATION_CODE_SECONDS")]
+    pub authorization_code_seconds: Option<u32>,
     /// Breached-password list: one SHA-1 hex digest (optionally `:COUNT`) per line, as Have I
     /// Been Pwned publishes it; added to a small built-in list of common passwords.
     #[arg(long, env = "GATEHOUSE_BREACHED_PASSWORDS")]
@@ -325,6 +328,8 @@ pub struct FileConfig {
     pub public_url: Option<String>,
     /// See [`ServeArgs::sign_in_lifetime`].
     pub sign_in_lifetime: Option<u32>,
+    /// See [`ServeArgs::authorization_code_seconds`].
+    pub authorization_code_seconds: Option<u32>,
     /// See [`ServeArgs::flow_idle_seconds`].
     pub flow_idle_seconds: Option<u32>,
 }
@@ -388,6 +393,8 @@ pub struct Config {
     pub public_url: Option<String>,
     /// Seconds a sign-in flow may take.
     pub sign_in_lifetime: u32,
+    /// Seconds an authorization code can be exchanged.
+    pub authorization_code_seconds: u32,
     /// Seconds a flow actor outlives its last message.
     pub flow_idle_seconds: u32,
 }
@@ -475,6 +482,16 @@ impl Config {
                 .or(file.flow_idle_seconds)
                 .unwrap_or(30)
                 .clamp(1, 3600),
+            authorization_code_seconds: match args
+                .authorization_code_seconds
+                .or(file.authorization_code_seconds)
+            {
+                Some(seconds) if !(1..=600).contains(&seconds) => {
+                    anyhow::bail!("authorization_code_seconds must be 1 to 600 seconds")
+                }
+                Some(seconds) => seconds,
+                None => 60,
+            },
             sign_in_lifetime: match args.sign_in_lifetime.or(file.sign_in_lifetime) {
                 Some(seconds) if !(1..=86_400).contains(&seconds) => {
                     anyhow::bail!("sign_in_lifetime must be 1 to 86400 seconds")

@@ -213,12 +213,27 @@ async fn discovery(State(keys): State<Arc<Keys>>, Path(tenant): Path<String>) ->
     let issuer = keys.issuer(tenant_id);
     json_response(serde_json::json!({
         "issuer": issuer,
+        "authorization_endpoint": format!("{issuer}/authorize"),
+        "token_endpoint": format!("{issuer}/token"),
+        "userinfo_endpoint": format!("{issuer}/userinfo"),
+        "revocation_endpoint": format!("{issuer}/revoke"),
+        "end_session_endpoint": format!("{issuer}/logout"),
         "jwks_uri": format!("{issuer}/jwks"),
+        "scopes_supported": ["openid", "email"],
         "id_token_signing_alg_values_supported": [tokens::ALG],
         "subject_types_supported": ["public"],
         "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
         "grant_types_supported": ["authorization_code", "refresh_token"],
-        "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "amr", "sid", "email", "email_verified"],
+        "code_challenge_methods_supported": ["S256"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
+        "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
+        "authorization_response_iss_parameter_supported": true,
+        "prompt_values_supported": ["none", "login"],
+        "claims_parameter_supported": false,
+        "request_parameter_supported": false,
+        "request_uri_parameter_supported": false,
+        "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "amr", "sid", "nonce", "email", "email_verified"],
     }))
 }
 

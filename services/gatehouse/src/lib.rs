@@ -5,7 +5,8 @@
 //! - [`config`]: flags, environment and file, resolved into one [`config::Config`].
 //! - [`server`]: `gatehouse serve`: the store, the admin key, the gRPC server (services,
 //!   health, reflection) and the HTTP server, with graceful shutdown.
-//! - [`http`]: `/healthz` and `/metrics`.
+//! - [`http`]: `/healthz`, `/metrics`, OpenID Connect discovery and JWKS.
+//! - [`hosted`]: the OpenID Connect endpoints and the hosted sign-in pages.
 //! - [`dashboard`]: the dashboard page and the JSON API it reads.
 //! - [`insights_service`]: InsightsService (and the dashboard's questions) over the activity
 //!   projection.
@@ -25,6 +26,7 @@ pub mod bench_signin;
 pub mod config;
 pub mod dashboard;
 pub mod event_service;
+pub mod hosted;
 pub mod http;
 pub mod insights_service;
 pub mod projections_cli;

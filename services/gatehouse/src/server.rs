@@ -34,6 +34,7 @@ use gatehouse_risk::publish::Publisher;
 use gatehouse_risk::service::RiskApi;
 use gatehouse_risk::view::RiskView;
 use gatehouse_signin::federation::Federation;
+use gatehouse_signin::oidc::Oidc;
 use gatehouse_signin::{Deadlines, Directory, Engine, Flows, Keys, MfaApi, SessionApi, SignInApi};
 use std::io::Write;
 use std::sync::Arc;
@@ -84,7 +85,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("http://{http_addr}"));
     let directory = Arc::new(Directory::new(store.clone()));
-    let signing = Arc::new(Keys::new(store.clone(), crypto.clone(), issuer_base));
+    let signing = Arc::new(Keys::new(
+        store.clone(),
+        crypto.clone(),
+        issuer_base.clone(),
+    ));
     let proxies = config
         .trusted_proxies
         .iter()
@@ -133,17 +138,41 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let idle = std::time::Duration::from_secs(u64::from(config.flow_idle_seconds));
     let flows = Arc::new(Flows::start(engine, idle).await?);
     let _deadlines = Deadlines::start(store.clone(), flows.clone(), DEADLINE_TICK).await?;
-    let sign_in = Arc::new(SignInApi::new(flows));
+    let sign_in = Arc::new(SignInApi::new(flows.clone()));
     let mfa = Arc::new(MfaApi::new(
         store.clone(),
         crypto.clone(),
         directory.clone(),
     ));
     let sessions = Arc::new(
-        SessionApi::new(store.clone(), crypto.clone(), signing.clone(), directory)
-            .await?
-            .with_user_risk(risk_view.clone()),
+        SessionApi::new(
+            store.clone(),
+            crypto.clone(),
+            signing.clone(),
+            directory.clone(),
+        )
+        .await?
+        .with_user_risk(risk_view.clone()),
     );
+    // The OpenID Connect provider and its hosted pages drive the same flows.
+    let hosted = Arc::new(crate::hosted::Hosted::new(
+        Arc::new(
+            Oidc::new(
+                store.clone(),
+                crypto.clone(),
+                signing.clone(),
+                directory.clone(),
+                sessions.clone(),
+            )
+            .with_code_lifetime(chrono::Duration::seconds(i64::from(
+                config.authorization_code_seconds,
+            ))),
+        ),
+        flows,
+        crypto.clone(),
+        directory,
+        issuer_base.starts_with("https://"),
+    ));
     let events = Arc::new(EventApi::new(store.clone(), crypto.clone(), keys.clone())?);
     let insights = Insights::new(store.clone());
     // The sealer extends each tenant's hash chain within moments of a commit and signs the
@@ -321,7 +350,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics);
     let http = axum::serve(
         http_listener,
-        http::router(metrics, signing).merge(dashboard::router(dashboard)),
+        http::router(metrics, signing)
+            .merge(crate::hosted::router(hosted))
+            .merge(dashboard::router(dashboard))
+            .into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
     .with_graceful_shutdown(stopped(stop_rx));
 

@@ -4,7 +4,9 @@
 //! MFA on, or an app that is deleted, takes effect on the very next step in every process.
 //! (Both streams are short; a cache here would trade that guarantee for little.)
 
-use gatehouse_directory::application::{Application, CLIENT_ID_CLAIM};
+use gatehouse_directory::application::{
+    AppConfig, Application, CLIENT_ID_CLAIM, ClientType, GrantType,
+};
 use gatehouse_directory::tenant::{Tenant, TenantSettings};
 use gatehouse_events::{Aggregate, ClaimKey, EventStore, Loaded, StoreError};
 use std::sync::Arc;
@@ -24,6 +26,14 @@ pub struct AppInfo {
     pub require_mfa: bool,
     /// Its registered redirect URIs.
     pub redirect_uris: Vec<String>,
+    /// Where RP-initiated logout may send the person back to.
+    pub post_logout_redirect_uris: Vec<String>,
+    /// Public (PKCE, no secret) or confidential.
+    pub client_type: ClientType,
+    /// Hex SHA-256 of the client secret (confidential apps).
+    pub client_secret_hash: Option<String>,
+    /// Grants it may use.
+    pub grant_types: Vec<GrantType>,
 }
 
 impl Directory {
@@ -70,16 +80,24 @@ impl Directory {
         let state = Loaded::<Application>::load(self.store.as_ref(), id)
             .await?
             .state;
-        Ok(
-            (state.exists() && state.tenant_id == Some(tenant_id)).then(|| AppInfo {
-                id,
-                require_mfa: state.config.as_ref().is_some_and(|c| c.require_mfa),
-                redirect_uris: state
-                    .config
-                    .as_ref()
-                    .map(|c| c.redirect_uris.clone())
-                    .unwrap_or_default(),
-            }),
-        )
+        if !state.exists() || state.tenant_id != Some(tenant_id) {
+            return Ok(None);
+        }
+        let config = state.config.unwrap_or_else(|| AppConfig {
+            display_name: String::new(),
+            redirect_uris: Vec::new(),
+            post_logout_redirect_uris: Vec::new(),
+            grant_types: Vec::new(),
+            require_mfa: false,
+        });
+        Ok(Some(AppInfo {
+            id,
+            require_mfa: config.require_mfa,
+            redirect_uris: config.redirect_uris,
+            post_logout_redirect_uris: config.post_logout_redirect_uris,
+            client_type: state.client_type.unwrap_or(ClientType::Public),
+            client_secret_hash: state.client_secret_hash,
+            grant_types: config.grant_types,
+        }))
     }
 }

@@ -1488,6 +1488,7 @@ impl Engine {
             settings,
             refresh_token,
             metadata,
+            None,
         )
         .await?;
         batch.other(
@@ -1925,7 +1926,8 @@ pub fn available_methods(
         .collect()
 }
 
-/// Signs the access and ID tokens of a session.
+/// Signs the access and ID tokens of a session; `nonce` is the OpenID Connect app's, copied
+/// into the ID token.
 #[allow(clippy::too_many_arguments)]
 pub async fn issue_tokens(
     keys: &Keys,
@@ -1936,6 +1938,7 @@ pub async fn issue_tokens(
     settings: &TenantSettings,
     refresh_token: String,
     metadata: &Metadata,
+    nonce: Option<&str>,
 ) -> Result<Tokens, ApiError> {
     let now = Utc::now();
     let tenant_id = session.tenant_id;
@@ -1959,12 +1962,15 @@ pub async fn issue_tokens(
         "client_id": session.client_id, "tid": tenant_id.to_string(),
         "amr": session.amr, "auth_time": auth_time, "scope": "openid",
     });
-    let id = json!({
+    let mut id = json!({
         "iss": issuer, "sub": session.user_id.to_string(), "aud": session.client_id,
         "iat": iat, "exp": id_exp.timestamp(), "auth_time": auth_time,
         "sid": session_id.to_string(), "amr": session.amr, "tid": tenant_id.to_string(),
         "email": email, "email_verified": user.email_verified,
     });
+    if let Some(nonce) = nonce {
+        id["nonce"] = json!(nonce);
+    }
     let access_token = keys.sign(tenant_id, lifetimes, &access, metadata).await?;
     let id_token = keys.sign(tenant_id, lifetimes, &id, metadata).await?;
     Ok(Tokens {

@@ -11,6 +11,8 @@
 //! - [`session`]: the Session aggregate and refresh-token families.
 //! - [`tokens`]: per-tenant ES256 signing keys, JWT signing and verification, JWKS.
 //! - [`signin_service`], [`mfa_service`], [`session_service`]: the gRPC services.
+//! - [`oidc`]: the OpenID Connect provider's decisions (codes, tokens, logout); its HTTP
+//!   endpoints and hosted pages are the server's.
 #![forbid(unsafe_code)]
 
 pub mod actor;
@@ -19,6 +21,7 @@ pub mod engine;
 pub mod federation;
 pub mod flow;
 pub mod mfa_service;
+pub mod oidc;
 pub mod otp;
 pub mod session;
 pub mod session_service;

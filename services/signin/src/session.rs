@@ -60,6 +60,29 @@ pub enum SessionEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         user_id: Option<Uuid>,
     },
+    /// The hosted pages gave an app an authorization code for this session (OpenID Connect).
+    AuthorizationCodeIssued {
+        /// SHA-256 of the code (the code itself is never stored).
+        code_digest: String,
+        /// The redirect URI it was sent to (the token request must name the same).
+        redirect_uri: String,
+        /// PKCE S256 challenge, when the app sent one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code_challenge: Option<String>,
+        /// The app's nonce, copied into the ID token.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nonce: Option<String>,
+        /// Whether redeeming it rotates the refresh token and hands the app the new one
+        /// (false for a code from an existing browser session: the app holds its token).
+        with_refresh_token: bool,
+        /// When it stops being redeemable.
+        expires_at: DateTime<Utc>,
+    },
+    /// The code was exchanged for tokens (once: a second exchange revokes the session).
+    AuthorizationCodeRedeemed {
+        /// Which code.
+        code_digest: String,
+    },
     /// The session ended early.
     SessionRevoked {
         /// `token_reuse`, `revoked`, `user_disabled`...
@@ -104,6 +127,28 @@ pub struct Session {
     pub sign_in_frequency_seconds: Option<u32>,
     /// Persistent browser session (Conditional Access).
     pub persistent: Option<bool>,
+    /// Authorization codes issued for it (OpenID Connect), oldest first.
+    #[serde(default)]
+    pub codes: Vec<IssuedCode>,
+}
+
+/// An authorization code of a session, as the token endpoint checks it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IssuedCode {
+    /// SHA-256 of the code.
+    pub digest: String,
+    /// Where it was sent.
+    pub redirect_uri: String,
+    /// PKCE S256 challenge.
+    pub code_challenge: Option<String>,
+    /// Copied into the ID token.
+    pub nonce: Option<String>,
+    /// Redeeming it hands out a new refresh token.
+    pub with_refresh_token: bool,
+    /// Redeemable until.
+    pub expires_at: DateTime<Utc>,
+    /// Exchanged already.
+    pub redeemed: bool,
 }
 
 impl Aggregate for Session {
@@ -150,6 +195,27 @@ impl Aggregate for Session {
                 self.refresh_expires_at = Some(refresh_expires_at);
             }
             SessionEvent::RefreshTokenReused { .. } => {}
+            SessionEvent::AuthorizationCodeIssued {
+                code_digest,
+                redirect_uri,
+                code_challenge,
+                nonce,
+                with_refresh_token,
+                expires_at,
+            } => self.codes.push(IssuedCode {
+                digest: code_digest,
+                redirect_uri,
+                code_challenge,
+                nonce,
+                with_refresh_token,
+                expires_at,
+                redeemed: false,
+            }),
+            SessionEvent::AuthorizationCodeRedeemed { code_digest } => {
+                if let Some(code) = self.codes.iter_mut().find(|c| c.digest == code_digest) {
+                    code.redeemed = true;
+                }
+            }
             SessionEvent::SessionRevoked { reason } => self.revoked = Some(reason),
         }
     }
@@ -212,6 +278,14 @@ pub fn new_refresh_token(session_id: Uuid) -> (String, String) {
     let token = format!("{}.{}", session_id.simple(), URL_SAFE_NO_PAD.encode(secret));
     let digest = refresh_digest(&token);
     (token, digest)
+}
+
+/// The issued code a presented one is (by digest, compared in constant time).
+pub fn find_code<'a>(session: &'a Session, digest: &str) -> Option<&'a IssuedCode> {
+    session
+        .codes
+        .iter()
+        .find(|c| bool::from(c.digest.as_bytes().ct_eq(digest.as_bytes())))
 }
 
 /// SHA-256 (hex) of a refresh token.

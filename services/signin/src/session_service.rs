@@ -2,7 +2,7 @@
 //! listing, and the signing keys.
 
 use crate::directory::Directory;
-use crate::engine::issue_tokens;
+use crate::engine::{Tokens, issue_tokens};
 use crate::session::{
     Presented, Session, SessionEvent, capped, new_refresh_token, refresh_digest, session_of,
 };
@@ -15,8 +15,8 @@ use gatehouse_directory::tenant_service::{parse_id, rfc3339};
 use gatehouse_directory::user::{Status as UserStatus, User};
 use gatehouse_events::view::LiveView;
 use gatehouse_events::{
-    Actor, Aggregate, AppendRequest, DomainEvent, EventFilter, EventStore, Loaded, RecordedEvent,
-    StoreError,
+    Actor, Aggregate, AppendRequest, DomainEvent, EventFilter, EventStore, Loaded, Metadata,
+    RecordedEvent, StoreError,
 };
 use gatehouse_proto::v1 as pb;
 use std::collections::HashMap;
@@ -123,9 +123,31 @@ impl SessionApi {
         if let Some(caller) = request.extensions().get::<Caller>() {
             caller.require_tenant(tenant_id, "tenant")?;
         }
-        let session_id = session_of(&m.refresh_token).ok_or_else(refused)?;
-        let digest = refresh_digest(&m.refresh_token);
         let metadata = request::metadata(&request, Actor::Anonymous);
+        let tokens = self
+            .refresh_tokens(tenant_id, &m.client_id, &m.refresh_token, &metadata)
+            .await?;
+        Ok(pb::Tokens {
+            access_token: tokens.access_token,
+            id_token: tokens.id_token,
+            refresh_token: tokens.refresh_token,
+            token_type: "Bearer".into(),
+            expires_in: tokens.expires_in,
+        })
+    }
+
+    /// Rotates a refresh token of app `client_id`: new tokens, or a refusal (a rotated token
+    /// presented again revokes the session). Shared by RefreshSession and the OpenID Connect
+    /// token endpoint.
+    pub async fn refresh_tokens(
+        &self,
+        tenant_id: Uuid,
+        client_id: &str,
+        refresh_token: &str,
+        metadata: &Metadata,
+    ) -> Result<Tokens, ApiError> {
+        let session_id = session_of(refresh_token).ok_or_else(refused)?;
+        let digest = refresh_digest(refresh_token);
         let settings = self
             .directory
             .tenant(tenant_id)
@@ -135,7 +157,7 @@ impl SessionApi {
             let now = Utc::now();
             let session = Loaded::<Session>::load(self.store.as_ref(), session_id).await?;
             let state = &session.state;
-            if !state.exists() || state.tenant_id != tenant_id || state.client_id != m.client_id {
+            if !state.exists() || state.tenant_id != tenant_id || state.client_id != client_id {
                 return Err(refused());
             }
             let mut append = AppendRequest::new(metadata.clone());
@@ -199,7 +221,8 @@ impl SessionApi {
                         &user.state,
                         &settings,
                         token,
-                        &metadata,
+                        metadata,
+                        None,
                     )
                     .await?;
                     let event = SessionEvent::RefreshTokenRotated {
@@ -212,15 +235,7 @@ impl SessionApi {
                     };
                     append.push(event.to_new_event(tenant_id, &session.stream)?);
                     match self.store.append(append).await {
-                        Ok(_) => {
-                            return Ok(pb::Tokens {
-                                access_token: tokens.access_token,
-                                id_token: tokens.id_token,
-                                refresh_token: tokens.refresh_token,
-                                token_type: "Bearer".into(),
-                                expires_in: tokens.expires_in,
-                            });
-                        }
+                        Ok(_) => return Ok(tokens),
                         // A racing refresh with the same token won; ours is now a reuse.
                         Err(StoreError::Conflict { .. }) => continue,
                         Err(other) => return Err(other.into()),
@@ -239,11 +254,25 @@ impl SessionApi {
         let (tenant_id, caller) = Self::tenant_of(&request, &m.tenant_id)?;
         let session_id = parse_id("session_id", &m.session_id)?;
         let metadata = request::metadata(&request, caller.actor());
+        let state = self
+            .end_session(tenant_id, session_id, "revoked", &metadata)
+            .await?;
+        Ok(session_to_proto(session_id, &state))
+    }
+
+    /// Revokes a session of the tenant for `reason` (nothing when it has ended already).
+    pub async fn end_session(
+        &self,
+        tenant_id: Uuid,
+        session_id: Uuid,
+        reason: &str,
+        metadata: &Metadata,
+    ) -> Result<Session, ApiError> {
         let executed = gatehouse_events::execute::<Session, ApiError, _>(
             self.store.as_ref(),
             tenant_id,
             session_id,
-            &metadata,
+            metadata,
             |session| {
                 if !session.exists() || session.tenant_id != tenant_id {
                     return Err(ApiError::NotFound("session".into()));
@@ -252,16 +281,17 @@ impl SessionApi {
                     Vec::new()
                 } else {
                     vec![SessionEvent::SessionRevoked {
-                        reason: "revoked".into(),
+                        reason: reason.into(),
                     }]
                 })
             },
         )
         .await?;
-        Ok(session_to_proto(session_id, &executed.state))
+        Ok(executed.state)
     }
 
-    fn compromised(&self, session: &Session) -> bool {
+    /// The session's user was confirmed compromised: it is refused (and ended).
+    pub fn compromised(&self, session: &Session) -> bool {
         self.user_risk
             .as_ref()
             .is_some_and(|view| view.must_change_password(session.tenant_id, session.user_id))

@@ -78,7 +78,8 @@ fn to_proto(reply: Reply) -> pb::SignIn {
     }
 }
 
-fn reason_text(reason: &str) -> &'static str {
+/// A failed sign-in's reason, for people.
+pub fn reason_text(reason: &str) -> &'static str {
     match reason {
         "too_many_wrong_codes" => "too many wrong codes",
         "account_disabled" => "the account is disabled",
