@@ -11,6 +11,7 @@ mod audit;
 mod dashboard;
 mod directory;
 mod federation;
+mod hosted;
 mod oidc;
 mod policy;
 mod projections;

@@ -126,6 +126,23 @@ impl IdentityProviderApi {
         })
     }
 
+    /// The tenant's providers as a sign-in page offers them: id and display name, in
+    /// creation order.
+    pub fn offered(&self, tenant_id: Uuid) -> Vec<(Uuid, String)> {
+        self.list.read(|list| {
+            list.get(&tenant_id)
+                .map(|providers| {
+                    providers
+                        .iter()
+                        .filter_map(|(id, provider)| {
+                            Some((*id, provider.config.as_ref()?.display_name.clone()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+    }
+
     /// A provider of `tenant_id`; another tenant's, or a deleted one, is not found.
     async fn provider(
         &self,

@@ -171,6 +171,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         flows,
         crypto.clone(),
         directory,
+        users.clone(),
+        identity_providers.clone(),
         issuer_base.starts_with("https://"),
     ));
     let events = Arc::new(EventApi::new(store.clone(), crypto.clone(), keys.clone())?);

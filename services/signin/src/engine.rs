@@ -83,6 +83,11 @@ pub enum Command {
     PhoneCode(String),
     /// A new password (a policy asks for a change).
     NewPassword(String),
+    /// The authenticator app to register: its secret, URI and QR code (the user's pending
+    /// enrolment, started now when there is none).
+    TotpRegistration,
+    /// The registered app's first code.
+    TotpRegistrationCode(String),
     /// Sign in with an identity provider of the tenant.
     StartFederation {
         /// The provider.
@@ -133,6 +138,19 @@ pub struct Reply {
     pub tokens: Option<Tokens>,
     /// Set by StartFederation: where to send the person.
     pub authorization_url: Option<String>,
+    /// Set by TotpRegistration: the authenticator app to register.
+    pub totp: Option<TotpEnrollment>,
+}
+
+/// An authenticator app to register.
+#[derive(Debug, Clone)]
+pub struct TotpEnrollment {
+    /// Base32 secret.
+    pub secret: String,
+    /// `otpauth://` URI.
+    pub otpauth_uri: String,
+    /// The URI as a QR code (PNG).
+    pub qr_png: Vec<u8>,
 }
 
 /// Decides sign-in steps.
@@ -278,6 +296,7 @@ fn wrong_step(flow: &SignIn) -> ApiError {
         Step::PhoneNumber => "for a phone number",
         Step::PhoneCode => "for the code sent to the phone",
         Step::NewPassword => "for a new password",
+        Step::TotpRegistration => "for the first code of an authenticator app",
         Step::Federation => "for an identity provider to be chosen",
         Step::FederationCallback => "for the identity provider's answer",
         Step::LinkAccount => "for proof of the existing account",
@@ -426,6 +445,10 @@ impl Engine {
             Command::PhoneNumber(phone) => self.phone_number(id, flow, &phone, metadata).await,
             Command::PhoneCode(code) => self.phone_code(id, flow, &code, metadata).await,
             Command::NewPassword(password) => self.new_password(id, flow, password, metadata).await,
+            Command::TotpRegistration => self.totp_registration(id, flow, metadata).await,
+            Command::TotpRegistrationCode(code) => {
+                self.totp_registration_code(id, flow, &code, metadata).await
+            }
             Command::StartFederation {
                 provider_id,
                 redirect_uri,
@@ -445,6 +468,7 @@ impl Engine {
             flow: flow.state.clone(),
             tokens,
             authorization_url: None,
+            totp: None,
         }
     }
 
@@ -681,7 +705,10 @@ impl Engine {
             .application_by_id(tenant_id, flow.state.application_id)
             .await?
             .ok_or_else(|| ApiError::NotFound("application".into()))?;
-        if !app.redirect_uris.iter().any(|uri| uri == redirect_uri) {
+        // The provider answers the app (gRPC front door), or Gatehouse's own hosted pages.
+        if redirect_uri != federation_callback(&self.keys.issuer(tenant_id))
+            && !app.redirect_uris.iter().any(|uri| uri == redirect_uri)
+        {
             return Err(ApiError::invalid(
                 "redirect_uri",
                 "must be one of the application's redirect URIs",
@@ -1429,14 +1456,19 @@ impl Engine {
                     SignInEvent::SignInFailed {
                         reason: "user_at_risk".into(),
                     }
-                } else if settings.mfa_methods.contains(&MfaMethod::SmsOtp)
-                    && counts(&MfaMethod::SmsOtp)
-                {
-                    // Enrolment within the flow: a phone, proved by a texted code.
-                    SignInEvent::PhoneRegistrationRequired
                 } else {
-                    SignInEvent::SignInFailed {
-                        reason: "no_second_factor".into(),
+                    // Enrolment within the flow, of the first method the tenant lists that
+                    // can be registered here: an authenticator app (proved by its first
+                    // code) or a phone (proved by a texted code).
+                    let registrable = settings.mfa_methods.iter().find(|method| {
+                        matches!(method, MfaMethod::Totp | MfaMethod::SmsOtp) && counts(method)
+                    });
+                    match registrable {
+                        Some(MfaMethod::Totp) => SignInEvent::TotpRegistrationRequired,
+                        Some(_) => SignInEvent::PhoneRegistrationRequired,
+                        None => SignInEvent::SignInFailed {
+                            reason: "no_second_factor".into(),
+                        },
                     }
                 }
             }
@@ -1826,6 +1858,100 @@ impl Engine {
         Ok(self.reply(id, flow, tokens))
     }
 
+    async fn totp_registration(
+        &self,
+        id: Uuid,
+        flow: &mut Loaded<SignIn>,
+        metadata: &Metadata,
+    ) -> Result<Reply, ApiError> {
+        if flow.state.step != Step::TotpRegistration {
+            return Err(wrong_step(&flow.state));
+        }
+        let tenant_id = flow.state.tenant_id;
+        let user = self.user(&flow.state).await?;
+        let user_id = user.stream.id;
+        let secret: String = match &user.state.mfa.pending_totp_secret {
+            Some(sealed) => self
+                .crypto
+                .open(user_id, sealed)
+                .await?
+                .ok_or_else(|| ApiError::NotFound("user".into()))?,
+            None => {
+                let secret = otp::new_secret();
+                let sealed = self.crypto.seal(tenant_id, user_id, &secret).await?;
+                let mut batch = Batch::new(flow, tenant_id, metadata);
+                batch.other(
+                    &user.stream,
+                    Some(user.expected()),
+                    &UserEvent::TotpEnrollmentStarted { secret: sealed },
+                )?;
+                self.commit(flow, batch).await?;
+                secret
+            }
+        };
+        let account = match &user.state.profile {
+            Some(sealed) => self
+                .crypto
+                .open::<Profile>(user_id, sealed)
+                .await?
+                .map(|p| p.email),
+            None => None,
+        }
+        .unwrap_or_else(|| user_id.to_string());
+        let (otpauth_uri, qr_png) = otp::enrollment(&secret, otp::DEFAULT_ISSUER, &account)?;
+        let mut reply = self.reply(id, flow, None);
+        reply.totp = Some(TotpEnrollment {
+            secret,
+            otpauth_uri,
+            qr_png,
+        });
+        Ok(reply)
+    }
+
+    async fn totp_registration_code(
+        &self,
+        id: Uuid,
+        flow: &mut Loaded<SignIn>,
+        code: &str,
+        metadata: &Metadata,
+    ) -> Result<Reply, ApiError> {
+        if flow.state.step != Step::TotpRegistration {
+            return Err(wrong_step(&flow.state));
+        }
+        let tenant_id = flow.state.tenant_id;
+        let settings = self.policy(flow).await?.settings.clone();
+        let user = self.user(&flow.state).await?;
+        let user_id = user.stream.id;
+        let Some(sealed) = &user.state.mfa.pending_totp_secret else {
+            return Err(ApiError::FailedPrecondition(
+                "ask for the authenticator app to register first".into(),
+            ));
+        };
+        let secret: String = self
+            .crypto
+            .open(user_id, sealed)
+            .await?
+            .ok_or_else(|| ApiError::NotFound("user".into()))?;
+        let now = Utc::now().timestamp().max(0) as u64;
+        let mut batch = Batch::new(flow, tenant_id, metadata);
+        let Some(step) = otp::accept(&secret, code, now, user.state.mfa.totp_last_step) else {
+            return self.reject_code(flow, batch, "totp").await;
+        };
+        batch.other(
+            &user.stream,
+            Some(user.expected()),
+            &UserEvent::TotpEnrolled { step },
+        )?;
+        batch.flow(SignInEvent::TotpRegistered)?;
+        // An app registered because no second factor existed is that second factor.
+        mfa_passed(&mut batch, &flow.state, user_id, MfaMethod::Totp, false)?;
+        let tokens = self
+            .advance(id, flow, &user, &settings, &mut batch, metadata)
+            .await?;
+        self.commit(flow, batch).await?;
+        Ok(self.reply(id, flow, tokens))
+    }
+
     async fn new_password(
         &self,
         id: Uuid,
@@ -1905,6 +2031,11 @@ fn method_name(method: MfaMethod) -> &'static str {
         MfaMethod::SmsOtp => "sms_otp",
         MfaMethod::RecoveryCode => "recovery_code",
     }
+}
+
+/// Where identity providers send people back to when they sign in through the hosted pages.
+pub fn federation_callback(issuer: &str) -> String {
+    format!("{issuer}/federation/callback")
 }
 
 /// The second factors a user can use now, in the tenant's order.

@@ -29,6 +29,10 @@
 //!                     ├── no second factor yet, or phone required ─▶ [PHONE_NUMBER]
 //!                     │       ─ChallengeIssued─▶ [PHONE_CODE] ─PhoneVerified (+ MfaVerified
 //!                     │       when MFA was pending)─▶ next control, or SignInCompleted
+//!                     ├── no second factor yet, the tenant takes TOTP first ─▶
+//!                     │       TotpRegistrationRequired [TOTP_REGISTRATION] (the secret is
+//!                     │       the user's pending enrolment) ─first code─ TotpRegistered,
+//!                     │       MfaVerified ─▶ next control, or SignInCompleted
 //!                     └── password change ─PasswordChangeRequired─▶ [NEW_PASSWORD]
 //!                             ─PasswordChanged─▶ next control, or SignInCompleted
 //!  (after each control met, the next pending one is asked; the last completes the flow)
@@ -215,6 +219,10 @@ pub enum SignInEvent {
     },
     /// The user has no second factor: they register a phone now.
     PhoneRegistrationRequired,
+    /// The user has no second factor: they register an authenticator app (TOTP) now.
+    TotpRegistrationRequired,
+    /// The authenticator app was registered (its first code was right).
+    TotpRegistered,
     /// A method was chosen.
     MfaMethodSelected {
         /// The method.
@@ -282,6 +290,8 @@ pub enum Step {
     PhoneCode,
     /// Waiting for a new password (a policy asks for a change).
     NewPassword,
+    /// Waiting for the first code of an authenticator app being registered.
+    TotpRegistration,
     /// Waiting for StartFederation.
     Federation,
     /// Waiting for the provider's answer (CompleteFederation).
@@ -394,6 +404,9 @@ pub struct SignIn {
     pub risk_remediated: bool,
     /// A phone was registered and verified in this flow.
     pub phone_registered: bool,
+    /// An authenticator app was registered in this flow.
+    #[serde(default)]
+    pub totp_registered: bool,
     /// A second factor the user had before this flow was passed (one registered in the flow
     /// proves only that whoever holds the password also holds a phone).
     pub registered_factor_passed: bool,
@@ -554,6 +567,8 @@ impl Aggregate for SignIn {
                 self.step = Step::SelectMfaMethod;
             }
             SignInEvent::PhoneRegistrationRequired => self.step = Step::PhoneNumber,
+            SignInEvent::TotpRegistrationRequired => self.step = Step::TotpRegistration,
+            SignInEvent::TotpRegistered => self.totp_registered = true,
             SignInEvent::MfaMethodSelected { method } => {
                 self.selected = Some(method);
                 self.challenge = None;
@@ -581,7 +596,9 @@ impl Aggregate for SignIn {
                 self.pending.retain(|c| *c != Control::PhoneVerified);
             }
             SignInEvent::MfaVerified { method } => {
-                if !(method == MfaMethod::SmsOtp && self.phone_registered) {
+                let registered_now = (method == MfaMethod::SmsOtp && self.phone_registered)
+                    || (method == MfaMethod::Totp && self.totp_registered);
+                if !registered_now {
                     self.registered_factor_passed = true;
                 }
                 self.amr.push(amr_of(method).into());

@@ -956,15 +956,15 @@ mod tests {
     #[test]
     fn pkce_s256_matches_the_rfc_7636_example() {
         // RFC 7636 Appendix B.
-        let verifier = "dBjftJeZ4CVP-mJ92K9WNyQkFQLBstV2lGlYuLPxyE0";
+        let verifier = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
         assert!(valid_verifier(verifier));
         assert!(pkce_matches(
             verifier,
-            "E9Melhoa2OwvFrEMTJguCQaoq8dR0QJvJN6VbUKkXAc"
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
         ));
         assert!(!pkce_matches(
             verifier,
-            "E9Melhoa2OwvFrEMTJguCQaoq8dR0QJvJN6VbUKkXAd"
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cN"
         ));
         assert!(!valid_verifier("short"));
         assert!(!valid_verifier(&"a".repeat(129)));

@@ -47,6 +47,7 @@ fn to_proto(reply: Reply) -> pb::SignIn {
         Step::PhoneNumber => pb::SignInStep::PhoneNumber,
         Step::PhoneCode => pb::SignInStep::PhoneCode,
         Step::NewPassword => pb::SignInStep::NewPassword,
+        Step::TotpRegistration => pb::SignInStep::TotpRegistration,
         Step::Federation => pb::SignInStep::Federation,
         Step::FederationCallback => pb::SignInStep::FederationCallback,
         Step::LinkAccount => pb::SignInStep::LinkAccount,
@@ -308,6 +309,40 @@ impl pb::sign_in_service_server::SignInService for SignInApi {
     ) -> Result<Response<pb::SignIn>, Status> {
         self.step(request, |m| Ok(Command::NewPassword(m.password.clone())))
             .await
+    }
+
+    async fn get_totp_registration(
+        &self,
+        request: Request<pb::SignInRef>,
+    ) -> Result<Response<pb::TotpRegistration>, Status> {
+        let m = request.get_ref();
+        let reply = self
+            .run(
+                &request,
+                &m.tenant_id,
+                &m.client_id,
+                Some(&m.sign_in_id),
+                Command::TotpRegistration,
+            )
+            .await?;
+        let totp = reply
+            .totp
+            .ok_or_else(|| Status::internal("no authenticator app to register"))?;
+        Ok(Response::new(pb::TotpRegistration {
+            secret: totp.secret,
+            otpauth_uri: totp.otpauth_uri,
+            qr_png: totp.qr_png,
+        }))
+    }
+
+    async fn submit_totp_registration(
+        &self,
+        request: Request<pb::SubmitCodeRequest>,
+    ) -> Result<Response<pb::SignIn>, Status> {
+        self.step(request, |m| {
+            Ok(Command::TotpRegistrationCode(m.code.clone()))
+        })
+        .await
     }
 
     async fn get_sign_in(

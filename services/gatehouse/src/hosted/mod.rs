@@ -23,7 +23,7 @@ pub mod text;
 
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -33,11 +33,15 @@ use chrono::Utc;
 use gatehouse_core::ApiError;
 use gatehouse_core::crypto::Crypto;
 use gatehouse_core::request::{CORRELATION_HEADER, http_client_context};
+use gatehouse_directory::identity_provider_service::IdentityProviderApi;
 use gatehouse_directory::tenant::{MfaMethod, PrimaryMethod};
+use gatehouse_directory::user_service::UserApi;
 use gatehouse_events::{Actor, Metadata};
+use gatehouse_proto::v1 as pb;
+use gatehouse_proto::v1::user_service_server::UserService;
 use gatehouse_signin::Flows;
 use gatehouse_signin::directory::Directory;
-use gatehouse_signin::engine::{Command, Reply, Scope};
+use gatehouse_signin::engine::{self, Command, Reply, Scope};
 use gatehouse_signin::flow::{Outcome, Primary, Step};
 use gatehouse_signin::oidc::{
     AuthRequest, AuthorizeError, AuthorizeParams, BrowserSession, ClientCredentials, LogoutParams,
@@ -73,6 +77,21 @@ struct Interaction {
     flow: Option<Uuid>,
     email: Option<String>,
     started: i64,
+    /// The page shown while no flow runs.
+    #[serde(default)]
+    screen: Screen,
+}
+
+/// Pages outside a sign-in flow.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+enum Screen {
+    #[default]
+    SignIn,
+    SignUp,
+    /// The code sent to a new account's email.
+    VerifyEmail {
+        user_id: Uuid,
+    },
 }
 
 /// The provider's HTTP side.
@@ -81,18 +100,22 @@ pub struct Hosted {
     flows: Arc<Flows>,
     crypto: Arc<Crypto>,
     directory: Arc<Directory>,
+    users: Arc<UserApi>,
+    providers: Arc<IdentityProviderApi>,
     /// Cookies get `Secure` (the public URL is https).
     secure: bool,
     text: &'static Text,
 }
 
 impl Hosted {
-    /// The endpoints over the provider and the flows.
+    /// The endpoints over the provider, the flows, sign-up and the identity providers.
     pub fn new(
         oidc: Arc<Oidc>,
         flows: Arc<Flows>,
         crypto: Arc<Crypto>,
         directory: Arc<Directory>,
+        users: Arc<UserApi>,
+        providers: Arc<IdentityProviderApi>,
         secure: bool,
     ) -> Self {
         Hosted {
@@ -100,6 +123,8 @@ impl Hosted {
             flows,
             crypto,
             directory,
+            users,
+            providers,
             secure,
             text: &EN,
         }
@@ -118,6 +143,11 @@ pub fn router(hosted: Arc<Hosted>) -> Router {
         .route("/tenants/{tenant}/userinfo", get(userinfo).post(userinfo))
         .route("/tenants/{tenant}/revoke", post(revoke))
         .route("/tenants/{tenant}/logout", get(logout))
+        .route("/tenants/{tenant}/federation/start", get(federation_start))
+        .route(
+            "/tenants/{tenant}/federation/callback",
+            get(federation_return),
+        )
         .route("/hosted.css", get(css))
         .with_state(hosted)
 }
@@ -273,31 +303,65 @@ impl Hosted {
         (browser.tenant_id == tenant_id).then_some(browser)
     }
 
-    /// The page of the flow's current step (or the first page when there is no flow).
+    /// The page of the flow's current step (or, without a flow, of the interaction's screen),
+    /// with the interaction cookie.
     async fn render(
         &self,
         interaction: &Interaction,
         reply: Option<&Reply>,
         error: Option<&str>,
+        metadata: &Metadata,
     ) -> Response {
         let tenant_id = interaction.request.tenant_id;
+        let text = self.text;
         let post_to = format!("/tenants/{tenant_id}/interaction");
         let email = interaction.email.clone().unwrap_or_default();
-        let page = match reply.map(|r| &r.flow) {
-            None => {
-                let email_otp = match self.directory.tenant(tenant_id).await {
-                    Ok(Some(settings)) => settings
-                        .allowed_primary_methods
-                        .contains(&PrimaryMethod::EmailOtp),
-                    _ => false,
-                };
-                Page::SignIn {
+        let settings = match self.directory.tenant(tenant_id).await {
+            Ok(Some(settings)) => settings,
+            _ => return self.error_page(StatusCode::NOT_FOUND, text.went_wrong),
+        };
+        let allows = |method: PrimaryMethod| settings.allowed_primary_methods.contains(&method);
+        let providers: Vec<(String, String)> = if allows(PrimaryMethod::Federated) {
+            self.providers
+                .offered(tenant_id)
+                .into_iter()
+                .map(|(id, name)| {
+                    let url = format!(
+                        "/tenants/{tenant_id}/federation/start?provider={id}&csrf={}",
+                        interaction.csrf
+                    );
+                    (name, url)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let sign_in = Page::SignIn {
+            email: &email,
+            email_otp: allows(PrimaryMethod::EmailOtp),
+            sign_up: settings.sign_up_enabled && allows(PrimaryMethod::Password),
+            providers: &providers,
+        };
+        let totp;
+        let mut error = error.map(str::to_string);
+        let page = match reply.map(|r| (&r.flow, r)) {
+            None => match &interaction.screen {
+                Screen::SignIn => sign_in,
+                Screen::SignUp => Page::SignUp {
                     email: &email,
-                    email_otp,
-                }
-            }
-            Some(flow) => match flow.step {
-                Step::Password => Page::Password { email: &email },
+                    attributes: &settings.collected_attributes,
+                },
+                Screen::VerifyEmail { .. } => Page::VerifyEmail { email: &email },
+            },
+            Some((flow, reply)) => match flow.step {
+                Step::Password => Page::Password {
+                    email: &email,
+                    note: None,
+                },
+                Step::LinkAccount => Page::Password {
+                    email: "",
+                    note: Some(text.link_account),
+                },
                 Step::EmailCode => Page::EmailCode,
                 Step::SelectMfaMethod => Page::SelectMfa {
                     methods: &flow.mfa_methods,
@@ -309,16 +373,46 @@ impl Hosted {
                 Step::PhoneNumber => Page::PhoneNumber,
                 Step::PhoneCode => Page::PhoneCode,
                 Step::NewPassword => Page::NewPassword,
-                Step::None
-                | Step::Done
-                | Step::Federation
-                | Step::FederationCallback
-                | Step::LinkAccount => {
-                    return self.error_page(StatusCode::CONFLICT, self.text.not_here);
+                Step::TotpRegistration => {
+                    let enrolment = match &reply.totp {
+                        Some(enrolment) => Ok(enrolment.clone()),
+                        None => self
+                            .command(interaction, reply.id, Command::TotpRegistration, metadata)
+                            .await
+                            .and_then(|r| {
+                                r.totp
+                                    .ok_or_else(|| ApiError::Internal("no enrolment".into()))
+                            }),
+                    };
+                    match enrolment {
+                        Ok(enrolment) => {
+                            totp = (STANDARD.encode(&enrolment.qr_png), enrolment.secret);
+                            Page::TotpRegistration {
+                                qr_png_base64: &totp.0,
+                                secret: &totp.1,
+                            }
+                        }
+                        Err(error) => {
+                            tracing::error!(%error, "hosted pages: the TOTP enrolment");
+                            return self
+                                .error_page(StatusCode::INTERNAL_SERVER_ERROR, text.went_wrong);
+                        }
+                    }
+                }
+                // Back from (or waiting for) an identity provider: the sign-in page again,
+                // to retry or choose another way.
+                Step::Federation | Step::FederationCallback => {
+                    if flow.federation_error.is_some() && error.is_none() {
+                        error = Some(text.federation_failed.to_string());
+                    }
+                    sign_in
+                }
+                Step::None | Step::Done => {
+                    return self.error_page(StatusCode::CONFLICT, text.not_here);
                 }
             },
         };
-        let body = pages::step(self.text, &page, &post_to, &interaction.csrf, error);
+        let body = pages::step(text, &page, &post_to, &interaction.csrf, error.as_deref());
         let mut response = html(
             if error.is_some() {
                 StatusCode::BAD_REQUEST
@@ -328,15 +422,20 @@ impl Hosted {
             body,
             &origin_of(&interaction.request.redirect_uri),
         );
+        self.keep(&mut response, interaction);
+        response
+    }
+
+    /// Stores the interaction in its cookie.
+    fn keep(&self, response: &mut Response, interaction: &Interaction) {
         let sealed = self.crypto.seal_token(INTERACTION_PURPOSE, interaction);
         self.set_cookie(
-            &mut response,
-            tenant_id,
+            response,
+            interaction.request.tenant_id,
             INTERACTION_COOKIE,
             &sealed,
             Some(INTERACTION_SECONDS),
         );
-        response
     }
 
     /// Sends the browser back to the app with an error, and forgets the interaction.
@@ -468,8 +567,9 @@ impl Hosted {
             csrf: random_token(),
             flow: None,
             started: Utc::now().timestamp(),
+            screen: Screen::SignIn,
         };
-        self.render(&interaction, None, None).await
+        self.render(&interaction, None, None, &metadata).await
     }
 
     /// Runs a command on the interaction's flow.
@@ -489,6 +589,32 @@ impl Hosted {
             .await
     }
 
+    /// The interaction of a request whose form (or link) carries the page's CSRF token.
+    fn checked(
+        &self,
+        tenant: &str,
+        headers: &HeaderMap,
+        csrf: Option<&str>,
+    ) -> Result<Interaction, Box<Response>> {
+        let Some(tenant_id) = tenant_of(tenant) else {
+            return Err(Box::new(
+                self.error_page(StatusCode::NOT_FOUND, self.text.went_wrong),
+            ));
+        };
+        let Some(interaction) = self.interaction_of(tenant_id, headers) else {
+            return Err(Box::new(
+                self.error_page(StatusCode::BAD_REQUEST, self.text.expired),
+            ));
+        };
+        let csrf = csrf.unwrap_or_default();
+        if !bool::from(csrf.as_bytes().ct_eq(interaction.csrf.as_bytes())) {
+            return Err(Box::new(
+                self.error_page(StatusCode::FORBIDDEN, self.text.expired),
+            ));
+        }
+        Ok(interaction)
+    }
+
     async fn submit(
         &self,
         tenant: &str,
@@ -496,16 +622,11 @@ impl Hosted {
         peer: SocketAddr,
         headers: &HeaderMap,
     ) -> Response {
-        let Some(tenant_id) = tenant_of(tenant) else {
-            return self.error_page(StatusCode::NOT_FOUND, self.text.went_wrong);
-        };
-        let Some(mut interaction) = self.interaction_of(tenant_id, headers) else {
-            return self.error_page(StatusCode::BAD_REQUEST, self.text.expired);
-        };
-        let csrf = form.get("csrf").map(String::as_str).unwrap_or_default();
-        if !bool::from(csrf.as_bytes().ct_eq(interaction.csrf.as_bytes())) {
-            return self.error_page(StatusCode::FORBIDDEN, self.text.expired);
-        }
+        let mut interaction =
+            match self.checked(tenant, headers, form.get("csrf").map(String::as_str)) {
+                Ok(interaction) => interaction,
+                Err(response) => return *response,
+            };
         let metadata = metadata(peer, headers);
         let field = |name: &str| form.get(name).cloned().unwrap_or_default();
         let action = field("action");
@@ -522,48 +643,45 @@ impl Hosted {
                     "the person cancelled the sign-in",
                 );
             }
-            ("restart", Some(flow)) => {
-                let _ = self
-                    .command(&interaction, flow, Command::Cancel, &metadata)
-                    .await;
+            ("restart" | "show_sign_in" | "show_sign_up", flow) => {
+                if let Some(flow) = flow {
+                    let _ = self
+                        .command(&interaction, flow, Command::Cancel, &metadata)
+                        .await;
+                }
                 interaction.flow = None;
-                interaction.email = None;
-                return self.render(&interaction, None, None).await;
+                interaction.screen = if action == "show_sign_up" {
+                    Screen::SignUp
+                } else {
+                    Screen::SignIn
+                };
+                if action == "restart" {
+                    interaction.email = None;
+                }
+                return self.render(&interaction, None, None, &metadata).await;
+            }
+            ("sign_up", None) => {
+                return self
+                    .sign_up(interaction, &form, peer, headers, &metadata)
+                    .await;
+            }
+            ("verify_email", None) => {
+                return self
+                    .verify_email(interaction, &field("code"), peer, headers, &metadata)
+                    .await;
             }
             ("start_password" | "start_email_code", _) => {
-                let email = field("email").trim().to_string();
                 let method = if action == "start_password" {
                     Primary::Password
                 } else {
                     Primary::EmailOtp
                 };
-                interaction.email = Some(email.clone());
-                let flow = Uuid::now_v7();
-                let start = Command::Start {
-                    client_id: interaction.request.client_id.clone(),
-                    email,
-                    method,
-                };
-                match self.command(&interaction, flow, start, &metadata).await {
-                    Ok(reply) => {
-                        interaction.flow = Some(flow);
-                        if method == Primary::Password && reply.flow.step == Step::Password {
-                            self.command(
-                                &interaction,
-                                flow,
-                                Command::Password(field("password")),
-                                &metadata,
-                            )
-                            .await
-                            .map_err(|e| (e, Some(reply)))
-                        } else {
-                            Ok(reply)
-                        }
-                    }
-                    Err(error) => Err((error, None)),
-                }
+                interaction.email = Some(field("email").trim().to_string());
+                let password = (method == Primary::Password).then(|| field("password"));
+                self.start(&mut interaction, method, password, &metadata)
+                    .await
             }
-            (_, None) => return self.render(&interaction, None, None).await,
+            (_, None) => return self.render(&interaction, None, None, &metadata).await,
             (action, Some(flow)) => {
                 let command = match action {
                     "password" => Command::Password(field("password")),
@@ -579,6 +697,7 @@ impl Hosted {
                     "phone_number" => Command::PhoneNumber(field("phone")),
                     "phone_code" => Command::PhoneCode(field("code")),
                     "new_password" => Command::NewPassword(field("password")),
+                    "totp_registration" => Command::TotpRegistrationCode(field("code")),
                     _ => Command::Get,
                 };
                 let choose = action == "choose_mfa";
@@ -589,26 +708,233 @@ impl Hosted {
                         Ok(reply)
                     }
                     Ok(reply) => Ok(reply),
-                    Err(error) => {
-                        let current = self
-                            .command(&interaction, flow, Command::Get, &metadata)
-                            .await
-                            .ok();
-                        Err((error, current))
-                    }
+                    Err(error) => Err((error, self.current(&interaction, flow, &metadata).await)),
                 }
             }
         };
+        self.answer(&interaction, result, &metadata).await
+    }
+
+    /// The flow as it is now (after a refused command).
+    async fn current(
+        &self,
+        interaction: &Interaction,
+        flow: Uuid,
+        metadata: &Metadata,
+    ) -> Option<Reply> {
+        self.command(interaction, flow, Command::Get, metadata)
+            .await
+            .ok()
+    }
+
+    /// Starts a flow for the interaction's email (and submits the password when given).
+    async fn start(
+        &self,
+        interaction: &mut Interaction,
+        method: Primary,
+        password: Option<String>,
+        metadata: &Metadata,
+    ) -> Result<Reply, (ApiError, Option<Reply>)> {
+        let flow = Uuid::now_v7();
+        let start = Command::Start {
+            client_id: interaction.request.client_id.clone(),
+            email: interaction.email.clone().unwrap_or_default(),
+            method,
+        };
+        let reply = self
+            .command(interaction, flow, start, metadata)
+            .await
+            .map_err(|e| (e, None))?;
+        interaction.flow = Some(flow);
+        interaction.screen = Screen::SignIn;
+        match password {
+            Some(password) if reply.flow.step == Step::Password => self
+                .command(interaction, flow, Command::Password(password), metadata)
+                .await
+                .map_err(|e| (e, Some(reply))),
+            _ => Ok(reply),
+        }
+    }
+
+    /// The page after a command: the next step, the same one with the error, or back to
+    /// the app when the flow has ended.
+    async fn answer(
+        &self,
+        interaction: &Interaction,
+        result: Result<Reply, (ApiError, Option<Reply>)>,
+        metadata: &Metadata,
+    ) -> Response {
         match result {
-            Ok(reply) => self.after(&interaction, reply, &metadata).await,
+            Ok(reply) => self.after(interaction, reply, metadata).await,
             Err((error, current)) => {
                 if let Some(current) = current.as_ref().filter(|c| c.flow.outcome.is_some()) {
-                    return self.after(&interaction, current.clone(), &metadata).await;
+                    return self.after(interaction, current.clone(), metadata).await;
                 }
                 let message = self.message_of(&error);
-                self.render(&interaction, current.as_ref(), Some(&message))
+                self.render(interaction, current.as_ref(), Some(&message), metadata)
                     .await
             }
+        }
+    }
+
+    /// A tonic request for the directory's self-service RPCs, from the browser's address.
+    fn grpc_request<T>(message: T, peer: SocketAddr, headers: &HeaderMap) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request
+            .extensions_mut()
+            .insert(tonic::transport::server::TcpConnectInfo {
+                local_addr: None,
+                remote_addr: Some(peer),
+            });
+        for name in [
+            header::USER_AGENT.as_str(),
+            "x-forwarded-for",
+            CORRELATION_HEADER,
+        ] {
+            if let Some(value) = headers.get(name).and_then(|v| v.to_str().ok())
+                && let Ok(value) = value.parse()
+            {
+                request.metadata_mut().insert(name, value);
+            }
+        }
+        request
+    }
+
+    /// Sign-up (UserService.SignUp): the code goes to the email, the next page asks for it.
+    async fn sign_up(
+        &self,
+        mut interaction: Interaction,
+        form: &HashMap<String, String>,
+        peer: SocketAddr,
+        headers: &HeaderMap,
+        metadata: &Metadata,
+    ) -> Response {
+        let email = form
+            .get("email")
+            .cloned()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let attributes = form
+            .iter()
+            .filter_map(|(name, value)| {
+                let name = name.strip_prefix("attribute_")?;
+                (!value.trim().is_empty()).then(|| (name.to_string(), value.trim().to_string()))
+            })
+            .collect();
+        interaction.email = Some(email.clone());
+        interaction.screen = Screen::SignUp;
+        let request = Self::grpc_request(
+            pb::SignUpRequest {
+                tenant_id: interaction.request.tenant_id.to_string(),
+                client_id: interaction.request.client_id.clone(),
+                email,
+                password: form.get("password").cloned().unwrap_or_default(),
+                attributes,
+            },
+            peer,
+            headers,
+        );
+        match UserService::sign_up(self.users.as_ref(), request).await {
+            Ok(response) => {
+                match Uuid::try_parse(&response.get_ref().user_id) {
+                    Ok(user_id) => interaction.screen = Screen::VerifyEmail { user_id },
+                    Err(_) => {
+                        return self
+                            .error_page(StatusCode::INTERNAL_SERVER_ERROR, self.text.went_wrong);
+                    }
+                }
+                self.render(&interaction, None, None, metadata).await
+            }
+            Err(status) => {
+                let message = self.status_message(&status);
+                self.render(&interaction, None, Some(&message), metadata)
+                    .await
+            }
+        }
+    }
+
+    /// The emailed code of a sign-up; right, the sign-in continues with the password.
+    async fn verify_email(
+        &self,
+        mut interaction: Interaction,
+        code: &str,
+        peer: SocketAddr,
+        headers: &HeaderMap,
+        metadata: &Metadata,
+    ) -> Response {
+        let Screen::VerifyEmail { user_id } = interaction.screen else {
+            return self.render(&interaction, None, None, metadata).await;
+        };
+        let request = Self::grpc_request(
+            pb::VerifyEmailRequest {
+                tenant_id: interaction.request.tenant_id.to_string(),
+                user_id: user_id.to_string(),
+                code: code.to_string(),
+            },
+            peer,
+            headers,
+        );
+        if let Err(status) = UserService::verify_email(self.users.as_ref(), request).await {
+            let message = self.status_message(&status);
+            return self
+                .render(&interaction, None, Some(&message), metadata)
+                .await;
+        }
+        // Verified: a sign-in for the new account (the password is asked again: it is never
+        // kept between pages).
+        let started = self
+            .start(&mut interaction, Primary::Password, None, metadata)
+            .await;
+        match started {
+            Ok(reply) if reply.flow.step == Step::Password => {
+                let tenant_id = interaction.request.tenant_id;
+                let email = interaction.email.clone().unwrap_or_default();
+                let body = pages::step(
+                    self.text,
+                    &Page::Password {
+                        email: &email,
+                        note: Some(self.text.email_verified),
+                    },
+                    &format!("/tenants/{tenant_id}/interaction"),
+                    &interaction.csrf,
+                    None,
+                );
+                let mut response = html(
+                    StatusCode::OK,
+                    body,
+                    &origin_of(&interaction.request.redirect_uri),
+                );
+                self.keep(&mut response, &interaction);
+                response
+            }
+            other => self.answer(&interaction, other, metadata).await,
+        }
+    }
+
+    fn status_message(&self, status: &tonic::Status) -> String {
+        match status.code() {
+            tonic::Code::InvalidArgument => {
+                let details = tonic_types::StatusExt::get_details_bad_request(status);
+                match details {
+                    Some(bad) if !bad.field_violations.is_empty() => {
+                        self.message_of(&ApiError::InvalidArgument(
+                            bad.field_violations
+                                .into_iter()
+                                .map(|v| {
+                                    gatehouse_core::error::FieldViolation::new(
+                                        v.field,
+                                        v.description,
+                                    )
+                                })
+                                .collect(),
+                        ))
+                    }
+                    _ => self.text.went_wrong.to_string(),
+                }
+            }
+            tonic::Code::Internal | tonic::Code::Unknown => self.text.went_wrong.to_string(),
+            _ => self.message_of(&ApiError::FailedPrecondition(status.message().to_string())),
         }
     }
 
@@ -620,7 +946,7 @@ impl Hosted {
         metadata: &Metadata,
     ) -> Response {
         match &reply.flow.outcome {
-            None => self.render(interaction, Some(&reply), None).await,
+            None => self.render(interaction, Some(&reply), None, metadata).await,
             Some(Outcome::Completed(session_id)) => {
                 self.complete(&interaction.request, *session_id, true, metadata)
                     .await
@@ -637,6 +963,84 @@ impl Hosted {
                 "the sign-in was cancelled",
             ),
         }
+    }
+
+    /// A provider's button: a flow that starts with federation, then off to the provider.
+    async fn federation_start(
+        &self,
+        tenant: &str,
+        query: &HashMap<String, String>,
+        peer: SocketAddr,
+        headers: &HeaderMap,
+    ) -> Response {
+        let mut interaction =
+            match self.checked(tenant, headers, query.get("csrf").map(String::as_str)) {
+                Ok(interaction) => interaction,
+                Err(response) => return *response,
+            };
+        let metadata = metadata(peer, headers);
+        let Some(provider_id) = query.get("provider").and_then(|p| Uuid::try_parse(p).ok()) else {
+            return self.error_page(StatusCode::BAD_REQUEST, self.text.went_wrong);
+        };
+        let started = match self
+            .start(&mut interaction, Primary::Federated, None, &metadata)
+            .await
+        {
+            Ok(reply) => reply,
+            Err(result) => return self.answer(&interaction, Err(result), &metadata).await,
+        };
+        let callback =
+            engine::federation_callback(&self.oidc.issuer(interaction.request.tenant_id));
+        let command = Command::StartFederation {
+            provider_id,
+            redirect_uri: callback,
+        };
+        match self
+            .command(&interaction, started.id, command, &metadata)
+            .await
+        {
+            Ok(reply) => match &reply.authorization_url {
+                Some(url) => {
+                    let mut response = redirect(url, "");
+                    self.keep(&mut response, &interaction);
+                    response
+                }
+                None => self.error_page(StatusCode::INTERNAL_SERVER_ERROR, self.text.went_wrong),
+            },
+            Err(error) => {
+                let current = self.current(&interaction, started.id, &metadata).await;
+                self.answer(&interaction, Err((error, current)), &metadata)
+                    .await
+            }
+        }
+    }
+
+    /// The provider sends the person back here: the flow checks its answer.
+    async fn federation_callback(
+        &self,
+        tenant: &str,
+        raw_query: &str,
+        peer: SocketAddr,
+        headers: &HeaderMap,
+    ) -> Response {
+        let Some(tenant_id) = tenant_of(tenant) else {
+            return self.error_page(StatusCode::NOT_FOUND, self.text.went_wrong);
+        };
+        // No CSRF token here (the provider sends the person): the flow's own state, nonce
+        // and PKCE bind the answer to this sign-in.
+        let Some(interaction) = self.interaction_of(tenant_id, headers) else {
+            return self.error_page(StatusCode::BAD_REQUEST, self.text.expired);
+        };
+        let Some(flow) = interaction.flow else {
+            return self.error_page(StatusCode::BAD_REQUEST, self.text.expired);
+        };
+        let metadata = metadata(peer, headers);
+        let command = Command::CompleteFederation(raw_query.to_string());
+        let result = match self.command(&interaction, flow, command, &metadata).await {
+            Ok(reply) => Ok(reply),
+            Err(error) => Err((error, self.current(&interaction, flow, &metadata).await)),
+        };
+        self.answer(&interaction, result, &metadata).await
     }
 
     fn message_of(&self, error: &ApiError) -> String {
@@ -667,6 +1071,31 @@ impl Hosted {
             _ => self.text.went_wrong.to_string(),
         }
     }
+}
+
+async fn federation_start(
+    State(hosted): State<Arc<Hosted>>,
+    Path(tenant): Path<String>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let query = parse_form(query.unwrap_or_default().as_bytes());
+    hosted
+        .federation_start(&tenant, &query, peer, &headers)
+        .await
+}
+
+async fn federation_return(
+    State(hosted): State<Arc<Hosted>>,
+    Path(tenant): Path<String>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    hosted
+        .federation_callback(&tenant, &query.unwrap_or_default(), peer, &headers)
+        .await
 }
 
 async fn authorize_get(

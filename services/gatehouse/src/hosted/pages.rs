@@ -24,10 +24,33 @@ pub fn esc(text: &str) -> String {
 
 /// A step of the sign-in, as a page.
 pub enum Page<'a> {
-    /// Email and password (and the emailed-code alternative when the tenant allows it).
-    SignIn { email: &'a str, email_otp: bool },
-    /// The password of a started sign-in.
-    Password { email: &'a str },
+    /// Email and password (and the emailed-code alternative when the tenant allows it, a
+    /// button per identity provider, and sign-up when it is open).
+    SignIn {
+        email: &'a str,
+        email_otp: bool,
+        sign_up: bool,
+        /// (label, URL) of each identity provider's button.
+        providers: &'a [(String, String)],
+    },
+    /// Create an account: email, password and the attributes the tenant collects.
+    SignUp {
+        email: &'a str,
+        attributes: &'a [String],
+    },
+    /// The code sent to the new account's email.
+    VerifyEmail { email: &'a str },
+    /// Register an authenticator app: its QR code (PNG, base64) and secret.
+    TotpRegistration {
+        qr_png_base64: &'a str,
+        secret: &'a str,
+    },
+    /// The password of a started sign-in (or of the account a provider's email belongs to),
+    /// with a note above it.
+    Password {
+        email: &'a str,
+        note: Option<&'a str>,
+    },
     /// The passwordless code.
     EmailCode,
     /// Choose a second factor.
@@ -59,6 +82,15 @@ pub fn method_value(method: MfaMethod) -> &'static str {
         MfaMethod::SmsOtp => "sms_otp",
         MfaMethod::RecoveryCode => "recovery_code",
     }
+}
+
+/// `given_name` → `Given name`.
+fn attribute_label(name: &str) -> String {
+    let mut label = name.replace('_', " ");
+    if let Some(first) = label.get(..1) {
+        label.replace_range(..1, &first.to_uppercase());
+    }
+    label
 }
 
 fn layout(text: &Text, title: &str, body: &str) -> String {
@@ -116,7 +148,12 @@ pub fn step(text: &Text, page: &Page, post_to: &str, csrf: &str, error: Option<&
         )
     };
     let (title, intro, mut body) = match page {
-        Page::SignIn { email, email_otp } => {
+        Page::SignIn {
+            email,
+            email_otp,
+            sign_up,
+            providers,
+        } => {
             let mut body = form(
                 "start_password",
                 &(field(
@@ -150,10 +187,80 @@ pub fn step(text: &Text, page: &Page, post_to: &str, csrf: &str, error: Option<&
                     text.email_me_a_code,
                 ));
             }
+            if !providers.is_empty() {
+                body.push_str(&format!("<p class=\"or\">{}</p>\n", esc(text.or)));
+                for (label, url) in providers.iter() {
+                    body.push_str(&format!(
+                        "<a class=\"button provider\" href=\"{url}\">{label}</a>\n",
+                        url = esc(url),
+                        label = esc(&text.continue_with.replace("{provider}", label)),
+                    ));
+                }
+            }
+            if *sign_up {
+                body.push_str(&format!("<p class=\"or\">{}</p>\n", esc(text.no_account)));
+                body.push_str(&link_button("show_sign_up", text.create_account));
+            }
             (text.sign_in_title, text.sign_in_intro, body)
         }
-        Page::Password { email } => {
+        Page::SignUp { email, attributes } => {
+            let mut fields = field(
+                "email",
+                text.email,
+                "email",
+                email,
+                "autocomplete=\"email\" autofocus maxlength=\"254\"",
+            );
+            fields.push_str(&field(
+                "password",
+                text.password,
+                "password",
+                "",
+                "autocomplete=\"new-password\" maxlength=\"256\"",
+            ));
+            for name in attributes.iter() {
+                let id = format!("attribute_{name}");
+                fields.push_str(&field(
+                    &id,
+                    &attribute_label(name),
+                    "text",
+                    "",
+                    "maxlength=\"256\"",
+                ));
+            }
+            let mut body = form("sign_up", &fields, text.create_account);
+            body.push_str(&link_button("show_sign_in", text.have_account));
+            (text.sign_up_title, text.sign_up_intro, body)
+        }
+        Page::VerifyEmail { email } => {
             let mut body = format!("<p class=\"who\">{}</p>\n", esc(email));
+            body.push_str(&form("verify_email", &code_field(text), text.verify));
+            (text.verify_email_title, text.verify_email_intro, body)
+        }
+        Page::TotpRegistration {
+            qr_png_base64,
+            secret,
+        } => {
+            let mut body = format!(
+                "<img class=\"qr\" src=\"data:image/png;base64,{qr}\" alt=\"{alt}\" \
+                 width=\"200\" height=\"200\">\n<p>{manual}</p>\n\
+                 <p><code class=\"secret\">{secret}</code></p>\n",
+                qr = esc(qr_png_base64),
+                alt = esc(text.qr_alt),
+                manual = esc(text.totp_manual),
+                secret = esc(secret),
+            );
+            body.push_str(&form("totp_registration", &code_field(text), text.verify));
+            (text.totp_title, text.totp_intro, body)
+        }
+        Page::Password { email, note } => {
+            let mut body = String::new();
+            if let Some(note) = note {
+                body.push_str(&format!("<p class=\"note\">{}</p>\n", esc(note)));
+            }
+            if !email.is_empty() {
+                body.push_str(&format!("<p class=\"who\">{}</p>\n", esc(email)));
+            }
             body.push_str(&form(
                 "password",
                 &field(
@@ -274,6 +381,9 @@ label{display:block;margin:.75rem 0 .25rem;font-weight:600}
 input[type=email],input[type=password],input[type=text],input[type=tel]{width:100%;padding:.6rem;border:1px solid #8a93a6;border-radius:4px;font:inherit}
 input:focus,button:focus{outline:3px solid #5b8def;outline-offset:1px}
 button{margin-top:1rem;width:100%;padding:.65rem;border:0;border-radius:4px;background:#1f4fd1;color:#fff;font:inherit;font-weight:600;cursor:pointer}
+a.button{display:block;margin-top:.75rem;padding:.6rem;border:1px solid #1f4fd1;border-radius:4px;color:#1f4fd1;text-align:center;text-decoration:none;font-weight:600}
+img.qr{display:block;margin:1rem auto;image-rendering:pixelated}
+code.secret{word-break:break-all;font-size:1.05rem}
 button.link{background:none;color:#1f4fd1;width:auto;padding:.25rem 0;margin-top:.5rem;text-decoration:underline}
 fieldset{border:0;padding:0;margin:0}
 .choice{display:flex;gap:.5rem;align-items:center;margin:.4rem 0}
@@ -281,6 +391,7 @@ fieldset{border:0;padding:0;margin:0}
 .error{background:#fdecea;color:#8a1c13;padding:.6rem;border-radius:4px}
 .or{text-align:center;color:#5c6475;margin:1rem 0 0}
 .who{font-weight:600}
+.note{background:#e8f0fe;padding:.6rem;border-radius:4px}
 "#;
 
 #[cfg(test)]
@@ -294,6 +405,7 @@ mod tests {
             &EN,
             &Page::Password {
                 email: "<script>alert(1)</script>@x.example",
+                note: None,
             },
             "/t\"/interaction",
             "a\"b",
@@ -313,9 +425,23 @@ mod tests {
             Page::SignIn {
                 email: "",
                 email_otp: true,
+                sign_up: true,
+                providers: &[("Google".into(), "/g".into())],
+            },
+            Page::SignUp {
+                email: "",
+                attributes: &["given_name".into()],
+            },
+            Page::VerifyEmail {
+                email: "a@b.example",
+            },
+            Page::TotpRegistration {
+                qr_png_base64: "AAAA",
+                secret: "ABC",
             },
             Page::Password {
                 email: "a@b.example",
+                note: Some("note"),
             },
             Page::EmailCode,
             Page::SelectMfa { methods: &methods },
