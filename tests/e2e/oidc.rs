@@ -696,6 +696,193 @@ async fn negatives(setup: &Setup) -> TestResult {
     .await
 }
 
+/// The pages' other ways through: the browser session (SSO), prompt=login and max_age,
+/// client_secret_post, a refused logout target, a forgotten password, the emailed code.
+async fn pages(setup: &Setup, data: &Path) -> TestResult {
+    let world = &setup.world;
+    let issuer = world.issuer();
+    let mut browser = Browser::new()?;
+    let verifier = "d".repeat(43);
+    let pkce = [
+        ("code_challenge", challenge(&verifier)),
+        ("code_challenge_method", "S256".to_string()),
+    ];
+    let with = |extra: &[(&'static str, &str)]| -> Vec<(&'static str, String)> {
+        let mut all = pkce.to_vec();
+        all.extend(extra.iter().map(|(n, v)| (*n, v.to_string())));
+        all
+    };
+    let url = |extra: Vec<(&'static str, String)>| -> Result<String, Error> {
+        let extra: Vec<(&str, &str)> = extra.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        authorize_url(world, &client_id(&setup.spa)?, &extra)
+    };
+    code_for_spa(setup, &mut browser, &verifier).await?;
+    if !browser.cookies.contains_key("gh_session") {
+        return Err("no browser session cookie after a sign-in".into());
+    }
+    // The browser's session answers at once; prompt=login and max_age=0 ask again.
+    let again = browser.get(&url(with(&[]))?).await?;
+    if again.status != StatusCode::SEE_OTHER || !again.redirect_query()?.contains_key("code") {
+        return Err(format!("no single sign-on: {}", again.status).into());
+    }
+    for extra in [[("prompt", "login")], [("max_age", "0")]] {
+        let page = browser.get(&url(with(&extra))?).await?;
+        if page.status != StatusCode::OK || !page.body.contains("name=\"password\"") {
+            return Err(format!("{extra:?} did not ask to sign in: {}", page.status).into());
+        }
+    }
+
+    // client_secret_post, for a confidential app (no MFA asked of this one).
+    let backoffice = register(world, pb::ClientType::Confidential, false).await?;
+    let backoffice_id = client_id(&backoffice)?;
+    let mut fresh = Browser::new()?;
+    let page = fresh
+        .get(&authorize_url(world, &backoffice_id, &[])?)
+        .await?;
+    let back = fresh
+        .submit(
+            &issuer,
+            &page,
+            &[("email", &setup.email), ("password", PASSWORD)],
+        )
+        .await?;
+    let code = back
+        .redirect_query()?
+        .get("code")
+        .cloned()
+        .ok_or("no code")?;
+    let (status, tokens, _) = token_request(
+        world,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("redirect_uri", REDIRECT),
+            ("client_id", &backoffice_id),
+            ("client_secret", &backoffice.client_secret),
+        ],
+        None,
+    )
+    .await?;
+    if status != StatusCode::OK {
+        return Err(format!("client_secret_post: {status} {tokens}").into());
+    }
+    let (status, refreshed, _) = token_request(
+        world,
+        &[
+            ("grant_type", "refresh_token"),
+            (
+                "refresh_token",
+                tokens["refresh_token"].as_str().unwrap_or_default(),
+            ),
+            ("client_id", &backoffice_id),
+            ("client_secret", &backoffice.client_secret),
+        ],
+        None,
+    )
+    .await?;
+    if status != StatusCode::OK || refreshed["refresh_token"] == tokens["refresh_token"] {
+        return Err(format!("refresh with client_secret_post: {status} {refreshed}").into());
+    }
+    // A logout target the app did not register: an error page, no redirect, nothing ended.
+    let mut logout = url::Url::parse(&format!("{issuer}/logout"))?;
+    logout
+        .query_pairs_mut()
+        .append_pair(
+            "id_token_hint",
+            tokens["id_token"].as_str().unwrap_or_default(),
+        )
+        .append_pair("post_logout_redirect_uri", "https://evil.example/bye");
+    let refused = fresh.get(logout.as_str()).await?;
+    if refused.status != StatusCode::BAD_REQUEST || refused.location.is_some() {
+        return Err(format!("an unregistered logout target: {}", refused.status).into());
+    }
+    let (status, _, _) = token_request(
+        world,
+        &[
+            ("grant_type", "refresh_token"),
+            (
+                "refresh_token",
+                refreshed["refresh_token"].as_str().unwrap_or_default(),
+            ),
+            ("client_id", &backoffice_id),
+            ("client_secret", &backoffice.client_secret),
+        ],
+        None,
+    )
+    .await?;
+    if status != StatusCode::OK {
+        return Err("a refused logout ended the session".into());
+    }
+
+    // A forgotten password, through the pages, then a sign-in with the new one.
+    let mut forgetful = Browser::new()?;
+    let start = forgetful.get(&url(with(&[]))?).await?;
+    let csrf = start.field("csrf")?;
+    let interaction = format!("{issuer}/interaction");
+    let reset = forgetful
+        .post(&interaction, &[("csrf", &csrf), ("action", "show_reset")])
+        .await?;
+    if !reset.body.contains("Reset your password") {
+        return Err(format!("no reset page: {}", reset.body).into());
+    }
+    let sent_before = support::outbox(data)
+        .iter()
+        .filter(|m| m.to == setup.email)
+        .count();
+    let asked = forgetful
+        .submit(&issuer, &reset, &[("email", &setup.email)])
+        .await?;
+    let code = support::wait_for_message(data, &setup.email, sent_before)?
+        .code
+        .ok_or("the reset email has no code")?;
+    let new_password = "an entirely new passphrase";
+    let changed = forgetful
+        .submit(
+            &issuer,
+            &asked,
+            &[("code", &code), ("password", new_password)],
+        )
+        .await?;
+    if !changed.body.contains("Your password has been changed") {
+        return Err(format!("after the reset: {}", changed.body).into());
+    }
+    let done = forgetful
+        .submit(&issuer, &changed, &[("password", new_password)])
+        .await?;
+    if !done.redirect_query()?.contains_key("code") {
+        return Err(format!("no sign-in with the new password: {}", done.status).into());
+    }
+
+    // The emailed code as the primary method.
+    let mut passwordless = Browser::new()?;
+    let page = passwordless.get(&url(with(&[]))?).await?;
+    let csrf = page.field("csrf")?;
+    let sent_before = support::outbox(data)
+        .iter()
+        .filter(|m| m.to == setup.email)
+        .count();
+    let asked = passwordless
+        .post(
+            &interaction,
+            &[
+                ("csrf", &csrf),
+                ("action", "start_email_code"),
+                ("email", &setup.email),
+            ],
+        )
+        .await?;
+    let code = support::wait_for_message(data, &setup.email, sent_before)?
+        .code
+        .ok_or("the sign-in email has no code")?;
+    let done = passwordless
+        .submit(&issuer, &asked, &[("code", &code)])
+        .await?;
+    if !done.redirect_query()?.contains_key("code") {
+        return Err(format!("no sign-in by emailed code: {} {}", done.status, done.body).into());
+    }
+    Ok(())
+}
+
 async fn run(data: &Path, database_url: Option<&str>) -> TestResult {
     // The relying party's server: codes live the default 60 s.
     let server = Server::start(data, database_url)?;
@@ -714,7 +901,8 @@ async fn run(data: &Path, database_url: Option<&str>) -> TestResult {
         ..setup.world.clone()
     };
     let setup = Setup { world, ..setup };
-    negatives(&setup).await
+    negatives(&setup).await?;
+    pages(&setup, data).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

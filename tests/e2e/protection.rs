@@ -335,7 +335,8 @@ async fn run_all(data: &Path, database_url: Option<&str>) -> TestResult {
         world.update_settings(move |settings| {
             settings.require_mfa = on;
             settings.mfa_methods = if on {
-                vec![pb::MfaMethod::Totp as i32, pb::MfaMethod::SmsOtp as i32]
+                // SMS first: the in-flow enrolment is a phone.
+                vec![pb::MfaMethod::SmsOtp as i32, pb::MfaMethod::Totp as i32]
             } else {
                 vec![
                     pb::MfaMethod::Totp as i32,

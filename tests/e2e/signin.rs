@@ -421,7 +421,72 @@ async fn mfa_flows(world: &World, data: &Path) -> Result<String, Error> {
         return Err("the flow survived five wrong codes".into());
     }
 
-    // A user with no second factor registers a phone during sign-in; the code comes by SMS.
+    // A user with no second factor registers an authenticator app during sign-in when the
+    // tenant lists TOTP first (it does here): the secret and QR code, then its first code.
+    world.create_user("newapp@example.com", false).await?;
+    let flow = world
+        .start("newapp@example.com", pb::PrimaryMethod::Password)
+        .await?;
+    let flow = world.password(&flow, PASSWORD).await?;
+    step_is(&flow, pb::SignInStep::TotpRegistration)?;
+    let flow_ref = pb::SignInRef {
+        tenant_id: world.tenant_id.clone(),
+        client_id: world.client_id.clone(),
+        sign_in_id: flow.id.clone(),
+    };
+    let registration = world
+        .signin()
+        .get_totp_registration(flow_ref.clone())
+        .await?
+        .into_inner();
+    // Asking again shows the same pending enrolment.
+    let again = world
+        .signin()
+        .get_totp_registration(flow_ref)
+        .await?
+        .into_inner();
+    if registration.secret != again.secret
+        || !registration.otpauth_uri.starts_with("otpauth://totp/")
+        || !registration.qr_png.starts_with(b"\x89PNG")
+    {
+        return Err(format!("the registration: {registration:?}").into());
+    }
+    let wrong = world
+        .signin()
+        .submit_totp_registration(world.code_request(&flow, "000000"))
+        .await;
+    if wrong.map_err(|s| s.code()).err() != Some(Code::InvalidArgument) {
+        return Err("a wrong first code registered the app".into());
+    }
+    let done = world
+        .signin()
+        .submit_totp_registration(world.code_request(&flow, &totp(&registration.secret, 0)?))
+        .await?
+        .into_inner();
+    completed(&done)?;
+    // The app is now the user's second factor.
+    let flow = world
+        .start("newapp@example.com", pb::PrimaryMethod::Password)
+        .await?;
+    let flow = world.password(&flow, PASSWORD).await?;
+    if flow.mfa_methods != vec![pb::MfaMethod::Totp as i32] {
+        return Err(format!("TOTP not offered: {flow:?}").into());
+    }
+
+    // With SMS listed first, a user with no second factor registers a phone instead; the
+    // code comes by SMS.
+    let order = |first: pb::MfaMethod, second: pb::MfaMethod| {
+        world.update_settings(move |settings| {
+            settings.mfa_methods = vec![
+                first as i32,
+                pb::MfaMethod::EmailOtp as i32,
+                second as i32,
+                pb::MfaMethod::RecoveryCode as i32,
+            ];
+            Ok(())
+        })
+    };
+    order(pb::MfaMethod::SmsOtp, pb::MfaMethod::Totp).await?;
     world.create_user("newphone@example.com", false).await?;
     let flow = world
         .start("newphone@example.com", pb::PrimaryMethod::Password)
@@ -466,6 +531,7 @@ async fn mfa_flows(world: &World, data: &Path) -> Result<String, Error> {
     if flow.mfa_methods != vec![pb::MfaMethod::SmsOtp as i32] {
         return Err(format!("SMS not offered: {flow:?}").into());
     }
+    order(pb::MfaMethod::Totp, pb::MfaMethod::SmsOtp).await?;
     Ok(user_id)
 }
 

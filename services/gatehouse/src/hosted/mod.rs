@@ -92,6 +92,10 @@ enum Screen {
     VerifyEmail {
         user_id: Uuid,
     },
+    /// Forgotten password: the email.
+    ResetStart,
+    /// The reset code and the new password.
+    ResetComplete,
 }
 
 /// The provider's HTTP side.
@@ -352,6 +356,8 @@ impl Hosted {
                     attributes: &settings.collected_attributes,
                 },
                 Screen::VerifyEmail { .. } => Page::VerifyEmail { email: &email },
+                Screen::ResetStart => Page::ResetStart { email: &email },
+                Screen::ResetComplete => Page::ResetComplete { email: &email },
             },
             Some((flow, reply)) => match flow.step {
                 Step::Password => Page::Password {
@@ -643,17 +649,17 @@ impl Hosted {
                     "the person cancelled the sign-in",
                 );
             }
-            ("restart" | "show_sign_in" | "show_sign_up", flow) => {
+            ("restart" | "show_sign_in" | "show_sign_up" | "show_reset", flow) => {
                 if let Some(flow) = flow {
                     let _ = self
                         .command(&interaction, flow, Command::Cancel, &metadata)
                         .await;
                 }
                 interaction.flow = None;
-                interaction.screen = if action == "show_sign_up" {
-                    Screen::SignUp
-                } else {
-                    Screen::SignIn
+                interaction.screen = match action.as_str() {
+                    "show_sign_up" => Screen::SignUp,
+                    "show_reset" => Screen::ResetStart,
+                    _ => Screen::SignIn,
                 };
                 if action == "restart" {
                     interaction.email = None;
@@ -668,6 +674,16 @@ impl Hosted {
             ("verify_email", None) => {
                 return self
                     .verify_email(interaction, &field("code"), peer, headers, &metadata)
+                    .await;
+            }
+            ("reset_start", None) => {
+                return self
+                    .reset_start(interaction, &field("email"), peer, headers, &metadata)
+                    .await;
+            }
+            ("reset_complete", None) => {
+                return self
+                    .reset_complete(interaction, &form, peer, headers, &metadata)
                     .await;
             }
             ("start_password" | "start_email_code", _) => {
@@ -857,7 +873,7 @@ impl Hosted {
     /// The emailed code of a sign-up; right, the sign-in continues with the password.
     async fn verify_email(
         &self,
-        mut interaction: Interaction,
+        interaction: Interaction,
         code: &str,
         peer: SocketAddr,
         headers: &HeaderMap,
@@ -883,6 +899,18 @@ impl Hosted {
         }
         // Verified: a sign-in for the new account (the password is asked again: it is never
         // kept between pages).
+        self.sign_in_with_note(interaction, self.text.email_verified, metadata)
+            .await
+    }
+
+    /// Starts a password sign-in for the interaction's email and asks for the password, with
+    /// a note (the email was verified, the password changed).
+    async fn sign_in_with_note(
+        &self,
+        mut interaction: Interaction,
+        note: &str,
+        metadata: &Metadata,
+    ) -> Response {
         let started = self
             .start(&mut interaction, Primary::Password, None, metadata)
             .await;
@@ -894,7 +922,7 @@ impl Hosted {
                     self.text,
                     &Page::Password {
                         email: &email,
-                        note: Some(self.text.email_verified),
+                        note: Some(note),
                     },
                     &format!("/tenants/{tenant_id}/interaction"),
                     &interaction.csrf,
@@ -909,6 +937,74 @@ impl Hosted {
                 response
             }
             other => self.answer(&interaction, other, metadata).await,
+        }
+    }
+
+    /// Forgotten password: a code to the email (UserService.StartPasswordReset, which
+    /// answers the same whether or not the email has an account).
+    async fn reset_start(
+        &self,
+        mut interaction: Interaction,
+        email: &str,
+        peer: SocketAddr,
+        headers: &HeaderMap,
+        metadata: &Metadata,
+    ) -> Response {
+        interaction.email = Some(email.trim().to_string());
+        let request = Self::grpc_request(
+            pb::StartPasswordResetRequest {
+                tenant_id: interaction.request.tenant_id.to_string(),
+                email: email.trim().to_string(),
+            },
+            peer,
+            headers,
+        );
+        match UserService::start_password_reset(self.users.as_ref(), request).await {
+            Ok(_) => {
+                interaction.screen = Screen::ResetComplete;
+                self.render(&interaction, None, None, metadata).await
+            }
+            Err(status) => {
+                let message = self.status_message(&status);
+                self.render(&interaction, None, Some(&message), metadata)
+                    .await
+            }
+        }
+    }
+
+    /// The reset code and the new password; then a sign-in with it.
+    async fn reset_complete(
+        &self,
+        interaction: Interaction,
+        form: &HashMap<String, String>,
+        peer: SocketAddr,
+        headers: &HeaderMap,
+        metadata: &Metadata,
+    ) -> Response {
+        if !matches!(interaction.screen, Screen::ResetComplete) {
+            return self.render(&interaction, None, None, metadata).await;
+        }
+        let field = |name: &str| form.get(name).cloned().unwrap_or_default();
+        let request = Self::grpc_request(
+            pb::CompletePasswordResetRequest {
+                tenant_id: interaction.request.tenant_id.to_string(),
+                email: interaction.email.clone().unwrap_or_default(),
+                code: field("code"),
+                new_password: field("password"),
+            },
+            peer,
+            headers,
+        );
+        match UserService::complete_password_reset(self.users.as_ref(), request).await {
+            Ok(_) => {
+                self.sign_in_with_note(interaction, self.text.password_reset, metadata)
+                    .await
+            }
+            Err(status) => {
+                let message = self.status_message(&status);
+                self.render(&interaction, None, Some(&message), metadata)
+                    .await
+            }
         }
     }
 

@@ -40,6 +40,10 @@ pub enum Page<'a> {
     },
     /// The code sent to the new account's email.
     VerifyEmail { email: &'a str },
+    /// Forgotten password: the email to send a reset code to.
+    ResetStart { email: &'a str },
+    /// The reset code and the new password.
+    ResetComplete { email: &'a str },
     /// Register an authenticator app: its QR code (PNG, base64) and secret.
     TotpRegistration {
         qr_png_base64: &'a str,
@@ -197,6 +201,7 @@ pub fn step(text: &Text, page: &Page, post_to: &str, csrf: &str, error: Option<&
                     ));
                 }
             }
+            body.push_str(&link_button("show_reset", text.forgot_password));
             if *sign_up {
                 body.push_str(&format!("<p class=\"or\">{}</p>\n", esc(text.no_account)));
                 body.push_str(&link_button("show_sign_up", text.create_account));
@@ -231,6 +236,38 @@ pub fn step(text: &Text, page: &Page, post_to: &str, csrf: &str, error: Option<&
             let mut body = form("sign_up", &fields, text.create_account);
             body.push_str(&link_button("show_sign_in", text.have_account));
             (text.sign_up_title, text.sign_up_intro, body)
+        }
+        Page::ResetStart { email } => {
+            let mut body = form(
+                "reset_start",
+                &field(
+                    "email",
+                    text.email,
+                    "email",
+                    email,
+                    "autocomplete=\"username\" autofocus maxlength=\"254\"",
+                ),
+                text.send_reset_code,
+            );
+            body.push_str(&link_button("show_sign_in", text.back_to_sign_in));
+            (text.reset_title, text.reset_intro, body)
+        }
+        Page::ResetComplete { email } => {
+            let mut body = format!("<p class=\"who\">{}</p>\n", esc(email));
+            body.push_str(&form(
+                "reset_complete",
+                &(code_field(text)
+                    + &field(
+                        "password",
+                        text.new_password,
+                        "password",
+                        "",
+                        "autocomplete=\"new-password\" maxlength=\"256\"",
+                    )),
+                text.change_password,
+            ));
+            body.push_str(&link_button("show_sign_in", text.back_to_sign_in));
+            (text.reset_code_title, text.reset_code_intro, body)
         }
         Page::VerifyEmail { email } => {
             let mut body = format!("<p class=\"who\">{}</p>\n", esc(email));
@@ -272,6 +309,7 @@ pub fn step(text: &Text, page: &Page, post_to: &str, csrf: &str, error: Option<&
                 ),
                 text.sign_in,
             ));
+            body.push_str(&link_button("show_reset", text.forgot_password));
             body.push_str(&link_button("restart", text.not_you));
             (text.password_title, "", body)
         }

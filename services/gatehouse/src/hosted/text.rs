@@ -61,6 +61,14 @@ pub struct Text {
     pub qr_alt: &'static str,
     pub federation_failed: &'static str,
     pub link_account: &'static str,
+    pub forgot_password: &'static str,
+    pub back_to_sign_in: &'static str,
+    pub reset_title: &'static str,
+    pub reset_intro: &'static str,
+    pub send_reset_code: &'static str,
+    pub reset_code_title: &'static str,
+    pub reset_code_intro: &'static str,
+    pub password_reset: &'static str,
 }
 
 /// English.
@@ -123,4 +131,12 @@ pub const EN: Text = Text {
     qr_alt: "QR code for your authenticator app",
     federation_failed: "Signing in with that provider did not work. Try again or use another way to sign in.",
     link_account: "An account with this email address exists. Enter its password to link your sign-in to it.",
+    forgot_password: "Forgot your password?",
+    back_to_sign_in: "Back to sign in",
+    reset_title: "Reset your password",
+    reset_intro: "Enter the email address of your account. If it has one, we will send it a code.",
+    send_reset_code: "Send code",
+    reset_code_title: "Choose a new password",
+    reset_code_intro: "Enter the code we sent to your email address and your new password.",
+    password_reset: "Your password has been changed. Enter it to continue.",
 };
