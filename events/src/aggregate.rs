@@ -225,6 +225,16 @@ impl<A: Aggregate> Loaded<A> {
         Ok(loaded)
     }
 
+    /// Applies whatever was appended to the stream since this copy was loaded (another
+    /// process may have moved it on); how many events that was.
+    pub async fn refresh(&mut self, store: &dyn EventStore) -> Result<u64, StoreError> {
+        let bounds = StreamBounds {
+            after_version: self.version,
+            ..StreamBounds::default()
+        };
+        self.apply_all(store.read_stream(&self.stream, bounds).await?)
+    }
+
     /// Loads the state as it was at a position or time (audit replay; no snapshots).
     pub async fn load_at(
         store: &dyn EventStore,

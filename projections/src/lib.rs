@@ -8,6 +8,7 @@
 //! - [`runtime`]: SQL read models beside the log, written exactly once with their position,
 //!   one runner per projection across replicas (a lease), rebuilt into a new generation and
 //!   swapped in without downtime, stopped by a poison event.
+//! - [`lease`]: leases for background workers that run in one replica at a time.
 //! - [`activity`]: the sign-in log and activity counters of SPEC §7.
 //! - [`event_counts`]: the smallest real projection (events per type), used by
 //!   `gatehouse bench replay` to measure what the replay machinery itself costs.
@@ -17,6 +18,7 @@
 
 pub mod activity;
 pub mod event_counts;
+pub mod lease;
 pub mod runtime;
 
 use gatehouse_events::{EventFilter, EventStore, Position, RecordedEvent, StoreError};

@@ -19,5 +19,6 @@ mod protection;
 mod relay;
 mod risk;
 mod serve;
+mod services;
 mod signin;
 mod users;

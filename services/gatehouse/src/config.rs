@@ -170,6 +170,14 @@ pub struct ServeArgs {
     /// Log format [default: text].
     #[arg(long, env = "GATEHOUSE_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// The services this process runs (repeatable, or comma-separated) [default: all].
+    #[arg(
+        long = "service",
+        env = "GATEHOUSE_SERVICES",
+        value_enum,
+        value_delimiter = ','
+    )]
+    pub services: Vec<Service>,
     /// Send email through this SMTP server (`smtp://user:pass@host:587?tls=required`,
     /// `smtps://…`); without it, email goes to `<data>/outbox.ndjson`.
     #[arg(long, env = "GATEHOUSE_SMTP_URL")]
@@ -273,6 +281,52 @@ pub enum BenchKind {
     Policy,
 }
 
+/// A service of Gatehouse: what `serve --service` runs. Each serves its gRPC services (and
+/// HTTP routes) and runs its background workers; all of them read and write the one log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Service {
+    /// Every service below.
+    All,
+    /// Tenants, applications, users, MFA enrolment, identity providers; the notifier.
+    Directory,
+    /// Sign-in flows, sessions, the OpenID Connect endpoints and hosted pages; flow deadlines.
+    Signin,
+    /// Conditional Access policies, named locations, groups, What If, Backtest.
+    Policy,
+    /// Identity Protection (RiskService); the offline detector.
+    Risk,
+    /// Projections, InsightsService and the dashboard.
+    Insights,
+    /// EventService, the sealer, the NATS relay.
+    Events,
+}
+
+impl Service {
+    /// Every service one process can run.
+    pub const EACH: [Service; 6] = [
+        Service::Directory,
+        Service::Signin,
+        Service::Policy,
+        Service::Risk,
+        Service::Insights,
+        Service::Events,
+    ];
+
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::All => "all",
+            Service::Directory => "directory",
+            Service::Signin => "signin",
+            Service::Policy => "policy",
+            Service::Risk => "risk",
+            Service::Insights => "insights",
+            Service::Events => "events",
+        }
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -298,6 +352,8 @@ pub struct FileConfig {
     pub http: Option<SocketAddr>,
     /// See [`ServeArgs::log_format`].
     pub log_format: Option<LogFormat>,
+    /// See [`ServeArgs::services`].
+    pub services: Option<Vec<Service>>,
     /// See [`ServeArgs::breached_passwords`].
     pub breached_passwords: Option<PathBuf>,
     /// See [`ServeArgs::geoip_database`].
@@ -359,6 +415,8 @@ pub struct Config {
     pub http: SocketAddr,
     /// Log format.
     pub log_format: LogFormat,
+    /// The services this process runs (never empty, never `All`: resolved to each).
+    pub services: std::collections::BTreeSet<Service>,
     /// Platform admin key from `GATEHOUSE_ADMIN_KEY` (never from a flag or file).
     pub admin_key: Option<String>,
     /// Master key from `GATEHOUSE_MASTER_KEY` (base64url, 32 bytes), else `<data>/master.key`.
@@ -400,6 +458,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// This process runs `service`.
+    pub fn runs(&self, service: Service) -> bool {
+        self.services.contains(&service)
+    }
+
     /// Flags and environment first, then the file, then defaults.
     pub fn resolve(args: ServeArgs, file: FileConfig) -> anyhow::Result<Self> {
         let admin_key = std::env::var("GATEHOUSE_ADMIN_KEY")
@@ -435,6 +498,18 @@ impl Config {
                 .or(file.http)
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            services: {
+                let named = if args.services.is_empty() {
+                    file.services.unwrap_or_default()
+                } else {
+                    args.services
+                };
+                if named.is_empty() || named.contains(&Service::All) {
+                    Service::EACH.into_iter().collect()
+                } else {
+                    named.into_iter().collect()
+                }
+            },
             admin_key,
             master_key: std::env::var("GATEHOUSE_MASTER_KEY")
                 .ok()

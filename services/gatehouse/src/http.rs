@@ -1,4 +1,5 @@
-//! The HTTP side: `/healthz` (liveness) and `/metrics` (Prometheus text format).
+//! The HTTP side: `/healthz` (liveness) and `/metrics` (Prometheus text format), the
+//! issuers' discovery and JWKS, and the gRPC server's per-RPC metrics layer.
 
 use axum::Router;
 use axum::extract::{Path, State};
@@ -10,8 +11,10 @@ use gatehouse_events::readmodel::Statement;
 use gatehouse_projections::runtime::Status;
 use gatehouse_signin::{Keys, tokens};
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use std::time::Instant;
@@ -147,6 +150,25 @@ impl Metrics {
         }
     }
 
+    /// Registers the per-RPC metrics; the layer records into them.
+    pub fn rpc(&mut self) -> Arc<RpcMetrics> {
+        let rpc = Arc::new(RpcMetrics {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+        });
+        self.registry.register(
+            "rpc_requests",
+            "gRPC calls answered, by method and status code (0 = OK)",
+            rpc.requests.clone(),
+        );
+        self.registry.register(
+            "rpc_duration_seconds",
+            "Seconds from a gRPC call to its answer's headers, by method",
+            rpc.latency.clone(),
+        );
+        rpc
+    }
+
     /// Registers a metric of a component.
     pub fn registry_mut(&mut self) -> &mut Registry {
         &mut self.registry
@@ -166,20 +188,143 @@ impl Default for Metrics {
     }
 }
 
-/// The HTTP routes.
-pub fn router(metrics: Arc<Metrics>, keys: Arc<Keys>) -> Router {
-    let oidc = Router::new()
+/// Health and metrics (every process).
+pub fn router(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(render_metrics))
+        .with_state(metrics)
+}
+
+/// Each tenant's issuer documents: discovery and JWKS (the sign-in service).
+pub fn oidc_router(keys: Arc<Keys>) -> Router {
+    Router::new()
         .route("/tenants/{tenant}/jwks", get(jwks))
         .route(
             "/tenants/{tenant}/.well-known/openid-configuration",
             get(discovery),
         )
-        .with_state(keys);
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(render_metrics))
-        .with_state(metrics)
-        .merge(oidc)
+        .with_state(keys)
+}
+
+/// Metric labels: (name, value) pairs.
+type Labels = Vec<(String, String)>;
+
+/// Requests and latency per gRPC method and status code.
+pub struct RpcMetrics {
+    requests: Family<Labels, Counter>,
+    latency: Family<Labels, Histogram, fn() -> Histogram>,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+impl RpcMetrics {
+    /// The label of a request path: `Service/Method` for Gatehouse's, health's and
+    /// reflection's RPCs, `other` for anything else (a caller cannot mint label values).
+    fn method(path: &str) -> String {
+        let known = path.len() < 120
+            && (path.starts_with("/gatehouse.v1.") || path.starts_with("/grpc."))
+            && path.matches('/').count() == 2
+            && path
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'.' | b'_'));
+        if known {
+            path.trim_start_matches('/').to_string()
+        } else {
+            "other".to_string()
+        }
+    }
+
+    fn record(&self, path: &str, code: &str, seconds: f64) {
+        // An unknown method is UNIMPLEMENTED: one label for all of them.
+        let method = if code == "12" {
+            "other".to_string()
+        } else {
+            Self::method(path)
+        };
+        self.requests
+            .get_or_create(&vec![
+                ("method".to_string(), method.clone()),
+                ("code".to_string(), code.to_string()),
+            ])
+            .inc();
+        self.latency
+            .get_or_create(&vec![("method".to_string(), method)])
+            .observe(seconds);
+    }
+}
+
+/// The tower layer that records [`RpcMetrics`] around every gRPC call. The status is the
+/// `grpc-status` of a trailers-only answer (how tonic answers errors) or OK; the latency is
+/// until the response headers (for streaming RPCs: until the stream starts).
+#[derive(Clone)]
+pub struct RpcMetricsLayer(Arc<RpcMetrics>);
+
+impl RpcMetricsLayer {
+    /// Records into `metrics`.
+    pub fn new(metrics: Arc<RpcMetrics>) -> Self {
+        RpcMetricsLayer(metrics)
+    }
+}
+
+impl<S> tower_layer::Layer<S> for RpcMetricsLayer {
+    type Service = RpcMetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcMetricsService {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+/// See [`RpcMetricsLayer`].
+#[derive(Clone)]
+pub struct RpcMetricsService<S> {
+    inner: S,
+    metrics: Arc<RpcMetrics>,
+}
+
+impl<S, B, R> tower_service::Service<axum::http::Request<B>> for RpcMetricsService<S>
+where
+    S: tower_service::Service<axum::http::Request<B>, Response = axum::http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        let path = request.uri().path().to_string();
+        let started = Instant::now();
+        let metrics = self.metrics.clone();
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let result = answer.await;
+            let code = match &result {
+                Ok(response) => response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("0")
+                    .to_string(),
+                Err(_) => "14".to_string(),
+            };
+            metrics.record(&path, &code, started.elapsed().as_secs_f64());
+            result
+        })
+    }
 }
 
 fn json_response(value: serde_json::Value) -> axum::response::Response {

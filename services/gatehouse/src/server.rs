@@ -1,6 +1,7 @@
-//! `gatehouse serve`: every service on one gRPC port, health and metrics on HTTP.
+//! `gatehouse serve`: the services the configuration names (all by default) on one gRPC
+//! port, their HTTP routes beside health and metrics, and their background workers.
 
-use crate::config::{Config, LogFormat};
+use crate::config::{Config, LogFormat, Service};
 use crate::dashboard;
 use crate::event_service::EventApi;
 use crate::http;
@@ -17,6 +18,7 @@ use gatehouse_directory::notifier::{self, ByChannel, NdjsonOutbox, SmtpSender, W
 use gatehouse_directory::{ApplicationApi, IdentityProviderApi, TenantApi};
 use gatehouse_events::integrity::Sealer;
 use gatehouse_policy::{PolicyApi, PolicyView};
+use gatehouse_projections::lease::WorkerLease;
 use gatehouse_projections::runtime::Runner;
 use gatehouse_proto::v1::application_service_server::ApplicationServiceServer;
 use gatehouse_proto::v1::event_service_server::EventServiceServer;
@@ -180,19 +182,34 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // The sealer extends each tenant's hash chain within moments of a commit and signs the
     // heads with the audit key (every replica may run it: seals are deterministic).
     let audit_key = Arc::new(crypto.audit_key()?);
-    let sealer = tokio::spawn(
-        Sealer::new(store.clone(), Some(audit_key))
-            .checkpoint_every(config.integrity_checkpoint_every)
-            .run(),
-    );
-    let notifier = tokio::spawn(notifier::run(store.clone(), crypto, senders(&config)?));
+    // Background workers, each in the service that owns it. `workers` are aborted at exit.
+    let mut workers: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    let owner = format!("{}-{}", std::process::id(), uuid::Uuid::now_v7());
+    if config.runs(Service::Events) {
+        workers.push(tokio::spawn(
+            Sealer::new(store.clone(), Some(audit_key))
+                .checkpoint_every(config.integrity_checkpoint_every)
+                .run(),
+        ));
+    }
+    if config.runs(Service::Directory) {
+        // One replica delivers (a lease): two would race on one checkpoint and send twice.
+        let (store, crypto, senders) = (store.clone(), crypto.clone(), senders(&config)?);
+        let lease = WorkerLease::new(store.clone(), "notifier", owner.clone());
+        workers.push(tokio::spawn(lease.run(move || {
+            notifier::run(store.clone(), crypto.clone(), senders.clone())
+        })));
+    }
     // Read models: each projection runs in one replica at a time (a lease in the store); the
     // others stand by and take over when its lease runs out.
-    let owner = format!("{}-{}", std::process::id(), uuid::Uuid::now_v7());
-    let projection_runners: Vec<Arc<Runner>> = gatehouse_projections::all()
-        .into_iter()
-        .map(|factory| Arc::new(Runner::new(store.clone(), factory, owner.clone())))
-        .collect();
+    let projection_runners: Vec<Arc<Runner>> = if config.runs(Service::Insights) {
+        gatehouse_projections::all()
+            .into_iter()
+            .map(|factory| Arc::new(Runner::new(store.clone(), factory, owner.clone())))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let projection_tasks: Vec<_> = projection_runners
         .iter()
         .map(|runner| {
@@ -215,63 +232,84 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         insights: insights.clone(),
         risk: risk_api.clone(),
     };
-    // Detections go to NATS when it is configured; a configured NATS that cannot be
-    // reached stops the start (an operator asked for it).
-    let publisher = match &config.nats_url {
-        Some(url) => Some(Publisher::connect(url).await.map_err(anyhow::Error::msg)?),
-        None => None,
-    };
-    // The risk detector follows the log (every replica may run it: a detection is recorded
-    // once whoever finds it).
-    let detector = tokio::spawn(gatehouse_risk::detector::run(store.clone(), publisher));
-    // The event relay to JetStream, when asked for: it reconnects by itself, so a NATS that
-    // is down only delays it (its checkpoint is in the store).
-    let relay = match (&config.nats_url, config.relay_events) {
-        (Some(url), true) => Some(tokio::spawn(crate::relay::run(
+    if config.runs(Service::Risk) {
+        // Detections go to NATS when it is configured; a configured NATS that cannot be
+        // reached stops the start (an operator asked for it).
+        let publisher = match &config.nats_url {
+            Some(url) => Some(Publisher::connect(url).await.map_err(anyhow::Error::msg)?),
+            None => None,
+        };
+        // The risk detector follows the log (every replica may run it: a detection is
+        // recorded once whoever finds it).
+        workers.push(tokio::spawn(gatehouse_risk::detector::run(
             store.clone(),
-            url.clone(),
-            gatehouse_events::EventFilter {
-                stream_types: config.relay_stream_types.clone(),
-                ..gatehouse_events::EventFilter::default()
-            },
-        ))),
-        _ => None,
-    };
+            publisher,
+        )));
+    }
+    // The event relay to JetStream, when asked for, in one replica (a lease): it reconnects
+    // by itself, so a NATS that is down only delays it (its checkpoint is in the store).
+    if let (Some(url), true, true) = (
+        &config.nats_url,
+        config.relay_events,
+        config.runs(Service::Events),
+    ) {
+        let (store, url) = (store.clone(), url.clone());
+        let filter = gatehouse_events::EventFilter {
+            stream_types: config.relay_stream_types.clone(),
+            ..gatehouse_events::EventFilter::default()
+        };
+        let lease = WorkerLease::new(store.clone(), "relay", owner.clone());
+        workers.push(tokio::spawn(lease.run(move || {
+            crate::relay::run(store.clone(), url.clone(), filter.clone())
+        })));
+    }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<TenantServiceServer<TenantApi>>()
-        .await;
-    health_reporter
-        .set_serving::<ApplicationServiceServer<ApplicationApi>>()
-        .await;
-    health_reporter
-        .set_serving::<UserServiceServer<UserApi>>()
-        .await;
-    health_reporter
-        .set_serving::<SignInServiceServer<SignInApi>>()
-        .await;
-    health_reporter
-        .set_serving::<MfaServiceServer<MfaApi>>()
-        .await;
-    health_reporter
-        .set_serving::<SessionServiceServer<SessionApi>>()
-        .await;
-    health_reporter
-        .set_serving::<PolicyServiceServer<PolicyApi>>()
-        .await;
-    health_reporter
-        .set_serving::<IdentityProviderServiceServer<IdentityProviderApi>>()
-        .await;
-    health_reporter
-        .set_serving::<RiskServiceServer<RiskApi>>()
-        .await;
-    health_reporter
-        .set_serving::<EventServiceServer<EventApi>>()
-        .await;
-    health_reporter
-        .set_serving::<InsightsServiceServer<Insights>>()
-        .await;
+    if config.runs(Service::Directory) {
+        health_reporter
+            .set_serving::<TenantServiceServer<TenantApi>>()
+            .await;
+        health_reporter
+            .set_serving::<ApplicationServiceServer<ApplicationApi>>()
+            .await;
+        health_reporter
+            .set_serving::<UserServiceServer<UserApi>>()
+            .await;
+        health_reporter
+            .set_serving::<MfaServiceServer<MfaApi>>()
+            .await;
+        health_reporter
+            .set_serving::<IdentityProviderServiceServer<IdentityProviderApi>>()
+            .await;
+    }
+    if config.runs(Service::Signin) {
+        health_reporter
+            .set_serving::<SignInServiceServer<SignInApi>>()
+            .await;
+        health_reporter
+            .set_serving::<SessionServiceServer<SessionApi>>()
+            .await;
+    }
+    if config.runs(Service::Policy) {
+        health_reporter
+            .set_serving::<PolicyServiceServer<PolicyApi>>()
+            .await;
+    }
+    if config.runs(Service::Risk) {
+        health_reporter
+            .set_serving::<RiskServiceServer<RiskApi>>()
+            .await;
+    }
+    if config.runs(Service::Events) {
+        health_reporter
+            .set_serving::<EventServiceServer<EventApi>>()
+            .await;
+    }
+    if config.runs(Service::Insights) {
+        health_reporter
+            .set_serving::<InsightsServiceServer<Insights>>()
+            .await;
+    }
     health_reporter
         .set_service_status("", ServingStatus::Serving)
         .await;
@@ -287,61 +325,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_rx_grace = stop_rx.clone();
 
-    let grpc = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(InterceptedService::new(
-            TenantServiceServer::from_arc(tenants),
-            authenticate.clone(),
-        ))
-        .add_service(InterceptedService::new(
-            ApplicationServiceServer::from_arc(applications),
-            authenticate,
-        ))
-        // Sign-up and password reset are self-service: no key needed, a wrong key refused.
-        .add_service(InterceptedService::new(
-            UserServiceServer::from_arc(users),
-            AuthenticateIfPresent(keys.clone()),
-        ))
-        // Sign-in and refresh are unauthenticated (scoped by tenant and client id).
-        .add_service(InterceptedService::new(
-            SignInServiceServer::from_arc(sign_in),
-            AuthenticateIfPresent(keys.clone()),
-        ))
-        .add_service(InterceptedService::new(
-            MfaServiceServer::from_arc(mfa),
-            Authenticate(keys.clone()),
-        ))
-        .add_service(InterceptedService::new(
-            SessionServiceServer::from_arc(sessions),
-            AuthenticateIfPresent(keys.clone()),
-        ))
-        .add_service(InterceptedService::new(
-            PolicyServiceServer::from_arc(policies),
-            Authenticate(keys.clone()),
-        ))
-        .add_service(InterceptedService::new(
-            IdentityProviderServiceServer::from_arc(identity_providers),
-            Authenticate(keys.clone()),
-        ))
-        .add_service(InterceptedService::new(
-            RiskServiceServer::from_arc(risk_api.clone()),
-            Authenticate(keys.clone()),
-        ))
-        .add_service(InterceptedService::new(
-            EventServiceServer::from_arc(events),
-            Authenticate(keys.clone()),
-        ))
-        .add_service(InterceptedService::new(
-            InsightsServiceServer::new(insights.clone()),
-            Authenticate(keys.clone()),
-        ))
-        .serve_with_incoming_shutdown(
-            tokio_stream_listener(grpc_listener),
-            stopped(stop_rx.clone()),
-        );
     let mut metrics = http::Metrics::new();
+    let rpc_metrics = metrics.rpc();
     metrics.watch_projections(
         store.clone(),
         projection_runners
@@ -350,16 +335,97 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .collect(),
     );
     let metrics = Arc::new(metrics);
+    let runs = |service| config.runs(service);
+    let grpc = tonic::transport::Server::builder()
+        .layer(crate::http::RpcMetricsLayer::new(rpc_metrics.clone()))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_optional_service(runs(Service::Directory).then(|| {
+            InterceptedService::new(TenantServiceServer::from_arc(tenants), authenticate.clone())
+        }))
+        .add_optional_service(runs(Service::Directory).then(|| {
+            InterceptedService::new(
+                ApplicationServiceServer::from_arc(applications),
+                authenticate.clone(),
+            )
+        }))
+        // Sign-up and password reset are self-service: no key needed, a wrong key refused.
+        .add_optional_service(runs(Service::Directory).then(|| {
+            InterceptedService::new(
+                UserServiceServer::from_arc(users),
+                AuthenticateIfPresent(keys.clone()),
+            )
+        }))
+        .add_optional_service(runs(Service::Directory).then(|| {
+            InterceptedService::new(MfaServiceServer::from_arc(mfa), Authenticate(keys.clone()))
+        }))
+        .add_optional_service(runs(Service::Directory).then(|| {
+            InterceptedService::new(
+                IdentityProviderServiceServer::from_arc(identity_providers),
+                Authenticate(keys.clone()),
+            )
+        }))
+        // Sign-in and refresh are unauthenticated (scoped by tenant and client id).
+        .add_optional_service(runs(Service::Signin).then(|| {
+            InterceptedService::new(
+                SignInServiceServer::from_arc(sign_in),
+                AuthenticateIfPresent(keys.clone()),
+            )
+        }))
+        .add_optional_service(runs(Service::Signin).then(|| {
+            InterceptedService::new(
+                SessionServiceServer::from_arc(sessions),
+                AuthenticateIfPresent(keys.clone()),
+            )
+        }))
+        .add_optional_service(runs(Service::Policy).then(|| {
+            InterceptedService::new(
+                PolicyServiceServer::from_arc(policies),
+                Authenticate(keys.clone()),
+            )
+        }))
+        .add_optional_service(runs(Service::Risk).then(|| {
+            InterceptedService::new(
+                RiskServiceServer::from_arc(risk_api.clone()),
+                Authenticate(keys.clone()),
+            )
+        }))
+        .add_optional_service(runs(Service::Events).then(|| {
+            InterceptedService::new(
+                EventServiceServer::from_arc(events),
+                Authenticate(keys.clone()),
+            )
+        }))
+        .add_optional_service(runs(Service::Insights).then(|| {
+            InterceptedService::new(
+                InsightsServiceServer::new(insights.clone()),
+                Authenticate(keys.clone()),
+            )
+        }))
+        .serve_with_incoming_shutdown(
+            tokio_stream_listener(grpc_listener),
+            stopped(stop_rx.clone()),
+        );
+    // Health and metrics everywhere; the issuers' endpoints with sign-in; the dashboard with
+    // insights.
+    let mut routes = http::router(metrics);
+    if config.runs(Service::Signin) {
+        routes = routes
+            .merge(http::oidc_router(signing))
+            .merge(crate::hosted::router(hosted));
+    }
+    if config.runs(Service::Insights) {
+        routes = routes.merge(dashboard::router(dashboard));
+    }
     let http = axum::serve(
         http_listener,
-        http::router(metrics, signing)
-            .merge(crate::hosted::router(hosted))
-            .merge(dashboard::router(dashboard))
-            .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        routes.into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
     .with_graceful_shutdown(stopped(stop_rx));
 
-    tracing::info!(%grpc_addr, %http_addr, "gatehouse ready");
+    let names: Vec<&str> = config.services.iter().map(|s| s.name()).collect();
+    tracing::info!(%grpc_addr, %http_addr, services = ?names, "gatehouse ready");
     // A line that scripts and tests wait for.
     println!("gatehouse ready grpc={grpc_addr} http={http_addr}");
     let _ = std::io::stdout().flush();
@@ -387,14 +453,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; exiting")
         }
     }
-    notifier.abort();
-    detector.abort();
-    sealer.abort();
-    for task in &projection_tasks {
+    for task in workers.iter().chain(&projection_tasks) {
         task.abort();
-    }
-    if let Some(relay) = relay {
-        relay.abort();
     }
     erasures.abort();
     health_reporter

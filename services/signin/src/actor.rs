@@ -145,7 +145,11 @@ impl FlowActor {
         let mut result = Err(ApiError::Aborted);
         for _ in 0..if once { 1 } else { 2 } {
             let mut flow = match state.flow.take() {
-                Some(flow) => flow,
+                // The copy may be behind: another replica may have run the flow's last step.
+                Some(mut flow) => {
+                    flow.refresh(self.engine.store().as_ref()).await?;
+                    flow
+                }
                 None => Loaded::<SignIn>::load(self.engine.store().as_ref(), state.id).await?,
             };
             result = self
