@@ -293,7 +293,6 @@ async fn run(root: &Path, url: &str) -> TestResult {
             pb::UserRiskRequest {
                 tenant_id: world.tenant_id.clone(),
                 user_id: signed_up.user_id.clone(),
-                ..Default::default()
             },
             &world.key,
         )?)
