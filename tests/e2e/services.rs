@@ -182,36 +182,43 @@ async fn run(root: &Path, url: &str) -> TestResult {
     let second_flow = done.id.clone();
 
     // The events service reads both sign-ins' completion, and relays them to JetStream.
+    // (Readers see events below the visibility horizon, which other transactions on the
+    // same PostgreSQL server may hold back for a moment: read until both are there.)
     let mut log = EventServiceClient::new(connect(&events).await?);
-    let (mut after, mut completions) = (0, Vec::new());
-    loop {
-        let page = log
-            .read_events(req(
-                pb::ReadEventsRequest {
-                    after,
-                    filter: Some(pb::EventFilter {
-                        tenant_id: world.tenant_id.clone(),
-                        event_types: vec!["SignInCompleted".into()],
-                        ..Default::default()
-                    }),
-                    page_size: 1000,
-                },
-                &world.key,
-            )?)
-            .await?
-            .into_inner();
-        completions.extend(page.events.into_iter().map(|e| (e.stream_id, e.position)));
-        after = page.next_after;
-        if page.end {
-            break;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let completions = loop {
+        let (mut after, mut completions) = (0, Vec::new());
+        loop {
+            let page = log
+                .read_events(req(
+                    pb::ReadEventsRequest {
+                        after,
+                        filter: Some(pb::EventFilter {
+                            tenant_id: world.tenant_id.clone(),
+                            event_types: vec!["SignInCompleted".into()],
+                            ..Default::default()
+                        }),
+                        page_size: 1000,
+                    },
+                    &world.key,
+                )?)
+                .await?
+                .into_inner();
+            completions.extend(page.events.into_iter().map(|e| (e.stream_id, e.position)));
+            after = page.next_after;
+            if page.end {
+                break;
+            }
         }
-    }
-    let completed_ids: Vec<&str> = completions.iter().map(|(id, _)| id.as_str()).collect();
-    if !completed_ids.contains(&first_flow.as_str())
-        || !completed_ids.contains(&second_flow.as_str())
-    {
-        return Err(format!("the events service read {completed_ids:?}").into());
-    }
+        let ids: Vec<&str> = completions.iter().map(|(id, _)| id.as_str()).collect();
+        if ids.contains(&first_flow.as_str()) && ids.contains(&second_flow.as_str()) {
+            break completions;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the events service read {ids:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let client = async_nats::connect(&nats).await?;
     let jetstream = async_nats::jetstream::new(client);
     let subject = format!("gatehouse.{}.signin.SignInCompleted", world.tenant_id);
@@ -315,6 +322,13 @@ async fn run(root: &Path, url: &str) -> TestResult {
     ) || !metrics.contains("gatehouse_rpc_duration_seconds_bucket")
     {
         return Err(format!("no RPC metrics on signin: {metrics}").into());
+    }
+    if !metrics.contains("gatehouse_signin_flows_open") {
+        return Err("no flows-in-flight gauge on signin".into());
+    }
+    let (_, metrics) = directory.http_get("/metrics")?;
+    if !metrics.contains("gatehouse_notifier_backlog_positions") {
+        return Err("no notifier backlog on directory".into());
     }
     Ok(())
 }

@@ -28,6 +28,8 @@ pub struct Metrics {
     projections: Vec<(&'static str, tokio::sync::watch::Receiver<Status>)>,
     store: Option<Arc<dyn EventStore>>,
     projection: ProjectionGauges,
+    flows: Option<(Arc<std::sync::atomic::AtomicUsize>, Gauge)>,
+    notifier: Option<Gauge>,
 }
 
 /// Per projection: where it is and how far behind.
@@ -90,7 +92,32 @@ impl Metrics {
             projections: Vec::new(),
             store: None,
             projection,
+            flows: None,
+            notifier: None,
         }
+    }
+
+    /// Exports the sign-in flows in flight (the signin service).
+    pub fn watch_flows(&mut self, open: Arc<std::sync::atomic::AtomicUsize>) {
+        let gauge = Gauge::default();
+        self.registry.register(
+            "signin_flows_open",
+            "Sign-in flows started and not ended yet, across every process",
+            gauge.clone(),
+        );
+        self.flows = Some((open, gauge));
+    }
+
+    /// Exports the notifier's backlog (the directory service).
+    pub fn watch_notifier(&mut self, store: Arc<dyn EventStore>) {
+        let gauge = Gauge::default();
+        self.registry.register(
+            "notifier_backlog_positions",
+            "Log positions between the head and the notifier's checkpoint (PostgreSQL positions are sparse)",
+            gauge.clone(),
+        );
+        self.store = Some(store);
+        self.notifier = Some(gauge);
     }
 
     /// Exports the lag of projections run by this process.
@@ -103,8 +130,11 @@ impl Metrics {
         self.projections = projections;
     }
 
-    /// Reads the log's head and sets the projection gauges.
+    /// Reads the log's head and sets the projection, flow and notifier gauges.
     async fn refresh(&self) {
+        if let Some((open, gauge)) = &self.flows {
+            gauge.set(open.load(std::sync::atomic::Ordering::Relaxed) as i64);
+        }
         let Some(store) = &self.store else {
             return;
         };
@@ -117,6 +147,15 @@ impl Metrics {
             .ok()
             .and_then(|rows| rows.first().and_then(|r| r.first()).map(|v| v.int()))
             .unwrap_or(0);
+        if let Some(gauge) = &self.notifier {
+            let checkpoint = store
+                .load_checkpoint(gatehouse_directory::notifier::CHECKPOINT)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or(0);
+            gauge.set((head - checkpoint as i64).max(0));
+        }
         for (name, status) in &self.projections {
             let status = status.borrow().clone();
             let labels = vec![("projection".to_string(), name.to_string())];

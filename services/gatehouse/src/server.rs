@@ -139,7 +139,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Arc::new(IdentityProviderApi::new(store.clone(), crypto.clone()).await?);
     let idle = std::time::Duration::from_secs(u64::from(config.flow_idle_seconds));
     let flows = Arc::new(Flows::start(engine, idle).await?);
-    let _deadlines = Deadlines::start(store.clone(), flows.clone(), DEADLINE_TICK).await?;
+    // Overdue flows are ended by the signin service (every replica: one append wins).
+    let deadlines = if config.runs(Service::Signin) {
+        Some(Deadlines::start(store.clone(), flows.clone(), DEADLINE_TICK).await?)
+    } else {
+        None
+    };
     let sign_in = Arc::new(SignInApi::new(flows.clone()));
     let mfa = Arc::new(MfaApi::new(
         store.clone(),
@@ -334,6 +339,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .map(|runner| (runner.name(), runner.status()))
             .collect(),
     );
+    if let Some(deadlines) = &deadlines {
+        metrics.watch_flows(deadlines.open_flows());
+    }
+    if config.runs(Service::Directory) {
+        metrics.watch_notifier(store.clone());
+    }
     let metrics = Arc::new(metrics);
     let runs = |service| config.runs(service);
     let grpc = tonic::transport::Server::builder()

@@ -322,6 +322,7 @@ fn track(open: &mut OpenFlows, event: &RecordedEvent) {
 /// append lets one win).
 pub struct Deadlines {
     task: tokio::task::JoinHandle<()>,
+    open: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Deadlines {
@@ -336,10 +337,14 @@ impl Deadlines {
             ..EventFilter::default()
         };
         let view = LiveView::start(store, filter, OpenFlows::default(), track).await?;
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = open.clone();
         let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(tick).await;
-                let overdue = view.read(|open| open.overdue(Utc::now()));
+                let (overdue, in_flight) =
+                    view.read(|open| (open.overdue(Utc::now()), open.by_id.len()));
+                count.store(in_flight, std::sync::atomic::Ordering::Relaxed);
                 for (id, tenant_id) in overdue {
                     let scope = Scope {
                         tenant_id,
@@ -354,7 +359,12 @@ impl Deadlines {
                 }
             }
         });
-        Ok(Deadlines { task })
+        Ok(Deadlines { task, open })
+    }
+
+    /// Flows started and not ended, across every process (as of the last tick).
+    pub fn open_flows(&self) -> Arc<std::sync::atomic::AtomicUsize> {
+        self.open.clone()
     }
 }
 
