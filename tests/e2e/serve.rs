@@ -192,3 +192,100 @@ fn migrate_applies_the_migrations_and_exits() -> TestResult {
     assert!(data.path().join("events.db").exists());
     Ok(())
 }
+
+/// A collector that keeps what is POSTed to it: (path, content type, body).
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, String, Vec<u8>)>>>;
+
+/// An OTLP/HTTP collector for the test: answers 200 to every POST and keeps the request.
+fn collector() -> Result<(String, Received), Box<dyn std::error::Error + Send + Sync>> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let url = format!("http://{}/v1/traces", listener.local_addr()?);
+    let received: Received = Default::default();
+    let keep = received.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { break };
+            let mut reader = BufReader::new(stream);
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).is_err() {
+                continue;
+            }
+            let (mut length, mut content_type) = (0usize, String::new());
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() || line.trim().is_empty() {
+                    break;
+                }
+                let lower = line.to_ascii_lowercase();
+                if let Some(value) = lower.strip_prefix("content-length:") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+                if let Some(value) = lower.strip_prefix("content-type:") {
+                    content_type = value.trim().to_string();
+                }
+            }
+            let mut body = vec![0u8; length];
+            if reader.read_exact(&mut body).is_err() {
+                continue;
+            }
+            let path = request_line
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("")
+                .to_string();
+            if let Ok(mut all) = keep.lock() {
+                all.push((path, content_type, body));
+            }
+            let mut stream = reader.into_inner();
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+    });
+    Ok((url, received))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_go_to_an_otlp_collector() -> TestResult {
+    let (url, received) = collector()?;
+    let data = tempfile::tempdir()?;
+    let server = Server::start_with_env(data.path(), None, &[("GATEHOUSE_OTLP_ENDPOINT", &url)])?;
+    let key = server.printed_admin_key().ok_or("no admin key")?;
+    let mut tenants = TenantServiceClient::new(support::world::connect(&server).await?);
+    let mut request = req(
+        CreateTenantRequest {
+            display_name: "Traced".into(),
+            settings: None,
+        },
+        &key,
+    )?;
+    let correlation = "01a21c00-0000-7000-8000-000000000001";
+    request
+        .metadata_mut()
+        .insert("x-correlation-id", correlation.parse()?);
+    tenants.create_tenant(request).await?;
+    // SIGTERM flushes the batch of spans before the process exits.
+    let status = server.stop()?;
+    assert!(status.success(), "the server exited with {status}");
+    let received = received.lock().map_err(|_| "poisoned")?.clone();
+    let found = received.iter().any(|(path, content_type, body)| {
+        let contains = |needle: &str| body.windows(needle.len()).any(|w| w == needle.as_bytes());
+        path == "/v1/traces"
+            && content_type == "application/x-protobuf"
+            && contains("gatehouse.v1.TenantService/CreateTenant")
+            && contains(correlation)
+            && contains("gatehouse-")
+    });
+    if !found {
+        return Err(format!(
+            "no span of CreateTenant among {} exports: {:?}",
+            received.len(),
+            received
+                .iter()
+                .map(|(p, c, b)| (p.clone(), c.clone(), b.len()))
+                .collect::<Vec<_>>()
+        )
+        .into());
+    }
+    Ok(())
+}

@@ -170,6 +170,10 @@ pub struct ServeArgs {
     /// Log format [default: text].
     #[arg(long, env = "GATEHOUSE_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Export traces (a span per gRPC call) to this OTLP/HTTP endpoint, e.g.
+    /// `http://collector:4318/v1/traces` [default: none].
+    #[arg(long, env = "GATEHOUSE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// The services this process runs (repeatable, or comma-separated) [default: all].
     #[arg(
         long = "service",
@@ -354,6 +358,8 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     /// See [`ServeArgs::services`].
     pub services: Option<Vec<Service>>,
+    /// See [`ServeArgs::otlp_endpoint`].
+    pub otlp_endpoint: Option<String>,
     /// See [`ServeArgs::breached_passwords`].
     pub breached_passwords: Option<PathBuf>,
     /// See [`ServeArgs::geoip_database`].
@@ -415,6 +421,8 @@ pub struct Config {
     pub http: SocketAddr,
     /// Log format.
     pub log_format: LogFormat,
+    /// OTLP/HTTP endpoint traces go to.
+    pub otlp_endpoint: Option<String>,
     /// The services this process runs (never empty, never `All`: resolved to each).
     pub services: std::collections::BTreeSet<Service>,
     /// Platform admin key from `GATEHOUSE_ADMIN_KEY` (never from a flag or file).
@@ -498,6 +506,10 @@ impl Config {
                 .or(file.http)
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            otlp_endpoint: args
+                .otlp_endpoint
+                .or(file.otlp_endpoint)
+                .filter(|e| !e.is_empty()),
             services: {
                 let named = if args.services.is_empty() {
                     file.services.unwrap_or_default()

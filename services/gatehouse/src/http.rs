@@ -345,24 +345,48 @@ where
     }
 
     fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        use tracing::Instrument;
         let path = request.uri().path().to_string();
         let started = Instant::now();
         let metrics = self.metrics.clone();
+        // A span per call (exported when traces are on), named by the method and carrying
+        // the caller's correlation id.
+        let method = RpcMetrics::method(&path);
+        let correlation = request
+            .headers()
+            .get(gatehouse_core::request::CORRELATION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| uuid::Uuid::try_parse(v).is_ok())
+            .unwrap_or_default()
+            .to_string();
+        let span = tracing::info_span!(
+            "grpc",
+            otel.name = %method,
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.method = %method,
+            correlation_id = %correlation,
+            rpc.grpc.status_code = tracing::field::Empty,
+        );
         let answer = self.inner.call(request);
-        Box::pin(async move {
-            let result = answer.await;
-            let code = match &result {
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("0")
-                    .to_string(),
-                Err(_) => "14".to_string(),
-            };
-            metrics.record(&path, &code, started.elapsed().as_secs_f64());
-            result
-        })
+        Box::pin(
+            async move {
+                let result = answer.await;
+                let code = match &result {
+                    Ok(response) => response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("0")
+                        .to_string(),
+                    Err(_) => "14".to_string(),
+                };
+                tracing::Span::current().record("rpc.grpc.status_code", code.as_str());
+                metrics.record(&path, &code, started.elapsed().as_secs_f64());
+                result
+            }
+            .instrument(span),
+        )
     }
 }
 

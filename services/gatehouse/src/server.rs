@@ -53,7 +53,12 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Runs the server until SIGTERM or Ctrl-C; in-flight requests get [`SHUTDOWN_GRACE`].
 pub async fn serve(config: Config) -> anyhow::Result<()> {
-    init_logging(config.log_format);
+    let names: Vec<&str> = config.services.iter().map(|s| s.name()).collect();
+    let tracer = init_logging(
+        config.log_format,
+        config.otlp_endpoint.as_deref(),
+        &names.join("+"),
+    )?;
     std::fs::create_dir_all(&config.data_dir)?;
     let store = gatehouse_events::connect(&config.store_url()).await?;
     tracing::info!(backend = store.backend(), "event store open");
@@ -435,7 +440,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     )
     .with_graceful_shutdown(stopped(stop_rx));
 
-    let names: Vec<&str> = config.services.iter().map(|s| s.name()).collect();
     tracing::info!(%grpc_addr, %http_addr, services = ?names, "gatehouse ready");
     // A line that scripts and tests wait for.
     println!("gatehouse ready grpc={grpc_addr} http={http_addr}");
@@ -468,6 +472,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         task.abort();
     }
     erasures.abort();
+    // The last spans go out before the process does.
+    if let Some(tracer) = tracer {
+        let _ = tokio::task::spawn_blocking(move || tracer.shutdown()).await;
+    }
     health_reporter
         .set_service_status("", ServingStatus::NotServing)
         .await;
@@ -526,14 +534,59 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-fn init_logging(format: LogFormat) {
+/// Log lines on stderr (text or JSON), and spans to an OTLP collector when one is
+/// configured; the tracer provider, to flush at exit.
+fn init_logging(
+    format: LogFormat,
+    otlp: Option<&str>,
+    services: &str,
+) -> anyhow::Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig;
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // GATEHOUSE_LOG filters the log lines only: spans are exported at info whatever it says.
     let filter = tracing_subscriber::EnvFilter::try_from_env("GATEHOUSE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
+    let lines: Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync> =
+        match format {
+            LogFormat::Text => tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .boxed(),
+            LogFormat::Json => tracing_subscriber::fmt::layer()
+                .json()
+                .with_writer(std::io::stderr)
+                .boxed(),
+        };
+    let provider = match otlp {
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_endpoint(endpoint)
+                .build()
+                .map_err(|e| anyhow::anyhow!("OTLP exporter for {endpoint}: {e}"))?;
+            Some(
+                opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_resource(
+                        opentelemetry_sdk::Resource::builder()
+                            .with_service_name(format!("gatehouse-{services}"))
+                            .build(),
+                    )
+                    .build(),
+            )
+        }
+        None => None,
     };
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("gatehouse"))
+            .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+    });
+    let _ = tracing_subscriber::registry()
+        .with(lines.with_filter(filter))
+        .with(otel)
+        .try_init();
+    Ok(provider)
 }
