@@ -33,6 +33,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0002_subject_keys_and_checkpoints.sql"),
     include_str!("../migrations/sqlite/0003_integrity.sql"),
     include_str!("../migrations/sqlite/0004_projections.sql"),
+    include_str!("../migrations/sqlite/0005_worker_leases.sql"),
 ];
 const COLUMNS: &str = "position, event_id, tenant_id, stream_type, stream_id, version, event_type, \
     schema_version, recorded_at, correlation_id, causation_id, actor, client_ip, user_agent, payload";

@@ -52,18 +52,12 @@ impl WorkerLease {
         self.store
             .read_model_commit(
                 None,
-                vec![
-                    Statement::new(
-                        "CREATE TABLE IF NOT EXISTS worker_leases (name TEXT PRIMARY KEY, \
-                         owner TEXT NOT NULL, lease_until BIGINT NOT NULL)",
-                        Vec::new(),
-                    ),
-                    Statement::new(
-                        "INSERT INTO worker_leases (name, owner, lease_until) VALUES (?, '', 0) \
-                         ON CONFLICT (name) DO NOTHING",
-                        vec![self.name.into()],
-                    ),
-                ],
+                // The table is a migration's (0005): DDL here would race between workers.
+                vec![Statement::new(
+                    "INSERT INTO worker_leases (name, owner, lease_until) VALUES (?, '', 0) \
+                     ON CONFLICT (name) DO NOTHING",
+                    vec![self.name.into()],
+                )],
             )
             .await?;
         let now = now_micros();

@@ -249,12 +249,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             Some(url) => Some(Publisher::connect(url).await.map_err(anyhow::Error::msg)?),
             None => None,
         };
-        // The risk detector follows the log (every replica may run it: a detection is
-        // recorded once whoever finds it).
-        workers.push(tokio::spawn(gatehouse_risk::detector::run(
-            store.clone(),
-            publisher,
-        )));
+        // The risk detector follows the log in one replica (a lease). Its writes are
+        // idempotent (a detection is recorded once whoever finds it), so a takeover's overlap
+        // repeats work, never a detection; the lease saves the other replicas the work.
+        let store = store.clone();
+        let lease = WorkerLease::new(store.clone(), "detector", owner.clone());
+        workers.push(tokio::spawn(lease.run(move || {
+            gatehouse_risk::detector::run(store.clone(), publisher.clone())
+        })));
     }
     // The event relay to JetStream, when asked for, in one replica (a lease): it reconnects
     // by itself, so a NATS that is down only delays it (its checkpoint is in the store).
