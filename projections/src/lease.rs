@@ -95,7 +95,8 @@ impl WorkerLease {
     }
 
     /// Runs `work` whenever this replica holds the lease, forever: started when the lease is
-    /// taken, stopped when it is lost (and started again when it is taken back).
+    /// taken, stopped when it is lost (and started again when it is taken back). Dropping the
+    /// returned future (aborting its task) stops the work too.
     pub async fn run<F, Fut>(self, work: F)
     where
         F: Fn() -> Fut,
@@ -103,50 +104,69 @@ impl WorkerLease {
     {
         let renew = self.lease / 3;
         loop {
-            match self.hold().await {
-                Ok(true) => {}
-                Ok(false) => {
+            match tokio::time::timeout(renew, self.hold()).await {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => {
                     tokio::time::sleep(renew).await;
                     continue;
                 }
-                Err(error) => {
+                Ok(Err(error)) => {
                     tracing::warn!(worker = self.name, %error, "worker lease: store unavailable");
                     tokio::time::sleep(renew).await;
                     continue;
                 }
+                Err(_) => {
+                    tracing::warn!(worker = self.name, "worker lease: the store did not answer");
+                    continue;
+                }
             }
             tracing::info!(worker = self.name, owner = %self.owner, "worker lease taken");
-            let mut task = tokio::spawn(work());
+            let mut task = AbortOnDrop(tokio::spawn(work()));
             let mut held_until = tokio::time::Instant::now() + self.lease;
             loop {
                 tokio::select! {
-                    _ = &mut task => {
+                    _ = &mut task.0 => {
                         // The worker ended by itself (its subscription closed): give the
-                        // lease back and start over.
+                        // lease back, pause, and start over.
                         let _ = self.release().await;
+                        tokio::time::sleep(renew).await;
                         break;
                     }
                     _ = tokio::time::sleep(renew) => {
-                        match self.hold().await {
-                            Ok(true) => held_until = tokio::time::Instant::now() + self.lease,
-                            Ok(false) => {
+                        // A renewal may take at most what is left of the lease.
+                        let left = held_until.saturating_duration_since(tokio::time::Instant::now());
+                        match tokio::time::timeout(left, self.hold()).await {
+                            Ok(Ok(true)) => held_until = tokio::time::Instant::now() + self.lease,
+                            Ok(Ok(false)) => {
                                 tracing::warn!(worker = self.name, "worker lease lost: stopping");
-                                task.abort();
                                 break;
                             }
                             // Unsure whether it is still held: keep working until the lease
                             // would run out, then stop.
-                            Err(error) => {
+                            Ok(Err(error)) => {
                                 tracing::warn!(worker = self.name, %error, "worker lease: renewal failed");
                                 if tokio::time::Instant::now() + renew >= held_until {
-                                    task.abort();
                                     break;
                                 }
+                            }
+                            Err(_) => {
+                                tracing::warn!(worker = self.name, "worker lease ran out unrenewed: stopping");
+                                break;
                             }
                         }
                     }
                 }
             }
+            // `task` is dropped here: the work stops.
         }
+    }
+}
+
+/// A task aborted when this is dropped (when its lease is lost, or the runner itself stops).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -783,7 +783,8 @@ async fn pages(setup: &Setup, data: &Path) -> TestResult {
     if status != StatusCode::OK || refreshed["refresh_token"] == tokens["refresh_token"] {
         return Err(format!("refresh with client_secret_post: {status} {refreshed}").into());
     }
-    // A logout target the app did not register: an error page, no redirect, nothing ended.
+    // A logout target the app did not register: an error page, no redirect, but the person
+    // who asked to sign out is signed out (the browser's session and its cookie end).
     let mut logout = url::Url::parse(&format!("{issuer}/logout"))?;
     logout
         .query_pairs_mut()
@@ -792,11 +793,17 @@ async fn pages(setup: &Setup, data: &Path) -> TestResult {
             tokens["id_token"].as_str().unwrap_or_default(),
         )
         .append_pair("post_logout_redirect_uri", "https://evil.example/bye");
+    if !fresh.cookies.contains_key("gh_session") {
+        return Err("no browser session before the logout".into());
+    }
     let refused = fresh.get(logout.as_str()).await?;
-    if refused.status != StatusCode::BAD_REQUEST || refused.location.is_some() {
+    if refused.status != StatusCode::BAD_REQUEST
+        || refused.location.is_some()
+        || fresh.cookies.contains_key("gh_session")
+    {
         return Err(format!("an unregistered logout target: {}", refused.status).into());
     }
-    let (status, _, _) = token_request(
+    let (status, body, _) = token_request(
         world,
         &[
             ("grant_type", "refresh_token"),
@@ -810,8 +817,39 @@ async fn pages(setup: &Setup, data: &Path) -> TestResult {
         None,
     )
     .await?;
-    if status != StatusCode::OK {
-        return Err("a refused logout ended the session".into());
+    if status != StatusCode::BAD_REQUEST || body["error"] != "invalid_grant" {
+        return Err(format!("the browser's session outlived its logout: {status} {body}").into());
+    }
+    // A confidential app's refresh token is no bearer credential over gRPC without a key.
+    let grpc = gatehouse_proto::v1::session_service_client::SessionServiceClient::new(
+        world.channel.clone(),
+    )
+    .refresh_session(pb::RefreshSessionRequest {
+        tenant_id: world.tenant_id.clone(),
+        client_id: backoffice_id.clone(),
+        refresh_token: refreshed["refresh_token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    })
+    .await;
+    if grpc.map_err(|s| s.code()).err() != Some(tonic::Code::PermissionDenied) {
+        return Err(
+            "a confidential app's refresh token was accepted over gRPC without a key".into(),
+        );
+    }
+    // max_age far beyond any clock, and prompt=none mixed with another value.
+    let huge = browser
+        .get(&url(with(&[("max_age", "99999999999999999")]))?)
+        .await?;
+    if huge.status != StatusCode::SEE_OTHER && huge.status != StatusCode::OK {
+        return Err(format!("a huge max_age: {}", huge.status).into());
+    }
+    let mixed = browser
+        .get(&url(with(&[("prompt", "none login")]))?)
+        .await?;
+    if mixed.redirect_query()?.get("error").map(String::as_str) != Some("invalid_request") {
+        return Err(format!("prompt=none login: {:?}", mixed.location).into());
     }
 
     // A forgotten password, through the pages, then a sign-in with the new one.
@@ -888,7 +926,8 @@ async fn run(data: &Path, database_url: Option<&str>) -> TestResult {
     let server = Server::start(data, database_url)?;
     let setup = setup(&server, data, database_url).await?;
     relying_party(&setup).await?;
-    drop(server);
+    // A clean stop gives the workers' leases back (the next server delivers email at once).
+    server.stop()?;
     // The attacker's server (the same store): codes live 2 s, so that one can expire.
     let server = Server::start_with_env(
         data,

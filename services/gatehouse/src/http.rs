@@ -260,29 +260,52 @@ fn latency_histogram() -> Histogram {
 }
 
 impl RpcMetrics {
-    /// The label of a request path: `Service/Method` for Gatehouse's, health's and
-    /// reflection's RPCs, `other` for anything else (a caller cannot mint label values).
+    /// The label of a request path: `Service/Method` for the RPCs this binary defines
+    /// (Gatehouse's, health's, reflection's), `other` for anything else, so that a caller
+    /// cannot mint label values (unknown paths are refused by authentication before routing,
+    /// so the answer's status does not tell them apart).
     fn method(path: &str) -> String {
-        let known = path.len() < 120
-            && (path.starts_with("/gatehouse.v1.") || path.starts_with("/grpc."))
-            && path.matches('/').count() == 2
-            && path
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'.' | b'_'));
-        if known {
-            path.trim_start_matches('/').to_string()
+        static KNOWN: std::sync::OnceLock<std::collections::HashSet<String>> =
+            std::sync::OnceLock::new();
+        let known = KNOWN.get_or_init(|| {
+            use prost::Message;
+            let mut known: std::collections::HashSet<String> = [
+                "grpc.health.v1.Health/Check",
+                "grpc.health.v1.Health/Watch",
+                "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            ]
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+            if let Ok(set) =
+                prost_types::FileDescriptorSet::decode(gatehouse_proto::FILE_DESCRIPTOR_SET)
+            {
+                for file in set.file {
+                    let package = file.package.unwrap_or_default();
+                    for service in file.service {
+                        let service_name = service.name.unwrap_or_default();
+                        for method in service.method {
+                            known.insert(format!(
+                                "{package}.{service_name}/{}",
+                                method.name.unwrap_or_default()
+                            ));
+                        }
+                    }
+                }
+            }
+            known
+        });
+        let name = path.trim_start_matches('/');
+        if known.contains(name) {
+            name.to_string()
         } else {
             "other".to_string()
         }
     }
 
     fn record(&self, path: &str, code: &str, seconds: f64) {
-        // An unknown method is UNIMPLEMENTED: one label for all of them.
-        let method = if code == "12" {
-            "other".to_string()
-        } else {
-            Self::method(path)
-        };
+        let method = Self::method(path);
         self.requests
             .get_or_create(&vec![
                 ("method".to_string(), method.clone()),
@@ -458,5 +481,27 @@ async fn render_metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoRespons
         )
             .into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_defined_methods_become_labels() {
+        assert_eq!(
+            RpcMetrics::method("/gatehouse.v1.SignInService/StartSignIn"),
+            "gatehouse.v1.SignInService/StartSignIn"
+        );
+        assert_eq!(
+            RpcMetrics::method("/grpc.health.v1.Health/Check"),
+            "grpc.health.v1.Health/Check"
+        );
+        assert_eq!(
+            RpcMetrics::method("/gatehouse.v1.TenantService/Xrandom123"),
+            "other"
+        );
+        assert_eq!(RpcMetrics::method("/anything"), "other");
     }
 }

@@ -473,6 +473,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     for task in workers.iter().chain(&projection_tasks) {
         task.abort();
     }
+    // The workers' leases go back at once, so that a standby replica takes over without
+    // waiting for them to run out (releasing one held by another replica changes nothing).
+    for worker in ["notifier", "relay", "detector"] {
+        let _ = WorkerLease::new(store.clone(), worker, owner.clone())
+            .release()
+            .await;
+    }
     erasures.abort();
     // The last spans go out before the process does.
     if let Some(tracer) = tracer {

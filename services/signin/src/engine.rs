@@ -1858,6 +1858,9 @@ impl Engine {
         Ok(self.reply(id, flow, tokens))
     }
 
+    /// The app to register: a secret of this flow's own, made on the first ask. (Not the
+    /// user's pending enrolment: another flow, perhaps a password thief's, may have made that
+    /// one and kept a copy.)
     async fn totp_registration(
         &self,
         id: Uuid,
@@ -1870,7 +1873,7 @@ impl Engine {
         let tenant_id = flow.state.tenant_id;
         let user = self.user(&flow.state).await?;
         let user_id = user.stream.id;
-        let secret: String = match &user.state.mfa.pending_totp_secret {
+        let secret: String = match &flow.state.totp_secret {
             Some(sealed) => self
                 .crypto
                 .open(user_id, sealed)
@@ -1879,13 +1882,12 @@ impl Engine {
             None => {
                 let secret = otp::new_secret();
                 let sealed = self.crypto.seal(tenant_id, user_id, &secret).await?;
-                let mut batch = Batch::new(flow, tenant_id, metadata);
-                batch.other(
-                    &user.stream,
-                    Some(user.expected()),
-                    &UserEvent::TotpEnrollmentStarted { secret: sealed },
-                )?;
-                self.commit(flow, batch).await?;
+                self.append_flow(
+                    flow,
+                    metadata,
+                    vec![SignInEvent::TotpSecretIssued { secret: sealed }],
+                )
+                .await?;
                 secret
             }
         };
@@ -1922,14 +1924,14 @@ impl Engine {
         let settings = self.policy(flow).await?.settings.clone();
         let user = self.user(&flow.state).await?;
         let user_id = user.stream.id;
-        let Some(sealed) = &user.state.mfa.pending_totp_secret else {
+        let Some(sealed) = flow.state.totp_secret.clone() else {
             return Err(ApiError::FailedPrecondition(
                 "ask for the authenticator app to register first".into(),
             ));
         };
         let secret: String = self
             .crypto
-            .open(user_id, sealed)
+            .open(user_id, &sealed)
             .await?
             .ok_or_else(|| ApiError::NotFound("user".into()))?;
         let now = Utc::now().timestamp().max(0) as u64;
@@ -1937,11 +1939,13 @@ impl Engine {
         let Some(step) = otp::accept(&secret, code, now, user.state.mfa.totp_last_step) else {
             return self.reject_code(flow, batch, "totp").await;
         };
+        // The flow's secret becomes the user's: started and confirmed in one append.
         batch.other(
             &user.stream,
             Some(user.expected()),
-            &UserEvent::TotpEnrolled { step },
+            &UserEvent::TotpEnrollmentStarted { secret: sealed },
         )?;
+        batch.other(&user.stream, None, &UserEvent::TotpEnrolled { step })?;
         batch.flow(SignInEvent::TotpRegistered)?;
         // An app registered because no second factor existed is that second factor.
         mfa_passed(&mut batch, &flow.state, user_id, MfaMethod::Totp, false)?;

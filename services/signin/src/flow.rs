@@ -30,8 +30,8 @@
 //!                     │       ─ChallengeIssued─▶ [PHONE_CODE] ─PhoneVerified (+ MfaVerified
 //!                     │       when MFA was pending)─▶ next control, or SignInCompleted
 //!                     ├── no second factor yet, the tenant takes TOTP first ─▶
-//!                     │       TotpRegistrationRequired [TOTP_REGISTRATION] (the secret is
-//!                     │       the user's pending enrolment) ─first code─ TotpRegistered,
+//!                     │       TotpRegistrationRequired [TOTP_REGISTRATION] (TotpSecretIssued:
+//!                     │       a secret of this flow's own) ─first code─ TotpRegistered,
 //!                     │       MfaVerified ─▶ next control, or SignInCompleted
 //!                     └── password change ─PasswordChangeRequired─▶ [NEW_PASSWORD]
 //!                             ─PasswordChanged─▶ next control, or SignInCompleted
@@ -221,6 +221,11 @@ pub enum SignInEvent {
     PhoneRegistrationRequired,
     /// The user has no second factor: they register an authenticator app (TOTP) now.
     TotpRegistrationRequired,
+    /// The secret of the app being registered, made for this flow alone (sealed for the user).
+    TotpSecretIssued {
+        /// The base32 secret, sealed.
+        secret: gatehouse_core::crypto::Sealed,
+    },
     /// The authenticator app was registered (its first code was right).
     TotpRegistered,
     /// A method was chosen.
@@ -407,6 +412,9 @@ pub struct SignIn {
     /// An authenticator app was registered in this flow.
     #[serde(default)]
     pub totp_registered: bool,
+    /// The secret of the app being registered in this flow (sealed for the user).
+    #[serde(default)]
+    pub totp_secret: Option<gatehouse_core::crypto::Sealed>,
     /// A second factor the user had before this flow was passed (one registered in the flow
     /// proves only that whoever holds the password also holds a phone).
     pub registered_factor_passed: bool,
@@ -568,6 +576,7 @@ impl Aggregate for SignIn {
             }
             SignInEvent::PhoneRegistrationRequired => self.step = Step::PhoneNumber,
             SignInEvent::TotpRegistrationRequired => self.step = Step::TotpRegistration,
+            SignInEvent::TotpSecretIssued { secret } => self.totp_secret = Some(secret),
             SignInEvent::TotpRegistered => self.totp_registered = true,
             SignInEvent::MfaMethodSelected { method } => {
                 self.selected = Some(method);

@@ -44,8 +44,12 @@ use uuid::Uuid;
 
 /// How long an authorization code can be exchanged, unless configured.
 pub const CODE_LIFETIME: Duration = Duration::seconds(60);
-/// Longest `state`, `nonce` and `login_hint` accepted.
-pub const MAX_PARAMETER: usize = 1024;
+/// Longest `state` and `nonce` accepted (they travel in a cookie while the person signs in).
+pub const MAX_PARAMETER: usize = 512;
+/// Longest `login_hint` accepted (an email address).
+pub const MAX_LOGIN_HINT: usize = 254;
+/// `max_age` beyond this (a century) counts as this.
+const MAX_AGE_CAP: i64 = 100 * 365 * 24 * 3600;
 
 /// `prompt`: what the app asks of the sign-in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -297,6 +301,9 @@ impl Oidc {
                 "request objects are not supported",
             ));
         }
+        if params.response_type.as_deref().is_none_or(str::is_empty) {
+            return Err(back("invalid_request", "response_type is missing"));
+        }
         if params.response_type.as_deref() != Some("code") {
             return Err(back(
                 "unsupported_response_type",
@@ -342,18 +349,32 @@ impl Oidc {
             (None, _) => None,
         };
         let mut prompt = None;
-        for value in params.prompt.as_deref().unwrap_or("").split(' ') {
-            match value {
-                "" | "consent" | "select_account" => {}
+        let values: Vec<&str> = params
+            .prompt
+            .as_deref()
+            .unwrap_or("")
+            .split(' ')
+            .filter(|v| !v.is_empty())
+            .collect();
+        for value in &values {
+            match *value {
+                "consent" | "select_account" => {}
                 "login" => prompt = Some(Prompt::Login),
                 "none" => prompt = Some(Prompt::None),
                 _ => return Err(back("invalid_request", "unknown prompt value")),
             }
         }
+        if values.contains(&"none") && values.len() > 1 {
+            return Err(back(
+                "invalid_request",
+                "prompt=none cannot be combined with other values",
+            ));
+        }
         let max_age = match params.max_age.as_deref() {
             None | Some("") => None,
             Some(text) => match text.parse::<i64>() {
-                Ok(seconds) if seconds >= 0 => Some(seconds),
+                // Beyond a century it means "any age": capped, so that time arithmetic holds.
+                Ok(seconds) if seconds >= 0 => Some(seconds.min(MAX_AGE_CAP)),
                 _ => {
                     return Err(back(
                         "invalid_request",
@@ -363,8 +384,15 @@ impl Oidc {
             },
         };
         let nonce = bounded("nonce", params.nonce).map_err(|e| back("invalid_request", &e))?;
-        let login_hint =
-            bounded("login_hint", params.login_hint).map_err(|e| back("invalid_request", &e))?;
+        let login_hint = match params.login_hint.filter(|h| !h.is_empty()) {
+            Some(hint) if hint.len() > MAX_LOGIN_HINT => {
+                return Err(back(
+                    "invalid_request",
+                    &format!("login_hint must be at most {MAX_LOGIN_HINT} bytes"),
+                ));
+            }
+            hint => hint,
+        };
         Ok((
             AuthRequest {
                 tenant_id,
@@ -408,7 +436,9 @@ impl Oidc {
             .state;
         let now = Utc::now();
         let recent = match (request.max_age, session.auth_time) {
-            (Some(seconds), Some(at)) => at + Duration::seconds(seconds) > now,
+            (Some(seconds), Some(at)) => Duration::try_seconds(seconds)
+                .and_then(|age| at.checked_add_signed(age))
+                .is_none_or(|until| until > now),
             (Some(_), None) => false,
             (None, _) => true,
         };
@@ -446,7 +476,10 @@ impl Oidc {
             session_id,
             metadata,
             |session| {
-                if !session.is_active(Utc::now()) || session.client_id != request.client_id {
+                if !session.is_active(Utc::now())
+                    || session.tenant_id != request.tenant_id
+                    || session.client_id != request.client_id
+                {
                     return Err(ApiError::FailedPrecondition("the session has ended".into()));
                 }
                 Ok(vec![event.clone()])
@@ -767,11 +800,12 @@ impl Oidc {
                 .map(|profile| profile.email),
             None => None,
         };
-        Ok(json!({
-            "sub": session.user_id.to_string(),
-            "email": email,
-            "email_verified": user.state.email_verified,
-        }))
+        let mut claims = json!({ "sub": session.user_id.to_string() });
+        if let Some(email) = email {
+            claims["email"] = json!(email);
+            claims["email_verified"] = json!(user.state.email_verified);
+        }
+        Ok(claims)
     }
 
     async fn open_profile(&self, user_id: Uuid, sealed: &Sealed) -> Option<Profile> {
@@ -834,6 +868,11 @@ impl Oidc {
         browser: Option<&BrowserSession>,
         metadata: &Metadata,
     ) -> Result<Option<String>, String> {
+        // The browser's own session ends first, whatever else the request gets wrong: a
+        // person who asked to sign out is signed out.
+        if let Some(browser) = browser.filter(|b| b.tenant_id == tenant_id) {
+            self.end(tenant_id, browser.session_id, metadata).await?;
+        }
         let mut client_id = params.client_id.clone().filter(|c| !c.is_empty());
         let mut sessions = Vec::new();
         if let Some(hint) = params.id_token_hint.as_deref().filter(|h| !h.is_empty()) {
@@ -885,24 +924,30 @@ impl Oidc {
                 Some(with_query(uri, &query))
             }
         };
-        if let Some(browser) = browser.filter(|b| b.tenant_id == tenant_id) {
-            sessions.push(browser.session_id);
-        }
-        sessions.dedup();
         for session_id in sessions {
-            match self
-                .sessions
-                .end_session(tenant_id, session_id, "logout", metadata)
-                .await
-            {
-                Ok(_) | Err(ApiError::NotFound(_)) => {}
-                Err(error) => {
-                    tracing::error!(%error, "logout: ending a session");
-                    return Err("Something went wrong. Try again.".into());
-                }
-            }
+            self.end(tenant_id, session_id, metadata).await?;
         }
         Ok(redirect)
+    }
+
+    /// Ends a session for logout (one already ended, or unknown, is fine).
+    async fn end(
+        &self,
+        tenant_id: Uuid,
+        session_id: Uuid,
+        metadata: &Metadata,
+    ) -> Result<(), String> {
+        match self
+            .sessions
+            .end_session(tenant_id, session_id, "logout", metadata)
+            .await
+        {
+            Ok(_) | Err(ApiError::NotFound(_)) => Ok(()),
+            Err(error) => {
+                tracing::error!(%error, "logout: ending a session");
+                Err("Something went wrong. Try again.".into())
+            }
+        }
     }
 
     /// An ID token hint is checked as it was when issued: an expired one still names the

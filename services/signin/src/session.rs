@@ -202,15 +202,20 @@ impl Aggregate for Session {
                 nonce,
                 with_refresh_token,
                 expires_at,
-            } => self.codes.push(IssuedCode {
-                digest: code_digest,
-                redirect_uri,
-                code_challenge,
-                nonce,
-                with_refresh_token,
-                expires_at,
-                redeemed: false,
-            }),
+            } => {
+                // Expired codes can no longer be redeemed: the list keeps the live ones.
+                let now = envelope.recorded_at;
+                self.codes.retain(|code| code.expires_at > now);
+                self.codes.push(IssuedCode {
+                    digest: code_digest,
+                    redirect_uri,
+                    code_challenge,
+                    nonce,
+                    with_refresh_token,
+                    expires_at,
+                    redeemed: false,
+                });
+            }
             SessionEvent::AuthorizationCodeRedeemed { code_digest } => {
                 if let Some(code) = self.codes.iter_mut().find(|c| c.digest == code_digest) {
                     code.redeemed = true;

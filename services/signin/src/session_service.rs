@@ -11,6 +11,7 @@ use chrono::Utc;
 use gatehouse_core::crypto::Crypto;
 use gatehouse_core::keys::Caller;
 use gatehouse_core::{ApiError, request};
+use gatehouse_directory::application::ClientType;
 use gatehouse_directory::tenant_service::{parse_id, rfc3339};
 use gatehouse_directory::user::{Status as UserStatus, User};
 use gatehouse_events::view::LiveView;
@@ -120,8 +121,20 @@ impl SessionApi {
     ) -> Result<pb::Tokens, ApiError> {
         let m = request.get_ref();
         let tenant_id = parse_id("tenant_id", &m.tenant_id)?;
-        if let Some(caller) = request.extensions().get::<Caller>() {
-            caller.require_tenant(tenant_id, "tenant")?;
+        match request.extensions().get::<Caller>() {
+            Some(caller) => caller.require_tenant(tenant_id, "tenant")?,
+            // Without a key the refresh token is the only credential: enough for a public app,
+            // not for a confidential one, whose tokens also need its secret (RFC 6749 §6).
+            None => {
+                let app = self.directory.application(tenant_id, &m.client_id).await?;
+                if app.is_some_and(|app| app.client_type == ClientType::Confidential) {
+                    return Err(ApiError::PermissionDenied(
+                        "a confidential application refreshes at the token endpoint with its \
+                         secret, or here with the tenant's API key"
+                            .into(),
+                    ));
+                }
+            }
         }
         let metadata = request::metadata(&request, Actor::Anonymous);
         let tokens = self

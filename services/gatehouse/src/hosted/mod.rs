@@ -68,6 +68,10 @@ const SESSION_PURPOSE: &str = "hosted browser session v1";
 const INTERACTION_SECONDS: i64 = 30 * 60;
 /// Largest form accepted.
 const MAX_FORM: usize = 16 * 1024;
+/// Largest sealed interaction cookie (browsers keep 4 096 bytes per cookie, name included).
+const MAX_COOKIE: usize = 3_900;
+/// Longest email kept in the interaction (longer ones are refused by the flow anyway).
+const MAX_EMAIL: usize = 320;
 
 /// What the browser keeps (sealed) while the person signs in.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -146,7 +150,7 @@ pub fn router(hosted: Arc<Hosted>) -> Router {
         .route("/tenants/{tenant}/token", post(token))
         .route("/tenants/{tenant}/userinfo", get(userinfo).post(userinfo))
         .route("/tenants/{tenant}/revoke", post(revoke))
-        .route("/tenants/{tenant}/logout", get(logout))
+        .route("/tenants/{tenant}/logout", get(logout).post(logout_post))
         .route("/tenants/{tenant}/federation/start", get(federation_start))
         .route(
             "/tenants/{tenant}/federation/callback",
@@ -432,9 +436,14 @@ impl Hosted {
         response
     }
 
-    /// Stores the interaction in its cookie.
+    /// Stores the interaction in its cookie; one too large for a browser to keep (some 4 KB)
+    /// turns the answer into an error page rather than being dropped by the browser.
     fn keep(&self, response: &mut Response, interaction: &Interaction) {
         let sealed = self.crypto.seal_token(INTERACTION_PURPOSE, interaction);
+        if sealed.len() > MAX_COOKIE {
+            *response = self.error_page(StatusCode::BAD_REQUEST, self.text.too_large);
+            return;
+        }
         self.set_cookie(
             response,
             interaction.request.tenant_id,
@@ -692,7 +701,7 @@ impl Hosted {
                 } else {
                     Primary::EmailOtp
                 };
-                interaction.email = Some(field("email").trim().to_string());
+                interaction.email = Some(field("email").trim().chars().take(MAX_EMAIL).collect());
                 let password = (method == Primary::Password).then(|| field("password"));
                 self.start(&mut interaction, method, password, &metadata)
                     .await
@@ -838,7 +847,7 @@ impl Hosted {
                 (!value.trim().is_empty()).then(|| (name.to_string(), value.trim().to_string()))
             })
             .collect();
-        interaction.email = Some(email.clone());
+        interaction.email = Some(email.chars().take(MAX_EMAIL).collect());
         interaction.screen = Screen::SignUp;
         let request = Self::grpc_request(
             pb::SignUpRequest {
@@ -950,7 +959,7 @@ impl Hosted {
         headers: &HeaderMap,
         metadata: &Metadata,
     ) -> Response {
-        interaction.email = Some(email.trim().to_string());
+        interaction.email = Some(email.trim().chars().take(MAX_EMAIL).collect());
         let request = Self::grpc_request(
             pb::StartPasswordResetRequest {
                 tenant_id: interaction.request.tenant_id.to_string(),
@@ -1041,10 +1050,15 @@ impl Hosted {
         reply: Reply,
         metadata: &Metadata,
     ) -> Response {
+        // Only the command that completed the flow carries its tokens. A flow that had ended
+        // before this request (a second submit of the last form, a replayed cookie) gets a
+        // code like a browser session's, without a new refresh token, so that the first
+        // code's stays the session's only one.
+        let completed_now = reply.tokens.is_some();
         match &reply.flow.outcome {
             None => self.render(interaction, Some(&reply), None, metadata).await,
             Some(Outcome::Completed(session_id)) => {
-                self.complete(&interaction.request, *session_id, true, metadata)
+                self.complete(&interaction.request, *session_id, completed_now, metadata)
                     .await
             }
             Some(Outcome::Failed(reason)) => {
@@ -1463,33 +1477,63 @@ async fn logout(
     headers: HeaderMap,
     query: Result<Query<LogoutParams>, QueryRejection>,
 ) -> Response {
-    let Some(tenant_id) = tenant_of(&tenant) else {
-        return hosted.error_page(StatusCode::NOT_FOUND, hosted.text.went_wrong);
-    };
     let Ok(Query(params)) = query else {
         return hosted.error_page(StatusCode::BAD_REQUEST, hosted.text.went_wrong);
     };
-    let browser = hosted.browser_of(tenant_id, &headers);
-    let metadata = metadata(peer, &headers);
-    let mut response = match hosted
-        .oidc
-        .logout(tenant_id, &params, browser.as_ref(), &metadata)
-        .await
-    {
-        Ok(Some(location)) => redirect(&location, ""),
-        Ok(None) => html(
-            StatusCode::OK,
-            pages::message(
-                hosted.text,
-                hosted.text.signed_out_title,
-                hosted.text.signed_out,
-            ),
-            "",
-        ),
-        Err(message) => return hosted.error_page(StatusCode::BAD_REQUEST, &message),
+    hosted.logout(&tenant, params, peer, &headers).await
+}
+
+/// RP-initiated logout by form POST (the specification allows both).
+async fn logout_post(
+    State(hosted): State<Arc<Hosted>>,
+    Path(tenant): Path<String>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(form) = form_body(&headers, &body) else {
+        return hosted.error_page(StatusCode::BAD_REQUEST, hosted.text.went_wrong);
     };
-    hosted.set_cookie(&mut response, tenant_id, SESSION_COOKIE, "", Some(0));
-    response
+    let get = |name: &str| form.get(name).cloned();
+    let params = LogoutParams {
+        id_token_hint: get("id_token_hint"),
+        post_logout_redirect_uri: get("post_logout_redirect_uri"),
+        state: get("state"),
+        client_id: get("client_id"),
+    };
+    hosted.logout(&tenant, params, peer, &headers).await
+}
+
+impl Hosted {
+    async fn logout(
+        &self,
+        tenant: &str,
+        params: LogoutParams,
+        peer: SocketAddr,
+        headers: &HeaderMap,
+    ) -> Response {
+        let Some(tenant_id) = tenant_of(tenant) else {
+            return self.error_page(StatusCode::NOT_FOUND, self.text.went_wrong);
+        };
+        let browser = self.browser_of(tenant_id, headers);
+        let metadata = metadata(peer, headers);
+        let mut response = match self
+            .oidc
+            .logout(tenant_id, &params, browser.as_ref(), &metadata)
+            .await
+        {
+            Ok(Some(location)) => redirect(&location, ""),
+            Ok(None) => html(
+                StatusCode::OK,
+                pages::message(self.text, self.text.signed_out_title, self.text.signed_out),
+                "",
+            ),
+            Err(message) => self.error_page(StatusCode::BAD_REQUEST, &message),
+        };
+        // The browser's session cookie goes in every case (its session ended first).
+        self.set_cookie(&mut response, tenant_id, SESSION_COOKIE, "", Some(0));
+        response
+    }
 }
 
 #[cfg(test)]

@@ -69,6 +69,7 @@ pub struct Text {
     pub reset_code_title: &'static str,
     pub reset_code_intro: &'static str,
     pub password_reset: &'static str,
+    pub too_large: &'static str,
 }
 
 /// English.
@@ -139,4 +140,5 @@ pub const EN: Text = Text {
     reset_code_title: "Choose a new password",
     reset_code_intro: "Enter the code we sent to your email address and your new password.",
     password_reset: "Your password has been changed. Enter it to continue.",
+    too_large: "This sign-in request is too large. Go back to the application and start again.",
 };
