@@ -19,7 +19,6 @@ use gatehouse_events::EventFilter;
 use gatehouse_proto::v1 as pb;
 use gatehouse_proto::v1::application_service_client::ApplicationServiceClient;
 use gatehouse_proto::v1::identity_provider_service_client::IdentityProviderServiceClient;
-use gatehouse_proto::v1::policy_service_client::PolicyServiceClient;
 use serde_json::{Value, json};
 use std::path::Path;
 use std::process::Command;
@@ -71,38 +70,6 @@ async fn public_app(world: &World, name: &str, callback: &str) -> Result<pb::App
         .into_inner()
         .application
         .ok_or_else(|| "no application".into())
-}
-
-/// A Conditional Access policy: everyone signing in to `app` needs MFA.
-async fn require_mfa(world: &World, app: &pb::Application) -> TestResult {
-    PolicyServiceClient::new(world.channel.clone())
-        .create_policy(req(
-            pb::CreatePolicyRequest {
-                tenant_id: world.tenant_id.clone(),
-                definition: Some(pb::PolicyDefinition {
-                    name: "MFA for the claims portal".into(),
-                    users: Some(pb::UserAssignment {
-                        all: true,
-                        ..Default::default()
-                    }),
-                    apps: Some(pb::AppAssignment {
-                        include: vec![app.id.clone()],
-                        ..Default::default()
-                    }),
-                    conditions: Some(pb::PolicyConditions::default()),
-                    grant: Some(pb::GrantControls {
-                        controls: vec![pb::GrantControl::Mfa as i32],
-                        ..Default::default()
-                    }),
-                    session: None,
-                }),
-                state: pb::PolicyState::Enabled as i32,
-                acknowledge_warnings: false,
-            },
-            &world.key,
-        )?)
-        .await?;
-    Ok(())
 }
 
 /// PKCE S256 of a verifier.
@@ -192,7 +159,9 @@ async fn run(data: &Path) -> TestResult {
         .await?;
     let app_callback = app_server()?;
     let portal = public_app(&world, "Claims portal", &app_callback).await?;
-    require_mfa(&world, &portal).await?;
+    world
+        .require_mfa_policy("MFA for the claims portal", &portal.id)
+        .await?;
     let shop = public_app(&world, "Shop", &app_callback).await?;
     let callback = format!("{}/federation/callback", world.issuer());
     let provider = OidcProvider::start(PROVIDER_CLIENT, PROVIDER_SECRET, &[&callback])?;

@@ -21,7 +21,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use gatehouse_proto::v1 as pb;
 use gatehouse_proto::v1::event_service_client::EventServiceClient;
 use gatehouse_proto::v1::insights_service_client::InsightsServiceClient;
-use gatehouse_proto::v1::policy_service_client::PolicyServiceClient;
 use gatehouse_proto::v1::risk_service_client::RiskServiceClient;
 use gatehouse_proto::v1::session_service_client::SessionServiceClient;
 use gatehouse_proto::v1::user_service_client::UserServiceClient;
@@ -121,32 +120,9 @@ async fn run(root: &Path, url: &str) -> TestResult {
     let secret = world.enroll_totp(&signed_up.user_id).await?;
 
     // A policy (the policy service) requires MFA for the app.
-    PolicyServiceClient::new(connect(&policy).await?)
-        .create_policy(req(
-            pb::CreatePolicyRequest {
-                tenant_id: world.tenant_id.clone(),
-                definition: Some(pb::PolicyDefinition {
-                    name: "MFA everywhere".into(),
-                    users: Some(pb::UserAssignment {
-                        all: true,
-                        ..Default::default()
-                    }),
-                    apps: Some(pb::AppAssignment {
-                        include: vec![world.app_id.clone()],
-                        ..Default::default()
-                    }),
-                    conditions: Some(pb::PolicyConditions::default()),
-                    grant: Some(pb::GrantControls {
-                        controls: vec![pb::GrantControl::Mfa as i32],
-                        ..Default::default()
-                    }),
-                    session: None,
-                }),
-                state: pb::PolicyState::Enabled as i32,
-                acknowledge_warnings: false,
-            },
-            &world.key,
-        )?)
+    through(&world, &policy)
+        .await?
+        .require_mfa_policy("MFA everywhere", &world.app_id)
         .await?;
 
     // The sign-in, its steps alternating between the replicas. Both learn of the policy

@@ -152,6 +152,39 @@ impl World {
         })
     }
 
+    /// An enabled Conditional Access policy, sent through this world's channel: everyone
+    /// signing in to the app with id `app_id` needs MFA.
+    pub async fn require_mfa_policy(&self, name: &str, app_id: &str) -> TestResult {
+        gatehouse_proto::v1::policy_service_client::PolicyServiceClient::new(self.channel.clone())
+            .create_policy(req(
+                pb::CreatePolicyRequest {
+                    tenant_id: self.tenant_id.clone(),
+                    definition: Some(pb::PolicyDefinition {
+                        name: name.into(),
+                        users: Some(pb::UserAssignment {
+                            all: true,
+                            ..Default::default()
+                        }),
+                        apps: Some(pb::AppAssignment {
+                            include: vec![app_id.into()],
+                            ..Default::default()
+                        }),
+                        conditions: Some(pb::PolicyConditions::default()),
+                        grant: Some(pb::GrantControls {
+                            controls: vec![pb::GrantControl::Mfa as i32],
+                            ..Default::default()
+                        }),
+                        session: None,
+                    }),
+                    state: pb::PolicyState::Enabled as i32,
+                    acknowledge_warnings: false,
+                },
+                &self.key,
+            )?)
+            .await?;
+        Ok(())
+    }
+
     pub fn signin(&self) -> SignInServiceClient<Channel> {
         SignInServiceClient::new(self.channel.clone())
     }

@@ -1350,6 +1350,33 @@ fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>, OA
     Ok(Some((decode(id), decode(secret))))
 }
 
+/// A client's request to the token or revocation endpoint: the tenant, the form and how the
+/// client authenticated; or the error answer.
+fn client_request(
+    tenant: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(Uuid, HashMap<String, String>, ClientCredentials), Box<Response>> {
+    let Some(tenant_id) = tenant_of(tenant) else {
+        return Err(Box::new(StatusCode::NOT_FOUND.into_response()));
+    };
+    let Some(form) = form_body(headers, body) else {
+        return Err(Box::new(oauth_error(OAuthError {
+            status: 400,
+            error: "invalid_request",
+            description: "the body must be application/x-www-form-urlencoded".into(),
+            basic: false,
+        })));
+    };
+    let basic = basic_credentials(headers).map_err(|error| Box::new(oauth_error(error)))?;
+    let credentials = ClientCredentials {
+        basic,
+        client_id: form.get("client_id").cloned(),
+        client_secret: form.get("client_secret").cloned(),
+    };
+    Ok((tenant_id, form, credentials))
+}
+
 async fn token(
     State(hosted): State<Arc<Hosted>>,
     Path(tenant): Path<String>,
@@ -1357,27 +1384,11 @@ async fn token(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let Some(tenant_id) = tenant_of(&tenant) else {
-        return StatusCode::NOT_FOUND.into_response();
-    };
-    let Some(form) = form_body(&headers, &body) else {
-        return oauth_error(OAuthError {
-            status: 400,
-            error: "invalid_request",
-            description: "the body must be application/x-www-form-urlencoded".into(),
-            basic: false,
-        });
-    };
-    let basic = match basic_credentials(&headers) {
-        Ok(basic) => basic,
-        Err(error) => return oauth_error(error),
+    let (tenant_id, form, credentials) = match client_request(&tenant, &headers, &body) {
+        Ok(request) => request,
+        Err(response) => return *response,
     };
     let get = |name: &str| form.get(name).cloned();
-    let credentials = ClientCredentials {
-        basic,
-        client_id: get("client_id"),
-        client_secret: get("client_secret"),
-    };
     let token_form = TokenForm {
         grant_type: get("grant_type"),
         code: get("code"),
@@ -1434,25 +1445,9 @@ async fn revoke(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let Some(tenant_id) = tenant_of(&tenant) else {
-        return StatusCode::NOT_FOUND.into_response();
-    };
-    let Some(form) = form_body(&headers, &body) else {
-        return oauth_error(OAuthError {
-            status: 400,
-            error: "invalid_request",
-            description: "the body must be application/x-www-form-urlencoded".into(),
-            basic: false,
-        });
-    };
-    let basic = match basic_credentials(&headers) {
-        Ok(basic) => basic,
-        Err(error) => return oauth_error(error),
-    };
-    let credentials = ClientCredentials {
-        basic,
-        client_id: form.get("client_id").cloned(),
-        client_secret: form.get("client_secret").cloned(),
+    let (tenant_id, form, credentials) = match client_request(&tenant, &headers, &body) {
+        Ok(request) => request,
+        Err(response) => return *response,
     };
     let metadata = metadata(peer, &headers);
     match hosted
