@@ -22,7 +22,9 @@ use crate::runtime::{Key, Poison, SqlProjection, Writes};
 use gatehouse_events::readmodel::SqlValue;
 use gatehouse_events::{EventFilter, RecordedEvent};
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use uuid::Uuid;
 
 /// The projection's name.
 pub const NAME: &str = "activity";
@@ -77,23 +79,26 @@ const TABLES: &[(&str, &str)] = &[
     ),
 ];
 
-/// What the projection remembers of an open flow.
+/// What the projection remembers of an open flow (every pending sign-in of every tenant is
+/// here, so it is small: ids as UUIDs, the rest shared strings of few distinct values).
 #[derive(Debug, Clone, Default)]
 struct Flow {
-    tenant_id: String,
-    application_id: String,
-    user_id: String,
-    method: String,
-    country: String,
-    browser: String,
-    os: String,
-    blocked_by: String,
+    tenant_id: Uuid,
+    application_id: Arc<str>,
+    user_id: Option<Uuid>,
+    method: Arc<str>,
+    country: Arc<str>,
+    browser: Arc<str>,
+    os: Arc<str>,
+    blocked_by: Arc<str>,
 }
 
 /// The activity projection.
 #[derive(Debug, Default)]
 pub struct Activity {
-    flows: HashMap<String, Flow>,
+    flows: HashMap<Uuid, Flow>,
+    /// One copy of each app id, method, country, browser, OS and policy id seen.
+    strings: HashSet<Arc<str>>,
 }
 
 impl Activity {
@@ -111,11 +116,25 @@ fn text(value: &Value, key: &str) -> String {
         .to_string()
 }
 
+fn user_of(value: &str) -> Option<Uuid> {
+    Uuid::try_parse(value).ok()
+}
+
 impl Activity {
+    /// The shared copy of `value`.
+    fn intern(&mut self, value: &str) -> Arc<str> {
+        if let Some(shared) = self.strings.get(value) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = Arc::from(value);
+        self.strings.insert(shared.clone());
+        shared
+    }
+
     fn count(writes: &mut Writes, flow: &Flow, at: i64, metric: &'static str, dimension: &str) {
         counter(
             writes,
-            &flow.tenant_id,
+            &flow.tenant_id.to_string(),
             &flow.application_id,
             at,
             metric,
@@ -124,7 +143,8 @@ impl Activity {
     }
 
     fn signin(&mut self, event: &RecordedEvent, payload: &Value, writes: &mut Writes) {
-        let id = event.stream.id.to_string();
+        let flow_id = event.stream.id;
+        let id = flow_id.to_string();
         let at = event.recorded_at.timestamp_micros();
         let key: Key = vec![("flow_id", id.clone().into())];
         let set = |writes: &mut Writes, column: &'static str, value: SqlValue| {
@@ -132,31 +152,37 @@ impl Activity {
         };
         match event.event_type.as_str() {
             "SignInStarted" => {
+                let (application_id, user_id, method) = (
+                    text(payload, "application_id"),
+                    text(payload, "user_id"),
+                    text(payload, "method"),
+                );
                 let flow = Flow {
-                    tenant_id: event.tenant_id.to_string(),
-                    application_id: text(payload, "application_id"),
-                    user_id: text(payload, "user_id"),
-                    method: text(payload, "method"),
+                    tenant_id: event.tenant_id,
+                    application_id: self.intern(&application_id),
+                    user_id: user_of(&user_id),
+                    method: self.intern(&method),
                     ..Flow::default()
                 };
-                set(writes, "tenant_id", flow.tenant_id.clone().into());
-                set(writes, "application_id", flow.application_id.clone().into());
+                set(writes, "tenant_id", event.tenant_id.to_string().into());
+                set(writes, "application_id", application_id.into());
                 set(writes, "started_at", at.into());
-                set(writes, "user_id", flow.user_id.clone().into());
-                set(writes, "primary_method", flow.method.clone().into());
+                set(writes, "user_id", user_id.into());
+                set(writes, "primary_method", method.into());
                 let ip = event.context.as_ref().and_then(|c| c.ip.clone());
                 set(writes, "ip", ip.unwrap_or_default().into());
                 Self::count(writes, &flow, at, "attempts", "");
-                self.flows.insert(id, flow);
+                self.flows.insert(flow_id, flow);
             }
             "FederationSucceeded" => {
                 let method = format!("federated:{}", text(payload, "kind"));
                 let user = text(payload, "user_id");
                 set(writes, "primary_method", method.clone().into());
                 set(writes, "user_id", user.clone().into());
-                if let Some(flow) = self.flows.get_mut(&id) {
+                let method = self.intern(&method);
+                if let Some(flow) = self.flows.get_mut(&flow_id) {
                     flow.method = method;
-                    flow.user_id = user;
+                    flow.user_id = user_of(&user);
                 }
             }
             "RiskAssessed" => {
@@ -175,10 +201,15 @@ impl Activity {
                 if !user.is_empty() {
                     set(writes, "user_id", user.clone().into());
                 }
-                if let Some(flow) = self.flows.get_mut(&id) {
-                    (flow.country, flow.browser, flow.os) = (country, browser, os);
+                let shared = (
+                    self.intern(&country),
+                    self.intern(&browser),
+                    self.intern(&os),
+                );
+                if let Some(flow) = self.flows.get_mut(&flow_id) {
+                    (flow.country, flow.browser, flow.os) = shared;
                     if !user.is_empty() {
-                        flow.user_id = user;
+                        flow.user_id = user_of(&user);
                     }
                 }
             }
@@ -199,29 +230,30 @@ impl Activity {
                 set(writes, "policies", applied.join(",").into());
                 let blocked_by = text(payload, "blocked_by");
                 set(writes, "blocked_by", blocked_by.clone().into());
-                if let Some(flow) = self.flows.get_mut(&id) {
-                    flow.blocked_by = blocked_by;
-                    let country = text(payload, "country");
+                let country = text(payload, "country");
+                let shared = (self.intern(&blocked_by), self.intern(&country));
+                if let Some(flow) = self.flows.get_mut(&flow_id) {
+                    flow.blocked_by = shared.0;
                     if flow.country.is_empty() && !country.is_empty() {
-                        flow.country = country.clone();
+                        flow.country = shared.1;
                         set(writes, "country", country.into());
                     }
                 }
             }
             "MfaMethodSelected" => {
-                if let Some(flow) = self.flows.get(&id) {
+                if let Some(flow) = self.flows.get(&flow_id) {
                     Self::count(writes, flow, at, "mfa_challenges", &text(payload, "method"));
                 }
             }
             "MfaVerified" => {
                 let method = text(payload, "method");
                 set(writes, "mfa_method", method.clone().into());
-                if let Some(flow) = self.flows.get(&id) {
+                if let Some(flow) = self.flows.get(&flow_id) {
                     Self::count(writes, flow, at, "mfa_completions", &method);
                 }
             }
             "PasswordRejected" | "CodeRejected" | "FederationFailed" => {
-                if let Some(flow) = self.flows.get(&id) {
+                if let Some(flow) = self.flows.get(&flow_id) {
                     let reason = match event.event_type.as_str() {
                         "CodeRejected" => "wrong_code".to_string(),
                         _ => text(payload, "reason"),
@@ -232,20 +264,20 @@ impl Activity {
             "SignInCompleted" => {
                 set(writes, "outcome", "success".into());
                 set(writes, "ended_at", at.into());
-                if let Some(flow) = self.flows.remove(&id) {
+                if let Some(flow) = self.flows.remove(&flow_id) {
                     Self::count(writes, &flow, at, "successes", "");
                     Self::count(writes, &flow, at, "signins_by_method", &flow.method);
                     Self::count(writes, &flow, at, "signins_by_country", &flow.country);
                     Self::count(writes, &flow, at, "signins_by_os", &flow.os);
                     Self::count(writes, &flow, at, "signins_by_browser", &flow.browser);
-                    if !flow.user_id.is_empty() {
+                    if let Some(user_id) = flow.user_id {
                         writes.insert(
                             "active_users",
                             vec![
-                                ("tenant_id", flow.tenant_id.clone().into()),
+                                ("tenant_id", flow.tenant_id.to_string().into()),
                                 ("day", (at - at.rem_euclid(DAY)).into()),
-                                ("application_id", flow.application_id.clone().into()),
-                                ("user_id", flow.user_id.clone().into()),
+                                ("application_id", flow.application_id.to_string().into()),
+                                ("user_id", user_id.to_string().into()),
                             ],
                         );
                     }
@@ -261,7 +293,7 @@ impl Activity {
                 );
                 set(writes, "reason", reason.clone().into());
                 set(writes, "ended_at", at.into());
-                if let Some(flow) = self.flows.remove(&id) {
+                if let Some(flow) = self.flows.remove(&flow_id) {
                     Self::count(writes, &flow, at, "failures", &reason);
                     if blocked {
                         Self::count(writes, &flow, at, "blocks", &flow.blocked_by);
@@ -276,7 +308,7 @@ impl Activity {
                 };
                 set(writes, "outcome", outcome.into());
                 set(writes, "ended_at", at.into());
-                self.flows.remove(&id);
+                self.flows.remove(&flow_id);
             }
             _ => {}
         }
@@ -331,19 +363,22 @@ impl SqlProjection for Activity {
     fn restore(&mut self, rows: Vec<Vec<SqlValue>>) {
         for row in rows {
             let field = |i: usize| row.get(i).map(SqlValue::text).unwrap_or_default();
-            self.flows.insert(
-                field(0),
-                Flow {
-                    tenant_id: field(1),
-                    application_id: field(2),
-                    user_id: field(3),
-                    method: field(4),
-                    country: field(5),
-                    browser: field(6),
-                    os: field(7),
-                    blocked_by: field(8),
-                },
-            );
+            let (Ok(flow_id), Ok(tenant_id)) =
+                (Uuid::try_parse(&field(0)), Uuid::try_parse(&field(1)))
+            else {
+                continue;
+            };
+            let flow = Flow {
+                tenant_id,
+                application_id: self.intern(&field(2)),
+                user_id: user_of(&field(3)),
+                method: self.intern(&field(4)),
+                country: self.intern(&field(5)),
+                browser: self.intern(&field(6)),
+                os: self.intern(&field(7)),
+                blocked_by: self.intern(&field(8)),
+            };
+            self.flows.insert(flow_id, flow);
         }
     }
 
