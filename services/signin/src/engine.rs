@@ -83,8 +83,8 @@ pub enum Command {
     PhoneCode(String),
     /// A new password (a policy asks for a change).
     NewPassword(String),
-    /// The authenticator app to register: its secret, URI and QR code (the user's pending
-    /// enrolment, started now when there is none).
+    /// The authenticator app to register: its secret, URI and QR code (the flow's own secret,
+    /// made on the first ask).
     TotpRegistration,
     /// The registered app's first code.
     TotpRegistrationCode(String),

@@ -3,12 +3,14 @@
 //!
 //! | path | what |
 //! |---|---|
-//! | `GET  /authorize` | checks the request ([`Oidc::validate`]); a live browser session for the app answers at once, otherwise the sign-in page |
+//! | `GET\|POST /authorize` | checks the request ([`Oidc::validate`]); a live browser session for the app answers at once, otherwise the sign-in page |
 //! | `POST /interaction` | every form of the pages: each runs one command of the sign-in flow |
 //! | `POST /token` | `authorization_code` (PKCE) and `refresh_token` grants |
 //! | `GET\|POST /userinfo` | the access token's user |
 //! | `POST /revoke` | RFC 7009 |
-//! | `GET  /logout` | RP-initiated logout |
+//! | `GET\|POST /logout` | RP-initiated logout (the browser's session always ends) |
+//! | `GET  /federation/start` | a provider's button: a flow that starts with federation |
+//! | `GET  /federation/callback` | the provider's answer, to the flow in the cookie |
 //!
 //! The pages drive the same flow actors as `SignInService` (one workflow, two front doors):
 //! the flow's id and the app's request live in a cookie sealed by the server
