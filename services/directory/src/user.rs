@@ -476,6 +476,22 @@ impl Aggregate for User {
 }
 
 impl User {
+    /// The user's email, opened from the sealed profile (`None` without one, or once the
+    /// user is erased).
+    pub async fn email(
+        &self,
+        crypto: &gatehouse_core::crypto::Crypto,
+        user_id: Uuid,
+    ) -> Result<Option<String>, gatehouse_core::crypto::CryptoError> {
+        Ok(match &self.profile {
+            Some(sealed) => crypto
+                .open::<Profile>(user_id, sealed)
+                .await?
+                .map(|p| p.email),
+            None => None,
+        })
+    }
+
     /// Exists and is not erased.
     pub fn exists(&self) -> bool {
         !matches!(self.status, Status::Absent | Status::Erased)

@@ -1675,14 +1675,7 @@ impl Engine {
             let user = self.user(&flow.state).await?;
             let user_id = user.stream.id;
             let to: Option<String> = match channel {
-                Channel::Email => match &user.state.profile {
-                    Some(sealed) => self
-                        .crypto
-                        .open::<Profile>(user_id, sealed)
-                        .await?
-                        .map(|p| p.email),
-                    None => None,
-                },
+                Channel::Email => user.state.email(&self.crypto, user_id).await?,
                 Channel::Sms => match &user.state.phone {
                     Some(sealed) => self.crypto.open::<String>(user_id, sealed).await?,
                     None => None,
@@ -1891,15 +1884,11 @@ impl Engine {
                 secret
             }
         };
-        let account = match &user.state.profile {
-            Some(sealed) => self
-                .crypto
-                .open::<Profile>(user_id, sealed)
-                .await?
-                .map(|p| p.email),
-            None => None,
-        }
-        .unwrap_or_else(|| user_id.to_string());
+        let account = user
+            .state
+            .email(&self.crypto, user_id)
+            .await?
+            .unwrap_or_else(|| user_id.to_string());
         let (otpauth_uri, qr_png) = otp::enrollment(&secret, otp::DEFAULT_ISSUER, &account)?;
         let mut reply = self.reply(id, flow, None);
         reply.totp = Some(TotpEnrollment {
@@ -2078,13 +2067,7 @@ pub async fn issue_tokens(
     let now = Utc::now();
     let tenant_id = session.tenant_id;
     let lifetimes = &settings.token_lifetimes;
-    let email: Option<String> = match &user.profile {
-        Some(sealed) => crypto
-            .open::<Profile>(session.user_id, sealed)
-            .await?
-            .map(|p| p.email),
-        None => None,
-    };
+    let email = user.email(crypto, session.user_id).await?;
     let issuer = keys.issuer(tenant_id);
     let iat = now.timestamp();
     let access_exp = capped(now, lifetimes.access_token_seconds, session.expires_at);

@@ -10,7 +10,7 @@ use gatehouse_core::{ApiError, request};
 use gatehouse_directory::tenant::MfaMethod;
 use gatehouse_directory::tenant_service::parse_id;
 use gatehouse_directory::tenant_service::{mfa_from_proto, mfa_to_proto};
-use gatehouse_directory::user::{Profile, User, UserEvent};
+use gatehouse_directory::user::{User, UserEvent};
 use gatehouse_events::{EventStore, Loaded, Metadata, execute};
 use gatehouse_proto::v1 as pb;
 use std::sync::Arc;
@@ -128,15 +128,11 @@ impl pb::mfa_service_server::MfaService for MfaApi {
                 let (tenant_id, user, metadata) =
                     self.user(&request, &m.tenant_id, &m.user_id).await?;
                 let user_id = user.stream.id;
-                let email = match &user.state.profile {
-                    Some(sealed) => self
-                        .crypto
-                        .open::<Profile>(user_id, sealed)
-                        .await?
-                        .map(|p| p.email),
-                    None => None,
-                }
-                .unwrap_or_else(|| user_id.to_string());
+                let email = user
+                    .state
+                    .email(&self.crypto, user_id)
+                    .await?
+                    .unwrap_or_else(|| user_id.to_string());
                 let secret = otp::new_secret();
                 let sealed = self.crypto.seal(tenant_id, user_id, &secret).await?;
                 let (uri, png) = otp::enrollment(&secret, &issuer, &email)?;

@@ -31,9 +31,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Duration, Utc};
 use gatehouse_core::ApiError;
-use gatehouse_core::crypto::{Crypto, Sealed};
+use gatehouse_core::crypto::Crypto;
 use gatehouse_directory::application::{ClientType, GrantType};
-use gatehouse_directory::user::{Profile, Status as UserStatus, User};
+use gatehouse_directory::user::{Status as UserStatus, User};
 use gatehouse_events::{AppendRequest, DomainEvent, EventStore, Loaded, Metadata, StoreError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -793,27 +793,19 @@ impl Oidc {
         if user.state.status != UserStatus::Active {
             return Err(refused());
         }
-        let email = match &user.state.profile {
-            Some(sealed) => self
-                .open_profile(session.user_id, sealed)
-                .await
-                .map(|profile| profile.email),
-            None => None,
-        };
+        // An unreadable profile (erased) means no email claim, not a failed request.
+        let email = user
+            .state
+            .email(&self.crypto, session.user_id)
+            .await
+            .ok()
+            .flatten();
         let mut claims = json!({ "sub": session.user_id.to_string() });
         if let Some(email) = email {
             claims["email"] = json!(email);
             claims["email_verified"] = json!(user.state.email_verified);
         }
         Ok(claims)
-    }
-
-    async fn open_profile(&self, user_id: Uuid, sealed: &Sealed) -> Option<Profile> {
-        self.crypto
-            .open::<Profile>(user_id, sealed)
-            .await
-            .ok()
-            .flatten()
     }
 
     /// `/revoke` (RFC 7009): a refresh or access token of this client ends its session.

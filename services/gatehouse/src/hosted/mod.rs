@@ -1234,6 +1234,14 @@ fn parse_form(body: &[u8]) -> HashMap<String, String> {
     form
 }
 
+/// A parsed form as one of the endpoints' parameter structs (each field an optional string
+/// named as in the form; unknown fields ignored).
+fn form_as<T: serde::de::DeserializeOwned>(form: &HashMap<String, String>) -> Option<T> {
+    serde_json::to_value(form)
+        .ok()
+        .and_then(|value| serde_json::from_value(value).ok())
+}
+
 fn form_body(headers: &HeaderMap, body: &[u8]) -> Option<HashMap<String, String>> {
     let form_type = headers
         .get(header::CONTENT_TYPE)
@@ -1252,21 +1260,8 @@ async fn authorize_post(
     let Some(form) = form_body(&headers, &body) else {
         return hosted.error_page(StatusCode::BAD_REQUEST, hosted.text.went_wrong);
     };
-    let get = |name: &str| form.get(name).cloned();
-    let params = AuthorizeParams {
-        client_id: get("client_id"),
-        redirect_uri: get("redirect_uri"),
-        response_type: get("response_type"),
-        scope: get("scope"),
-        state: get("state"),
-        nonce: get("nonce"),
-        code_challenge: get("code_challenge"),
-        code_challenge_method: get("code_challenge_method"),
-        prompt: get("prompt"),
-        max_age: get("max_age"),
-        login_hint: get("login_hint"),
-        request: get("request"),
-        request_uri: get("request_uri"),
+    let Some(params) = form_as::<AuthorizeParams>(&form) else {
+        return hosted.error_page(StatusCode::BAD_REQUEST, hosted.text.went_wrong);
     };
     hosted.authorize(&tenant, params, peer, &headers).await
 }
@@ -1390,15 +1385,13 @@ async fn token(
         Ok(request) => request,
         Err(response) => return *response,
     };
-    let get = |name: &str| form.get(name).cloned();
-    let token_form = TokenForm {
-        grant_type: get("grant_type"),
-        code: get("code"),
-        redirect_uri: get("redirect_uri"),
-        code_verifier: get("code_verifier"),
-        refresh_token: get("refresh_token"),
-        client_id: get("client_id"),
-        client_secret: get("client_secret"),
+    let Some(token_form) = form_as::<TokenForm>(&form) else {
+        return oauth_error(OAuthError {
+            status: 400,
+            error: "invalid_request",
+            description: "the form could not be read".into(),
+            basic: false,
+        });
     };
     let metadata = metadata(peer, &headers);
     match hosted
@@ -1491,12 +1484,8 @@ async fn logout_post(
     let Some(form) = form_body(&headers, &body) else {
         return hosted.error_page(StatusCode::BAD_REQUEST, hosted.text.went_wrong);
     };
-    let get = |name: &str| form.get(name).cloned();
-    let params = LogoutParams {
-        id_token_hint: get("id_token_hint"),
-        post_logout_redirect_uri: get("post_logout_redirect_uri"),
-        state: get("state"),
-        client_id: get("client_id"),
+    let Some(params) = form_as::<LogoutParams>(&form) else {
+        return hosted.error_page(StatusCode::BAD_REQUEST, hosted.text.went_wrong);
     };
     hosted.logout(&tenant, params, peer, &headers).await
 }
