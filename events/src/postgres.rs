@@ -32,7 +32,7 @@ use crate::envelope::{
 };
 use crate::error::StoreError;
 use crate::integrity::{Hash, SEALER_CHECKPOINT, Seal, SignedCheckpoint};
-use crate::readmodel::{SqlValue, Statement, numbered};
+use crate::readmodel::{Column, Rows, SqlValue, Statement, Write, numbered};
 use crate::store::{AppendOutcome, EventFilter, EventStore, ReadBatch, StreamBounds};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -859,9 +859,9 @@ impl EventStore for PgStore {
     async fn read_model_commit(
         &self,
         fence: Option<Statement>,
-        statements: Vec<Statement>,
+        writes: Vec<Write>,
     ) -> Result<bool, StoreError> {
-        commit_read_model(self.pool.clone(), fence, statements).await
+        commit_read_model(self.pool.clone(), fence, writes).await
     }
 
     async fn read_model_query(&self, query: Statement) -> Result<Vec<Vec<SqlValue>>, StoreError> {
@@ -943,11 +943,11 @@ impl ImportArrays {
     }
 }
 
-/// Read-model statements in one transaction, after the fence.
+/// Read-model writes in one transaction, after the fence.
 async fn commit_read_model(
     pool: PgPool,
     fence: Option<Statement>,
-    statements: Vec<Statement>,
+    writes: Vec<Write>,
 ) -> Result<bool, StoreError> {
     let mut tx = pool.begin().await?;
     if let Some(fence) = fence {
@@ -961,24 +961,66 @@ async fn commit_read_model(
             return Ok(false);
         }
     }
-    for statement in &statements {
-        // Scripts without parameters (DDL) run one statement at a time.
-        let parts: Vec<String> = if statement.params.is_empty() {
-            statement
-                .sql
-                .split(';')
-                .filter(|part| !part.trim().is_empty())
-                .map(str::to_string)
-                .collect()
-        } else {
-            vec![numbered(&statement.sql)]
-        };
-        for sql in &parts {
-            bind_all(sql, &statement.params).execute(&mut *tx).await?;
+    for write in writes {
+        match write {
+            Write::Sql(statement) => {
+                // Scripts without parameters (DDL) run one statement at a time.
+                let parts: Vec<String> = if statement.params.is_empty() {
+                    statement
+                        .sql
+                        .split(';')
+                        .filter(|part| !part.trim().is_empty())
+                        .map(str::to_string)
+                        .collect()
+                } else {
+                    vec![numbered(&statement.sql)]
+                };
+                for sql in &parts {
+                    bind_all(sql, &statement.params).execute(&mut *tx).await?;
+                }
+            }
+            Write::Rows(rows) => {
+                if rows.checked_len()? == 0 {
+                    continue;
+                }
+                let sql = unnest_sql(&rows);
+                let mut query = sqlx::query(&sql).persistent(false);
+                for column in rows.values {
+                    query = match column {
+                        Column::Int(values) => query.bind(values),
+                        Column::Text(values) => query.bind(values),
+                    };
+                }
+                query.execute(&mut *tx).await?;
+            }
         }
     }
     tx.commit().await?;
     Ok(true)
+}
+
+/// `INSERT … SELECT * FROM UNNEST($1::bigint[], $2::text[], …) …`: every row of `rows` in one
+/// statement of constant size.
+fn unnest_sql(rows: &Rows) -> String {
+    let arrays: Vec<String> = rows
+        .values
+        .iter()
+        .enumerate()
+        .map(|(i, column)| {
+            let kind = match column {
+                Column::Int(_) => "bigint",
+                Column::Text(_) => "text",
+            };
+            format!("${}::{kind}[]", i + 1)
+        })
+        .collect();
+    format!(
+        "INSERT INTO {} ({}) SELECT * FROM UNNEST({}) {}",
+        rows.table,
+        rows.columns.join(", "),
+        arrays.join(", "),
+        rows.on_conflict
+    )
 }
 
 /// A read-model statement with its values bound, placeholders numbered.

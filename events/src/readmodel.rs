@@ -5,6 +5,10 @@
 //! placeholders (rewritten to `$1, $2, …` for PostgreSQL), integer and text values only (times
 //! as microseconds, ids as text), `INSERT … ON CONFLICT … DO UPDATE/NOTHING`, and aggregates
 //! cast to `BIGINT`.
+//!
+//! Many rows go to a table as one [`Rows`] write rather than as statements: PostgreSQL receives
+//! each column as one array (`INSERT … SELECT * FROM UNNEST(…)`: one short statement to parse,
+//! whatever the number of rows), SQLite runs one prepared statement per row.
 
 /// A value bound to or read from a read-model statement.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -67,6 +71,81 @@ impl Statement {
             sql: sql.into(),
             params,
         }
+    }
+}
+
+/// The values of one column of [`Rows`], all of one kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Column {
+    /// Integers.
+    Int(Vec<i64>),
+    /// Text.
+    Text(Vec<String>),
+}
+
+impl Column {
+    /// Rows it holds.
+    pub fn len(&self) -> usize {
+        match self {
+            Column::Int(values) => values.len(),
+            Column::Text(values) => values.len(),
+        }
+    }
+
+    /// True when it holds no row.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Rows for one table: `INSERT INTO table (columns) VALUES (…), (…) on_conflict`, column by
+/// column. Names come from the projection's code, never from input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rows {
+    /// The table's physical name.
+    pub table: String,
+    /// Column names, in the order of `values`.
+    pub columns: Vec<&'static str>,
+    /// What a row whose key exists does: `ON CONFLICT (…) DO …` (may be empty).
+    pub on_conflict: String,
+    /// One entry per column, each as long as the others.
+    pub values: Vec<Column>,
+}
+
+impl Rows {
+    /// Rows it holds (checked: every column as long as the first).
+    pub fn checked_len(&self) -> Result<usize, crate::StoreError> {
+        let len = self.values.first().map_or(0, Column::len);
+        if self.values.len() != self.columns.len() || self.values.iter().any(|c| c.len() != len) {
+            return Err(crate::StoreError::Invalid(format!(
+                "rows for {}: {} columns named, {} given, or of unequal lengths",
+                self.table,
+                self.columns.len(),
+                self.values.len()
+            )));
+        }
+        Ok(len)
+    }
+}
+
+/// One write of a read-model commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    /// A statement (or, without parameters, a script of statements separated by `;`).
+    Sql(Statement),
+    /// Rows for one table.
+    Rows(Rows),
+}
+
+impl From<Statement> for Write {
+    fn from(statement: Statement) -> Self {
+        Write::Sql(statement)
+    }
+}
+
+impl From<Rows> for Write {
+    fn from(rows: Rows) -> Self {
+        Write::Rows(rows)
     }
 }
 

@@ -16,7 +16,7 @@ use crate::envelope::{
 };
 use crate::error::StoreError;
 use crate::integrity::{Hash, SEALER_CHECKPOINT, Seal, SignedCheckpoint};
-use crate::readmodel::{SqlValue, Statement};
+use crate::readmodel::{Column, Rows, SqlValue, Statement, Write};
 use crate::store::{AppendOutcome, EventFilter, EventStore, ReadBatch, StreamBounds};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -45,11 +45,11 @@ const READERS: usize = 4;
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// A write other than an append, run in its own savepoint in the writer's transaction.
-type Write = Box<dyn FnOnce(&Connection) -> Result<(), StoreError> + Send>;
+type WriteFn = Box<dyn FnOnce(&Connection) -> Result<(), StoreError> + Send>;
 
 enum Job {
     Append(Box<AppendRequest>, Reply<AppendOutcome>),
-    Write(Write, Reply<()>),
+    Write(WriteFn, Reply<()>),
 }
 
 /// The SQLite event store.
@@ -415,6 +415,30 @@ fn execute_statement(connection: &Connection, statement: &Statement) -> Result<u
     Ok(connection
         .prepare_cached(&statement.sql)?
         .execute(params_from_iter(statement.params.iter().map(sql_value)))?)
+}
+
+/// Every row of `rows` through one prepared statement.
+fn insert_rows(connection: &Connection, rows: &Rows) -> Result<(), StoreError> {
+    let len = rows.checked_len()?;
+    let placeholders = vec!["?"; rows.columns.len()].join(", ");
+    let mut statement = connection.prepare_cached(&format!(
+        "INSERT INTO {} ({}) VALUES ({placeholders}) {}",
+        rows.table,
+        rows.columns.join(", "),
+        rows.on_conflict
+    ))?;
+    for row in 0..len {
+        for (index, column) in rows.values.iter().enumerate() {
+            match column {
+                Column::Int(values) => statement.raw_bind_parameter(index + 1, values[row])?,
+                Column::Text(values) => {
+                    statement.raw_bind_parameter(index + 1, values[row].as_str())?
+                }
+            }
+        }
+        statement.raw_execute()?;
+    }
+    Ok(())
 }
 
 fn hash_of(bytes: Vec<u8>) -> Result<Hash, StoreError> {
@@ -849,7 +873,7 @@ impl EventStore for SqliteStore {
     async fn read_model_commit(
         &self,
         fence: Option<Statement>,
-        statements: Vec<Statement>,
+        writes: Vec<Write>,
     ) -> Result<bool, StoreError> {
         let fenced = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = fenced.clone();
@@ -862,8 +886,13 @@ impl EventStore for SqliteStore {
                     // An error rolls the savepoint back: nothing of this commit stays.
                     return Err(StoreError::Backend("fenced".into()));
                 }
-                for statement in &statements {
-                    execute_statement(c, statement)?;
+                for write in &writes {
+                    match write {
+                        Write::Sql(statement) => {
+                            execute_statement(c, statement)?;
+                        }
+                        Write::Rows(rows) => insert_rows(c, rows)?,
+                    }
                 }
                 Ok(())
             })

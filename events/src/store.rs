@@ -3,7 +3,7 @@
 use crate::envelope::{AppendRequest, ClaimKey, Position, RecordedEvent, StreamId};
 use crate::error::StoreError;
 use crate::integrity::{Seal, SignedCheckpoint};
-use crate::readmodel::{SqlValue, Statement};
+use crate::readmodel::{SqlValue, Statement, Write};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -160,13 +160,13 @@ pub trait EventStore: Send + Sync + 'static {
     /// everything but their positions (offline replay of an export; no claims, no snapshots).
     async fn import(&self, events: Vec<RecordedEvent>) -> Result<(), StoreError>;
 
-    /// Runs read-model statements in one transaction, after `fence` (which must change exactly
+    /// Runs read-model writes in one transaction, after `fence` (which must change exactly
     /// one row: a projection's checkpoint row, held under its lease). Returns false, having
     /// changed nothing, when the fence changed no row. DDL is allowed.
     async fn read_model_commit(
         &self,
         fence: Option<Statement>,
-        statements: Vec<Statement>,
+        writes: Vec<Write>,
     ) -> Result<bool, StoreError>;
 
     /// Runs a read-model query; each row as values (integers and text).

@@ -18,11 +18,12 @@
 //! A flow's later events do not repeat its app or user, so the projection remembers the flows
 //! still open (restored from `signins` rows still `pending` after a restart).
 
-use crate::runtime::{Key, Poison, SqlProjection, Writes};
+use crate::runtime::{Conflict, Poison, SqlProjection, Writes};
+use foldhash::{HashMap, HashMapExt, HashSet};
 use gatehouse_events::readmodel::SqlValue;
 use gatehouse_events::{EventFilter, RecordedEvent};
-use serde_json::Value;
-use std::collections::{HashMap, HashSet};
+use serde::Deserialize;
+use std::borrow::Cow;
 use std::sync::Arc;
 use uuid::Uuid;
 
@@ -97,7 +98,7 @@ struct Flow {
 #[derive(Debug, Default)]
 pub struct Activity {
     flows: HashMap<Uuid, Flow>,
-    /// One copy of each app id, method, country, browser, OS and policy id seen.
+    /// One copy of each app id, method, country, browser, OS, reason and policy id seen.
     strings: HashSet<Arc<str>>,
 }
 
@@ -108,16 +109,228 @@ impl Activity {
     }
 }
 
-fn text(value: &Value, key: &str) -> String {
-    value
-        .get(key)
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string()
+/// The payload fields the projection reads, borrowed from the stored JSON text where they
+/// hold no escapes. Other fields are skipped unparsed; a field of another JSON type than
+/// expected reads as empty, as a missing one does.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Fields<'a> {
+    #[serde(borrow)]
+    application_id: Text<'a>,
+    #[serde(borrow)]
+    user_id: Text<'a>,
+    #[serde(borrow)]
+    method: Text<'a>,
+    #[serde(borrow)]
+    kind: Text<'a>,
+    #[serde(borrow)]
+    level: Text<'a>,
+    #[serde(borrow)]
+    reason: Text<'a>,
+    #[serde(borrow)]
+    blocked_by: Text<'a>,
+    #[serde(borrow)]
+    country: Text<'a>,
+    #[serde(borrow)]
+    properties: Option<Properties<'a>>,
+    #[serde(borrow)]
+    policies: Option<Vec<Applied<'a>>>,
+}
+
+/// `RiskAssessed.properties`: the country is `location.country` (or `country` without a
+/// location).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Properties<'a> {
+    #[serde(borrow)]
+    location: Option<Location<'a>>,
+    #[serde(borrow)]
+    country: Text<'a>,
+    #[serde(borrow)]
+    browser: Text<'a>,
+    #[serde(borrow)]
+    os: Text<'a>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Location<'a> {
+    #[serde(borrow)]
+    country: Text<'a>,
+}
+
+/// One policy of `PolicyEvaluated.policies`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Applied<'a> {
+    #[serde(borrow)]
+    policy_id: Text<'a>,
+    #[serde(borrow)]
+    result: Text<'a>,
+}
+
+/// A JSON string, or empty for any other JSON value.
+#[derive(Debug, Default)]
+struct Text<'a>(Cow<'a, str>);
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Text<'de>, E> {
+                Ok(Text::default())
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Text<'de>, E> {
+                Ok(Text::default())
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Text<'de>, E> {
+                Ok(Text::default())
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Text<'de>, E> {
+                Ok(Text::default())
+            }
+            fn visit_unit<E>(self) -> Result<Text<'de>, E> {
+                Ok(Text::default())
+            }
+            fn visit_none<E>(self) -> Result<Text<'de>, E> {
+                Ok(Text::default())
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Text<'de>, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Text::default())
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Text<'de>, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Text::default())
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 fn user_of(value: &str) -> Option<Uuid> {
     Uuid::try_parse(value).ok()
+}
+
+/// A row of `activity`: tenant, app, hour, metric, dimension.
+type CounterKey = (Uuid, Arc<str>, i64, &'static str, Arc<str>);
+/// A row of `active_users`: tenant, day, app, user.
+type ActiveKey = (Uuid, i64, Arc<str>, Uuid);
+
+/// The row changes of one batch, in typed maps until the batch is handed to [`Writes`].
+#[derive(Default)]
+struct Batch {
+    /// Columns set per flow, in order (the last value of a column wins).
+    signins: HashMap<Uuid, Vec<(&'static str, SqlValue)>>,
+    counters: HashMap<CounterKey, i64>,
+    active: HashSet<ActiveKey>,
+}
+
+impl Batch {
+    fn set(&mut self, flow_id: Uuid, column: &'static str, value: impl Into<SqlValue>) {
+        self.signins
+            .entry(flow_id)
+            .or_default()
+            .push((column, value.into()));
+    }
+
+    fn count(&mut self, key: CounterKey) {
+        *self.counters.entry(key).or_default() += 1;
+    }
+
+    /// Hands the batch's rows over, grouped by the columns they set.
+    fn write(self, writes: &mut Writes) {
+        let mut shapes: HashMap<Vec<&'static str>, Vec<Vec<SqlValue>>> = HashMap::new();
+        for (flow_id, mut columns) in self.signins {
+            // The last value of a column wins: keep it, in column order.
+            columns.reverse();
+            columns.sort_by_key(|(column, _)| *column);
+            columns.dedup_by_key(|(column, _)| *column);
+            let names = columns.iter().map(|(column, _)| *column).collect();
+            let mut row = Vec::with_capacity(columns.len() + 1);
+            row.push(SqlValue::Text(flow_id.to_string()));
+            row.extend(columns.into_iter().map(|(_, value)| value));
+            shapes.entry(names).or_default().push(row);
+        }
+        for (columns, rows) in shapes {
+            writes.rows("signins", &["flow_id"], &columns, Conflict::Set, rows);
+        }
+        let counters = self
+            .counters
+            .into_iter()
+            .map(
+                |((tenant_id, application_id, hour, metric, dimension), count)| {
+                    vec![
+                        SqlValue::Text(tenant_id.to_string()),
+                        SqlValue::Int(hour),
+                        metric.into(),
+                        (*dimension).into(),
+                        (*application_id).into(),
+                        SqlValue::Int(count),
+                    ]
+                },
+            )
+            .collect();
+        writes.rows(
+            "activity",
+            &["tenant_id", "hour", "metric", "dimension", "application_id"],
+            &["count"],
+            Conflict::Add,
+            counters,
+        );
+        let active = self
+            .active
+            .into_iter()
+            .map(|(tenant_id, day, application_id, user_id)| {
+                vec![
+                    SqlValue::Text(tenant_id.to_string()),
+                    SqlValue::Int(day),
+                    (*application_id).into(),
+                    SqlValue::Text(user_id.to_string()),
+                ]
+            })
+            .collect();
+        writes.rows(
+            "active_users",
+            &["tenant_id", "day", "application_id", "user_id"],
+            &[],
+            Conflict::Keep,
+            active,
+        );
+    }
+}
+
+fn hour_of(at: i64) -> i64 {
+    at - at.rem_euclid(HOUR)
 }
 
 impl Activity {
@@ -131,174 +344,160 @@ impl Activity {
         shared
     }
 
-    fn count(writes: &mut Writes, flow: &Flow, at: i64, metric: &'static str, dimension: &str) {
-        counter(
-            writes,
-            &flow.tenant_id.to_string(),
-            &flow.application_id,
-            at,
-            metric,
-            dimension,
-        );
+    /// Counts one for the flow's tenant and app, at its hour.
+    fn count(
+        &mut self,
+        batch: &mut Batch,
+        flow_id: Uuid,
+        at: i64,
+        metric: &'static str,
+        dimension: &str,
+    ) {
+        let dimension = self.intern(dimension);
+        if let Some(flow) = self.flows.get(&flow_id) {
+            batch.count((
+                flow.tenant_id,
+                flow.application_id.clone(),
+                hour_of(at),
+                metric,
+                dimension,
+            ));
+        }
     }
 
-    fn signin(&mut self, event: &RecordedEvent, payload: &Value, writes: &mut Writes) {
+    fn signin(&mut self, event: &RecordedEvent, payload: &Fields, batch: &mut Batch) {
         let flow_id = event.stream.id;
-        let id = flow_id.to_string();
         let at = event.recorded_at.timestamp_micros();
-        let key: Key = vec![("flow_id", id.clone().into())];
-        let set = |writes: &mut Writes, column: &'static str, value: SqlValue| {
-            writes.set("signins", key.clone(), column, value);
-        };
         match event.event_type.as_str() {
             "SignInStarted" => {
-                let (application_id, user_id, method) = (
-                    text(payload, "application_id"),
-                    text(payload, "user_id"),
-                    text(payload, "method"),
-                );
                 let flow = Flow {
                     tenant_id: event.tenant_id,
-                    application_id: self.intern(&application_id),
-                    user_id: user_of(&user_id),
-                    method: self.intern(&method),
+                    application_id: self.intern(&payload.application_id),
+                    user_id: user_of(&payload.user_id),
+                    method: self.intern(&payload.method),
                     ..Flow::default()
                 };
-                set(writes, "tenant_id", event.tenant_id.to_string().into());
-                set(writes, "application_id", application_id.into());
-                set(writes, "started_at", at.into());
-                set(writes, "user_id", user_id.into());
-                set(writes, "primary_method", method.into());
+                batch.set(flow_id, "tenant_id", event.tenant_id.to_string());
+                batch.set(flow_id, "application_id", &*payload.application_id);
+                batch.set(flow_id, "started_at", at);
+                batch.set(flow_id, "user_id", &*payload.user_id);
+                batch.set(flow_id, "primary_method", &*payload.method);
                 let ip = event.context.as_ref().and_then(|c| c.ip.clone());
-                set(writes, "ip", ip.unwrap_or_default().into());
-                Self::count(writes, &flow, at, "attempts", "");
+                batch.set(flow_id, "ip", ip.unwrap_or_default());
                 self.flows.insert(flow_id, flow);
+                self.count(batch, flow_id, at, "attempts", "");
             }
             "FederationSucceeded" => {
-                let method = format!("federated:{}", text(payload, "kind"));
-                let user = text(payload, "user_id");
-                set(writes, "primary_method", method.clone().into());
-                set(writes, "user_id", user.clone().into());
+                let method = format!("federated:{}", &*payload.kind);
+                batch.set(flow_id, "primary_method", method.as_str());
+                batch.set(flow_id, "user_id", &*payload.user_id);
                 let method = self.intern(&method);
                 if let Some(flow) = self.flows.get_mut(&flow_id) {
                     flow.method = method;
-                    flow.user_id = user_of(&user);
+                    flow.user_id = user_of(&payload.user_id);
                 }
             }
             "RiskAssessed" => {
-                set(writes, "risk_level", text(payload, "level").into());
-                let properties = payload.get("properties").cloned().unwrap_or(Value::Null);
-                let location = properties.get("location").unwrap_or(&properties);
-                let (country, browser, os) = (
-                    text(location, "country"),
-                    text(&properties, "browser"),
-                    text(&properties, "os"),
-                );
-                set(writes, "country", country.clone().into());
-                set(writes, "browser", browser.clone().into());
-                set(writes, "os", os.clone().into());
-                let user = text(payload, "user_id");
-                if !user.is_empty() {
-                    set(writes, "user_id", user.clone().into());
+                batch.set(flow_id, "risk_level", &*payload.level);
+                let empty = Properties::default();
+                let properties = payload.properties.as_ref().unwrap_or(&empty);
+                let country = match &properties.location {
+                    Some(location) => &location.country,
+                    None => &properties.country,
+                };
+                batch.set(flow_id, "country", &**country);
+                batch.set(flow_id, "browser", &*properties.browser);
+                batch.set(flow_id, "os", &*properties.os);
+                if !payload.user_id.is_empty() {
+                    batch.set(flow_id, "user_id", &*payload.user_id);
                 }
                 let shared = (
-                    self.intern(&country),
-                    self.intern(&browser),
-                    self.intern(&os),
+                    self.intern(country),
+                    self.intern(&properties.browser),
+                    self.intern(&properties.os),
                 );
                 if let Some(flow) = self.flows.get_mut(&flow_id) {
                     (flow.country, flow.browser, flow.os) = shared;
-                    if !user.is_empty() {
-                        flow.user_id = user_of(&user);
+                    if !payload.user_id.is_empty() {
+                        flow.user_id = user_of(&payload.user_id);
                     }
                 }
             }
             "PolicyEvaluated" => {
-                let applied: Vec<String> = payload
-                    .get("policies")
-                    .and_then(Value::as_array)
-                    .into_iter()
+                let applied: Vec<&str> = payload
+                    .policies
+                    .iter()
                     .flatten()
                     .filter(|p| {
-                        !matches!(
-                            p.get("result").and_then(Value::as_str),
-                            Some("not_applied" | "notApplied" | "not_applicable")
-                        )
+                        !matches!(&*p.result, "not_applied" | "notApplied" | "not_applicable")
                     })
-                    .map(|p| text(p, "policy_id"))
+                    .map(|p| &*p.policy_id)
                     .collect();
-                set(writes, "policies", applied.join(",").into());
-                let blocked_by = text(payload, "blocked_by");
-                set(writes, "blocked_by", blocked_by.clone().into());
-                let country = text(payload, "country");
-                let shared = (self.intern(&blocked_by), self.intern(&country));
+                batch.set(flow_id, "policies", applied.join(","));
+                batch.set(flow_id, "blocked_by", &*payload.blocked_by);
+                let shared = (
+                    self.intern(&payload.blocked_by),
+                    self.intern(&payload.country),
+                );
                 if let Some(flow) = self.flows.get_mut(&flow_id) {
                     flow.blocked_by = shared.0;
-                    if flow.country.is_empty() && !country.is_empty() {
+                    if flow.country.is_empty() && !payload.country.is_empty() {
                         flow.country = shared.1;
-                        set(writes, "country", country.into());
+                        batch.set(flow_id, "country", &*payload.country);
                     }
                 }
             }
             "MfaMethodSelected" => {
-                if let Some(flow) = self.flows.get(&flow_id) {
-                    Self::count(writes, flow, at, "mfa_challenges", &text(payload, "method"));
-                }
+                self.count(batch, flow_id, at, "mfa_challenges", &payload.method);
             }
             "MfaVerified" => {
-                let method = text(payload, "method");
-                set(writes, "mfa_method", method.clone().into());
-                if let Some(flow) = self.flows.get(&flow_id) {
-                    Self::count(writes, flow, at, "mfa_completions", &method);
-                }
+                batch.set(flow_id, "mfa_method", &*payload.method);
+                self.count(batch, flow_id, at, "mfa_completions", &payload.method);
             }
-            "PasswordRejected" | "CodeRejected" | "FederationFailed" => {
-                if let Some(flow) = self.flows.get(&flow_id) {
-                    let reason = match event.event_type.as_str() {
-                        "CodeRejected" => "wrong_code".to_string(),
-                        _ => text(payload, "reason"),
-                    };
-                    Self::count(writes, flow, at, "failures", &reason);
-                }
+            "PasswordRejected" | "FederationFailed" => {
+                self.count(batch, flow_id, at, "failures", &payload.reason);
             }
+            "CodeRejected" => self.count(batch, flow_id, at, "failures", "wrong_code"),
             "SignInCompleted" => {
-                set(writes, "outcome", "success".into());
-                set(writes, "ended_at", at.into());
+                batch.set(flow_id, "outcome", "success");
+                batch.set(flow_id, "ended_at", at);
                 if let Some(flow) = self.flows.remove(&flow_id) {
-                    Self::count(writes, &flow, at, "successes", "");
-                    Self::count(writes, &flow, at, "signins_by_method", &flow.method);
-                    Self::count(writes, &flow, at, "signins_by_country", &flow.country);
-                    Self::count(writes, &flow, at, "signins_by_os", &flow.os);
-                    Self::count(writes, &flow, at, "signins_by_browser", &flow.browser);
+                    let hour = hour_of(at);
+                    let empty = self.intern("");
+                    let (tenant, app) = (flow.tenant_id, flow.application_id.clone());
+                    for (metric, dimension) in [
+                        ("successes", empty),
+                        ("signins_by_method", flow.method),
+                        ("signins_by_country", flow.country),
+                        ("signins_by_os", flow.os),
+                        ("signins_by_browser", flow.browser),
+                    ] {
+                        batch.count((tenant, app.clone(), hour, metric, dimension));
+                    }
                     if let Some(user_id) = flow.user_id {
-                        writes.insert(
-                            "active_users",
-                            vec![
-                                ("tenant_id", flow.tenant_id.to_string().into()),
-                                ("day", (at - at.rem_euclid(DAY)).into()),
-                                ("application_id", flow.application_id.to_string().into()),
-                                ("user_id", user_id.to_string().into()),
-                            ],
-                        );
+                        batch
+                            .active
+                            .insert((tenant, at - at.rem_euclid(DAY), app, user_id));
                     }
                 }
             }
             "SignInFailed" => {
-                let reason = text(payload, "reason");
-                let blocked = reason == "blocked_by_policy";
-                set(
-                    writes,
+                let blocked = &*payload.reason == "blocked_by_policy";
+                batch.set(
+                    flow_id,
                     "outcome",
-                    if blocked { "blocked" } else { "failure" }.into(),
+                    if blocked { "blocked" } else { "failure" },
                 );
-                set(writes, "reason", reason.clone().into());
-                set(writes, "ended_at", at.into());
-                if let Some(flow) = self.flows.remove(&flow_id) {
-                    Self::count(writes, &flow, at, "failures", &reason);
-                    if blocked {
-                        Self::count(writes, &flow, at, "blocks", &flow.blocked_by);
-                    }
+                batch.set(flow_id, "reason", &*payload.reason);
+                batch.set(flow_id, "ended_at", at);
+                self.count(batch, flow_id, at, "failures", &payload.reason);
+                if let Some(flow) = self.flows.get(&flow_id)
+                    && blocked
+                {
+                    let blocked_by = flow.blocked_by.clone();
+                    self.count(batch, flow_id, at, "blocks", &blocked_by);
                 }
+                self.flows.remove(&flow_id);
             }
             "SignInExpired" | "SignInCancelled" => {
                 let outcome = if event.event_type == "SignInExpired" {
@@ -306,8 +505,8 @@ impl Activity {
                 } else {
                     "cancelled"
                 };
-                set(writes, "outcome", outcome.into());
-                set(writes, "ended_at", at.into());
+                batch.set(flow_id, "outcome", outcome);
+                batch.set(flow_id, "ended_at", at);
                 self.flows.remove(&flow_id);
             }
             _ => {}
@@ -315,26 +514,29 @@ impl Activity {
     }
 }
 
-fn counter(
-    writes: &mut Writes,
-    tenant_id: &str,
-    application_id: &str,
-    at: i64,
-    metric: &'static str,
-    dimension: &str,
-) {
-    writes.add(
-        "activity",
-        vec![
-            ("tenant_id", tenant_id.into()),
-            ("hour", (at - at.rem_euclid(HOUR)).into()),
-            ("metric", metric.into()),
-            ("dimension", dimension.into()),
-            ("application_id", application_id.into()),
-        ],
-        "count",
-        1,
-    );
+/// The event types the projection reads (any other is skipped without parsing its payload).
+fn wanted(stream_type: &str, event_type: &str) -> bool {
+    match stream_type {
+        "signin" => matches!(
+            event_type,
+            "SignInStarted"
+                | "FederationSucceeded"
+                | "RiskAssessed"
+                | "PolicyEvaluated"
+                | "MfaMethodSelected"
+                | "MfaVerified"
+                | "PasswordRejected"
+                | "CodeRejected"
+                | "FederationFailed"
+                | "SignInCompleted"
+                | "SignInFailed"
+                | "SignInExpired"
+                | "SignInCancelled"
+        ),
+        "user" => matches!(event_type, "UserSignedUp" | "UserSignedUpFederated"),
+        "detection" => event_type == "RiskDetected",
+        _ => false,
+    }
 }
 
 impl SqlProjection for Activity {
@@ -383,44 +585,78 @@ impl SqlProjection for Activity {
     }
 
     fn apply(&mut self, events: &[RecordedEvent], writes: &mut Writes) -> Result<(), Poison> {
+        let mut batch = Batch::default();
         for event in events {
-            let payload: Value = event.payload_value().map_err(|e| Poison {
-                position: event.position,
-                reason: e.to_string(),
-            })?;
-            if !payload.is_object() {
+            let (stream_type, event_type) = (event.stream.kind.as_str(), event.event_type.as_str());
+            if !wanted(stream_type, event_type) {
+                continue;
+            }
+            let text = event.payload.get();
+            if !text.trim_start().starts_with('{') {
                 return Err(Poison {
                     position: event.position,
-                    reason: format!("{} payload is not an object", event.event_type),
+                    reason: format!("{event_type} payload is not an object"),
                 });
             }
+            let payload: Fields = serde_json::from_str(text).map_err(|e| Poison {
+                position: event.position,
+                reason: format!("{event_type} payload: {e}"),
+            })?;
             let at = event.recorded_at.timestamp_micros();
-            let tenant = event.tenant_id.to_string();
-            match (event.stream.kind.as_str(), event.event_type.as_str()) {
-                ("signin", _) => self.signin(event, &payload, writes),
-                ("user", "UserSignedUp" | "UserSignedUpFederated") => {
-                    counter(
-                        writes,
-                        &tenant,
-                        &text(&payload, "application_id"),
-                        at,
+            match stream_type {
+                "signin" => self.signin(event, &payload, &mut batch),
+                "user" => {
+                    let key = (
+                        event.tenant_id,
+                        self.intern(&payload.application_id),
+                        hour_of(at),
                         "signups",
-                        "",
+                        self.intern(""),
                     );
+                    batch.count(key);
                 }
-                ("detection", "RiskDetected") => {
-                    counter(
-                        writes,
-                        &tenant,
-                        "",
-                        at,
+                _ => {
+                    let key = (
+                        event.tenant_id,
+                        self.intern(""),
+                        hour_of(at),
                         "risk_detections",
-                        &text(&payload, "kind"),
+                        self.intern(&payload.kind),
                     );
+                    batch.count(key);
                 }
-                _ => {}
             }
         }
+        batch.write(writes);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Fields;
+
+    #[test]
+    fn fields_read_strings_and_nothing_else() {
+        let payload = r#"{"user_id": null, "method": 7, "kind": {"a": [1, 2]}, "reason": ["x"],
+            "application_id": "app\"1", "level": "high", "unknown": {"deep": [true]},
+            "properties": {"location": {"country": "FR"}, "country": "US", "browser": "Firefox"},
+            "policies": [{"policy_id": "p1", "result": "applied"}, {"policy_id": 3}]}"#;
+        let fields: Fields = serde_json::from_str(payload).unwrap_or_default();
+        assert_eq!(&*fields.user_id, "");
+        assert_eq!(&*fields.method, "");
+        assert_eq!(&*fields.kind, "");
+        assert_eq!(&*fields.reason, "");
+        assert_eq!(&*fields.application_id, "app\"1");
+        assert_eq!(&*fields.level, "high");
+        let properties = fields.properties.unwrap_or_default();
+        let location = properties.location.unwrap_or_default();
+        assert_eq!(&*location.country, "FR");
+        assert_eq!(&*properties.browser, "Firefox");
+        assert_eq!(&*properties.os, "");
+        let policies = fields.policies.unwrap_or_default();
+        assert_eq!(policies.len(), 2);
+        assert_eq!(&*policies[0].policy_id, "p1");
+        assert_eq!(&*policies[1].policy_id, "");
     }
 }

@@ -53,11 +53,14 @@ impl WorkerLease {
             .read_model_commit(
                 None,
                 // The table is a migration's (0005): DDL here would race between workers.
-                vec![Statement::new(
-                    "INSERT INTO worker_leases (name, owner, lease_until) VALUES (?, '', 0) \
+                vec![
+                    Statement::new(
+                        "INSERT INTO worker_leases (name, owner, lease_until) VALUES (?, '', 0) \
                      ON CONFLICT (name) DO NOTHING",
-                    vec![self.name.into()],
-                )],
+                        vec![self.name.into()],
+                    )
+                    .into(),
+                ],
             )
             .await?;
         let now = now_micros();
@@ -84,11 +87,14 @@ impl WorkerLease {
         self.store
             .read_model_commit(
                 None,
-                vec![Statement::new(
-                    "UPDATE worker_leases SET owner = '', lease_until = 0 WHERE name = ? \
+                vec![
+                    Statement::new(
+                        "UPDATE worker_leases SET owner = '', lease_until = 0 WHERE name = ? \
                      AND owner = ?",
-                    vec![self.name.into(), self.owner.clone().into()],
-                )],
+                        vec![self.name.into(), self.owner.clone().into()],
+                    )
+                    .into(),
+                ],
             )
             .await
             .map(|_| ())

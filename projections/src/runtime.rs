@@ -23,9 +23,9 @@
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use gatehouse_events::readmodel::{SqlValue, Statement};
+use gatehouse_events::readmodel::{Column, Rows, SqlValue, Statement, Write};
 use gatehouse_events::{EventFilter, EventStore, Position, RecordedEvent, StoreError};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -82,10 +82,26 @@ pub type Key = Vec<(&'static str, SqlValue)>;
 /// The row changes of one batch, coalesced per row before they are written.
 #[derive(Debug, Default)]
 pub struct Writes {
-    counters: BTreeMap<(&'static str, Key), BTreeMap<&'static str, i64>>,
-    upserts: BTreeMap<(&'static str, Key), BTreeMap<&'static str, SqlValue>>,
-    inserts: BTreeSet<(&'static str, Key)>,
+    counters: HashMap<(&'static str, Key), BTreeMap<&'static str, i64>>,
+    upserts: HashMap<(&'static str, Key), BTreeMap<&'static str, SqlValue>>,
+    inserts: HashSet<(&'static str, Key)>,
+    /// Rows a projection coalesced itself, by shape.
+    coalesced: Vec<(Shape, Vec<Vec<SqlValue>>)>,
 }
+
+/// What an existing row does with the values of a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Conflict {
+    /// Adds them to its own (counters).
+    Add,
+    /// Takes them.
+    Set,
+    /// Keeps its own.
+    Keep,
+}
+
+/// Rows of one table with the same key and value columns.
+type Shape = (&'static str, Vec<&'static str>, Vec<&'static str>, Conflict);
 
 impl Writes {
     /// Adds `delta` to counter `column` of the row `key` (created at 0).
@@ -111,22 +127,43 @@ impl Writes {
         self.inserts.insert((table, key));
     }
 
-    /// True when nothing changes.
-    pub fn is_empty(&self) -> bool {
-        self.counters.is_empty() && self.upserts.is_empty() && self.inserts.is_empty()
+    /// Rows the projection coalesced itself: each row holds the values of `key_columns` then
+    /// of `value_columns`, and no two rows of a batch (from this call or another method) may
+    /// share a key — PostgreSQL refuses a write that touches a row twice.
+    pub fn rows(
+        &mut self,
+        table: &'static str,
+        key_columns: &[&'static str],
+        value_columns: &[&'static str],
+        conflict: Conflict,
+        rows: Vec<Vec<SqlValue>>,
+    ) {
+        if !rows.is_empty() {
+            self.coalesced.push((
+                (
+                    table,
+                    key_columns.to_vec(),
+                    value_columns.to_vec(),
+                    conflict,
+                ),
+                rows,
+            ));
+        }
     }
 
-    /// The statements, with physical table names: one multi-row `INSERT … ON CONFLICT` per
-    /// table and shape of row (the same key and value columns), at most [`ROWS_PER_STATEMENT`]
-    /// rows each. Rows were coalesced per key, so no statement touches a row twice.
-    fn render(self, names: &HashMap<&'static str, String>) -> Result<Vec<Statement>, StoreError> {
-        /// (table, key columns, value columns, how a conflict updates) → rows of values.
-        type Shapes =
-            BTreeMap<(&'static str, Vec<&'static str>, Vec<&'static str>, u8), Vec<Vec<SqlValue>>>;
-        const ADD: u8 = 0;
-        const SET: u8 = 1;
-        const NOTHING: u8 = 2;
-        let mut shapes: Shapes = BTreeMap::new();
+    /// True when nothing changes.
+    pub fn is_empty(&self) -> bool {
+        self.counters.is_empty()
+            && self.upserts.is_empty()
+            && self.inserts.is_empty()
+            && self.coalesced.is_empty()
+    }
+
+    /// The writes, with physical table names: one [`Rows`] per table and shape of row (the
+    /// same key and value columns), at most [`ROWS_PER_WRITE`] rows each. Rows were coalesced
+    /// per key, so no write touches a row twice.
+    fn render(self, names: &HashMap<&'static str, String>) -> Result<Vec<Write>, StoreError> {
+        let mut shapes: HashMap<Shape, Vec<Vec<SqlValue>>> = HashMap::new();
         let mut shape = |table, key: Key, columns: Vec<(&'static str, SqlValue)>, how| {
             let key_columns = key.iter().map(|(c, _)| *c).collect();
             let value_columns = columns.iter().map(|(c, _)| *c).collect();
@@ -140,60 +177,91 @@ impl Writes {
                 .into_iter()
                 .map(|(c, delta)| (c, SqlValue::Int(delta)))
                 .collect();
-            shape(table, key, columns, ADD);
+            shape(table, key, columns, Conflict::Add);
         }
         for ((table, key), columns) in self.upserts {
-            shape(table, key, columns.into_iter().collect(), SET);
+            shape(table, key, columns.into_iter().collect(), Conflict::Set);
         }
         for (table, key) in self.inserts {
-            shape(table, key, Vec::new(), NOTHING);
+            shape(table, key, Vec::new(), Conflict::Keep);
         }
-        let mut statements = Vec::new();
-        for ((table, key_columns, value_columns, how), rows) in shapes {
+        let mut writes = Vec::new();
+        for ((table, key_columns, value_columns, how), mut rows) in
+            shapes.into_iter().chain(self.coalesced)
+        {
             let physical = names
                 .get(table)
                 .cloned()
                 .ok_or_else(|| StoreError::Invalid(format!("no table {table}")))?;
             let action = match how {
-                NOTHING => "NOTHING".to_string(),
+                Conflict::Keep => "NOTHING".to_string(),
                 _ => format!(
                     "UPDATE SET {}",
                     value_columns
                         .iter()
                         .map(|c| match how {
-                            ADD => format!("{c} = {physical}.{c} + excluded.{c}"),
+                            Conflict::Add => format!("{c} = {physical}.{c} + excluded.{c}"),
                             _ => format!("{c} = excluded.{c}"),
                         })
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
             };
-            let width = key_columns.len() + value_columns.len();
-            let tuple = format!("({})", vec!["?"; width].join(", "));
-            let columns = key_columns
-                .iter()
-                .chain(&value_columns)
-                .copied()
-                .collect::<Vec<_>>()
-                .join(", ");
-            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-                statements.push(Statement::new(
-                    format!(
-                        "INSERT INTO {physical} ({columns}) VALUES {} ON CONFLICT ({}) DO {action}",
-                        vec![tuple.as_str(); chunk.len()].join(", "),
-                        key_columns.join(", ")
-                    ),
-                    chunk.iter().flatten().cloned().collect(),
-                ));
+            let on_conflict = format!("ON CONFLICT ({}) DO {action}", key_columns.join(", "));
+            let columns: Vec<&'static str> =
+                key_columns.iter().chain(&value_columns).copied().collect();
+            while !rows.is_empty() {
+                let rest = rows.split_off(rows.len().min(ROWS_PER_WRITE));
+                writes.push(Write::Rows(Rows {
+                    table: physical.clone(),
+                    columns: columns.clone(),
+                    on_conflict: on_conflict.clone(),
+                    values: by_column(table, columns.len(), rows)?,
+                }));
+                rows = rest;
             }
         }
-        Ok(statements)
+        Ok(writes)
     }
 }
 
-/// Rows per multi-row statement (PostgreSQL takes 65 535 parameters, SQLite 32 766; rows
-/// here have at most 20 values).
-const ROWS_PER_STATEMENT: usize = 500;
+/// Rows of values as columns, each of the kind of its first value.
+fn by_column(
+    table: &str,
+    width: usize,
+    rows: Vec<Vec<SqlValue>>,
+) -> Result<Vec<Column>, StoreError> {
+    let mut columns: Vec<Column> = match rows.first() {
+        Some(first) => first
+            .iter()
+            .map(|value| match value {
+                SqlValue::Int(_) => Column::Int(Vec::with_capacity(rows.len())),
+                SqlValue::Text(_) => Column::Text(Vec::with_capacity(rows.len())),
+            })
+            .collect(),
+        None => return Ok(Vec::new()),
+    };
+    for row in rows {
+        if row.len() != width {
+            return Err(StoreError::Invalid(format!("a row of {table} is ragged")));
+        }
+        for (column, value) in columns.iter_mut().zip(row) {
+            match (column, value) {
+                (Column::Int(values), SqlValue::Int(value)) => values.push(value),
+                (Column::Text(values), SqlValue::Text(value)) => values.push(value),
+                _ => {
+                    return Err(StoreError::Invalid(format!(
+                        "a column of {table} mixes integers and text"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(columns)
+}
+
+/// Rows per write (each column goes to PostgreSQL as one array).
+const ROWS_PER_WRITE: usize = 50_000;
 
 /// The physical name of a projection's table in a generation.
 pub fn physical(projection: &str, table: &str, generation: i64) -> String {
@@ -292,7 +360,9 @@ async fn create_tables(
          ON CONFLICT (name, generation) DO NOTHING",
         vec![projection.name().into(), generation.into()],
     ));
-    store.read_model_commit(None, statements).await?;
+    store
+        .read_model_commit(None, statements.into_iter().map(Write::from).collect())
+        .await?;
     Ok(())
 }
 
@@ -309,7 +379,9 @@ async fn drop_tables(
         "DELETE FROM projection_positions WHERE name = ? AND generation = ?",
         vec![projection.name().into(), generation.into()],
     ));
-    store.read_model_commit(None, statements).await?;
+    store
+        .read_model_commit(None, statements.into_iter().map(Write::from).collect())
+        .await?;
     Ok(())
 }
 
@@ -325,7 +397,7 @@ pub async fn register(
             vec![Statement::new(
                 "INSERT INTO projections (name, generation) VALUES (?, 1) ON CONFLICT (name) DO NOTHING",
                 vec![projection.name().into()],
-            )],
+            ).into()],
         )
         .await?;
     let registry = registered(store, projection.name()).await?;
@@ -565,10 +637,13 @@ impl Runner {
                 let recorded = store
                     .read_model_commit(
                         Some(self.fence(generation)),
-                        vec![Statement::new(
-                            "UPDATE projections SET failure = ? WHERE name = ?",
-                            vec![failure.clone().into(), self.name.into()],
-                        )],
+                        vec![
+                            Statement::new(
+                                "UPDATE projections SET failure = ? WHERE name = ?",
+                                vec![failure.clone().into(), self.name.into()],
+                            )
+                            .into(),
+                        ],
                     )
                     .await?;
                 if !recorded {
@@ -580,14 +655,14 @@ impl Runner {
                 return Ok(Some(Stop::Poisoned(failure)));
             }
             let mut statements = writes.render(names)?;
-            statements.push(Statement::new(
+            statements.push(Write::from(Statement::new(
                 "UPDATE projection_positions SET position = ? WHERE name = ? AND generation = ?",
                 vec![
                     (batch.next as i64).into(),
                     self.name.into(),
                     generation.into(),
                 ],
-            ));
+            )));
             if !store
                 .read_model_commit(Some(self.fence(generation)), statements)
                 .await?
@@ -622,11 +697,14 @@ pub struct Rebuilt {
 
 /// Replays the whole log into the next generation's tables and makes it the active one,
 /// while the current one keeps serving queries (see the module notes).
-pub async fn rebuild(store: &dyn EventStore, factory: &Factory) -> Result<Rebuilt, StoreError> {
+pub async fn rebuild(
+    store: &Arc<dyn EventStore>,
+    factory: &Factory,
+) -> Result<Rebuilt, StoreError> {
     let mut projection = factory();
     let name = projection.name();
-    register(store, projection.as_ref()).await?;
-    let registry = registered(store, name).await?;
+    register(store.as_ref(), projection.as_ref()).await?;
+    let registry = registered(store.as_ref(), name).await?;
     let building = registry.generation.max(registry.building) + 1;
     let claimed = store
         .read_model_commit(
@@ -654,30 +732,33 @@ pub async fn rebuild(store: &dyn EventStore, factory: &Factory) -> Result<Rebuil
         let _ = store
             .read_model_commit(
                 None,
-                vec![Statement::new(
-                    "UPDATE projections SET building = 0 WHERE name = ? AND building = ?",
-                    vec![name.into(), building.into()],
-                )],
+                vec![
+                    Statement::new(
+                        "UPDATE projections SET building = 0 WHERE name = ? AND building = ?",
+                        vec![name.into(), building.into()],
+                    )
+                    .into(),
+                ],
             )
             .await;
-        let _ = drop_tables(store, projection.as_ref(), building).await;
+        let _ = drop_tables(store.as_ref(), projection.as_ref(), building).await;
         return result;
     }
     // Queries that began on the old tables finish before they go.
     tokio::time::sleep(DROP_GRACE).await;
     let old = factory();
-    drop_tables(store, old.as_ref(), registry.generation).await?;
+    drop_tables(store.as_ref(), old.as_ref(), registry.generation).await?;
     result
 }
 
 async fn replay_into(
-    store: &dyn EventStore,
+    store: &Arc<dyn EventStore>,
     projection: &mut dyn SqlProjection,
     generation: i64,
 ) -> Result<Rebuilt, StoreError> {
     let name = projection.name();
-    drop_tables(store, projection, generation).await?;
-    create_tables(store, projection, generation).await?;
+    drop_tables(store.as_ref(), projection, generation).await?;
+    create_tables(store.as_ref(), projection, generation).await?;
     let names = names(projection, generation);
     let filter = projection.filter();
     let mut rebuilt = Rebuilt {
@@ -686,62 +767,165 @@ async fn replay_into(
         position: 0,
         seconds: 0.0,
     };
-    let everything = EventFilter::default();
-    // The whole log in position order, filtered here: with a filter that matches most of the
-    // log, PostgreSQL may sort every matching row for each batch (measured: 14 000 events/s
-    // instead of 49 000 at a million events).
-    let mut batch = store.read_all(0, &everything, REBUILD_BATCH).await?;
-    loop {
-        let last = batch.events.len() < REBUILD_BATCH;
-        rebuilt.position = rebuilt.position.max(batch.next);
-        batch.events.retain(|e| filter.matches(e));
-        let mut writes = Writes::default();
-        projection.apply(&batch.events, &mut writes).map_err(|p| {
-            StoreError::Invalid(format!("event at position {}: {}", p.position, p.reason))
-        })?;
-        rebuilt.events += batch.events.len() as u64;
-        let mut statements = writes.render(&names)?;
-        statements.push(Statement::new(
-            "UPDATE projection_positions SET position = ? WHERE name = ? AND generation = ?",
-            vec![
-                (rebuilt.position as i64).into(),
-                name.into(),
-                generation.into(),
-            ],
-        ));
-        if last {
-            // Caught up: the same transaction makes this generation the one queries read.
-            statements.push(Statement::new(
-                "UPDATE projections SET generation = ?, building = 0 WHERE name = ? AND building = ?",
-                vec![generation.into(), name.into(), generation.into()],
-            ));
-        }
-        let fence = Statement::new(
-            "UPDATE projections SET building = building WHERE name = ? AND building = ?",
-            vec![name.into(), generation.into()],
-        );
-        // The next batch is read while this one commits.
-        let (next, committed) = futures::join!(
-            async {
-                if last {
-                    Ok(None)
-                } else {
-                    store
-                        .read_all(rebuilt.position, &everything, REBUILD_BATCH)
-                        .await
-                        .map(Some)
+    // Stages on their own tasks, so that reading (decoding rows), folding and writing use
+    // both cores: the reader stays up to two batches ahead; each writer lane commits the rows
+    // of some of the tables, in batch order, on its own connection. Nothing reads these
+    // tables before the last commit switches generations, and a failed rebuild starts over,
+    // so batches need not commit atomically with each other or with a position.
+    let (batches, mut to_fold) = tokio::sync::mpsc::channel(2);
+    let reader = tokio::spawn(read_log(store.clone(), batches));
+    let mut lanes = Vec::new();
+    let mut writers = Vec::new();
+    for _ in 0..WRITER_LANES {
+        let (lane, to_write) = tokio::sync::mpsc::channel(1);
+        lanes.push(lane);
+        writers.push(tokio::spawn(write_lane(
+            store.clone(),
+            name,
+            generation,
+            to_write,
+        )));
+    }
+    let lane_of: HashMap<String, usize> = projection
+        .tables()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (table, _))| Some((names.get(table)?.clone(), i % WRITER_LANES)))
+        .collect();
+    let folded = async {
+        while let Some(batch) = to_fold.recv().await {
+            let (mut events, next, last): (Vec<RecordedEvent>, Position, bool) = batch?;
+            rebuilt.position = rebuilt.position.max(next);
+            events.retain(|e| filter.matches(e));
+            let mut writes = Writes::default();
+            projection.apply(&events, &mut writes).map_err(|p| {
+                StoreError::Invalid(format!("event at position {}: {}", p.position, p.reason))
+            })?;
+            rebuilt.events += events.len() as u64;
+            let mut per_lane: Vec<Vec<Write>> = vec![Vec::new(); WRITER_LANES];
+            for write in writes.render(&names)? {
+                let lane = match &write {
+                    Write::Rows(rows) => lane_of.get(&rows.table).copied().unwrap_or(0),
+                    Write::Sql(_) => 0,
+                };
+                per_lane[lane].push(write);
+            }
+            for (lane, writes) in lanes.iter().zip(per_lane) {
+                if !writes.is_empty() && lane.send(writes).await.is_err() {
+                    // A writer stopped: its error says why.
+                    return Ok(false);
                 }
-            },
-            store.read_model_commit(Some(fence), statements)
-        );
-        if !committed? {
-            return Err(StoreError::Invalid(format!(
-                "the rebuild of {name} was cancelled"
-            )));
+            }
+            if last {
+                return Ok(true);
+            }
         }
-        match next? {
-            Some(next) => batch = next,
-            None => return Ok(rebuilt),
+        Ok::<bool, StoreError>(false)
+    }
+    .await;
+    drop(lanes);
+    drop(to_fold);
+    reader.abort();
+    let mut written = Ok(());
+    for writer in writers {
+        let result = writer
+            .await
+            .map_err(|e| StoreError::Backend(format!("a rebuild writer failed: {e}")))
+            .and_then(|r| r);
+        written = written.and(result);
+    }
+    let complete = folded?;
+    written?;
+    if !complete {
+        return Err(StoreError::Backend(format!(
+            "the rebuild of {name} stopped before the end of the log"
+        )));
+    }
+    // Caught up: one transaction records the position and makes this generation the one
+    // queries read.
+    let switched = store
+        .read_model_commit(
+            Some(building_fence(name, generation)),
+            vec![
+                Statement::new(
+                    "UPDATE projection_positions SET position = ? WHERE name = ? AND generation = ?",
+                    vec![
+                        (rebuilt.position as i64).into(),
+                        name.into(),
+                        generation.into(),
+                    ],
+                )
+                .into(),
+                Statement::new(
+                    "UPDATE projections SET generation = ?, building = 0 WHERE name = ? AND building = ?",
+                    vec![generation.into(), name.into(), generation.into()],
+                )
+                .into(),
+            ],
+        )
+        .await?;
+    if !switched {
+        return Err(cancelled(name));
+    }
+    Ok(rebuilt)
+}
+
+/// Connections a rebuild writes on at once (tables are spread over them).
+const WRITER_LANES: usize = 2;
+
+/// Changes no row unless the rebuild of `generation` still holds its claim.
+fn building_fence(name: &str, generation: i64) -> Statement {
+    Statement::new(
+        "UPDATE projections SET building = building WHERE name = ? AND building = ?",
+        vec![name.into(), generation.into()],
+    )
+}
+
+fn cancelled(name: &str) -> StoreError {
+    StoreError::Invalid(format!("the rebuild of {name} was cancelled"))
+}
+
+/// One rebuild batch: events (unfiltered), the position after them, and whether the log
+/// ended there.
+type LogBatch = Result<(Vec<RecordedEvent>, Position, bool), StoreError>;
+
+/// Reads the whole log in position order for a rebuild (unfiltered: with a filter that
+/// matches most of the log, PostgreSQL may sort every matching row for each batch — measured:
+/// 14 000 events/s instead of 49 000 at a million events; projections filter in memory).
+async fn read_log(store: Arc<dyn EventStore>, batches: tokio::sync::mpsc::Sender<LogBatch>) {
+    let everything = EventFilter::default();
+    let mut position = 0;
+    loop {
+        let batch = store
+            .read_all(position, &everything, REBUILD_BATCH)
+            .await
+            .map(|batch| {
+                let last = batch.events.len() < REBUILD_BATCH;
+                position = batch.next;
+                (batch.events, batch.next, last)
+            });
+        let end = batch.as_ref().map_or(true, |(_, _, last)| *last);
+        if batches.send(batch).await.is_err() || end {
+            return;
         }
     }
+}
+
+/// Commits the row changes of one writer lane in batch order, each fenced on the rebuild's
+/// claim (a cancelled rebuild writes nothing more).
+async fn write_lane(
+    store: Arc<dyn EventStore>,
+    name: &'static str,
+    generation: i64,
+    mut batches: tokio::sync::mpsc::Receiver<Vec<Write>>,
+) -> Result<(), StoreError> {
+    while let Some(writes) = batches.recv().await {
+        if !store
+            .read_model_commit(Some(building_fence(name, generation)), writes)
+            .await?
+        {
+            return Err(cancelled(name));
+        }
+    }
+    Ok(())
 }

@@ -398,7 +398,7 @@ async fn runtime_on(test: TestStore) -> Result<(), Error> {
     // Rebuild: the same tables, swapped in while the live runner goes on.
     let live = snapshot(&store).await?;
     let before = status.borrow().generation;
-    let rebuilt = runtime::rebuild(store.as_ref(), &factory()).await?;
+    let rebuilt = runtime::rebuild(&store, &factory()).await?;
     if rebuilt.generation != before + 1 || snapshot(&store).await? != live {
         return Err(format!("rebuild {rebuilt:?} differs from the live tables").into());
     }

@@ -46,7 +46,7 @@ pub async fn run(args: ProjectionsArgs, file: FileConfig) -> anyhow::Result<()> 
                 .find(|f| f().name() == name)
                 .ok_or_else(|| anyhow::anyhow!("no projection named '{name}'"))?;
             let started = std::time::Instant::now();
-            let rebuilt = runtime::rebuild(store.as_ref(), &factory).await?;
+            let rebuilt = runtime::rebuild(&store, &factory).await?;
             println!(
                 "{}",
                 serde_json::json!({
