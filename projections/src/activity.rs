@@ -81,25 +81,47 @@ const TABLES: &[(&str, &str)] = &[
 ];
 
 /// What the projection remembers of an open flow (every pending sign-in of every tenant is
-/// here, so it is small: ids as UUIDs, the rest shared strings of few distinct values).
+/// here, so it is small: 60 bytes, ids as UUIDs and the rest as numbers of shared strings).
 #[derive(Debug, Clone, Default)]
 struct Flow {
     tenant_id: Uuid,
-    application_id: Arc<str>,
     user_id: Option<Uuid>,
-    method: Arc<str>,
-    country: Arc<str>,
-    browser: Arc<str>,
-    os: Arc<str>,
-    blocked_by: Arc<str>,
+    application_id: Sym,
+    method: Sym,
+    country: Sym,
+    browser: Sym,
+    os: Sym,
+    blocked_by: Sym,
 }
 
+// Pending flows of every tenant live here: keep them small.
+const _: () = assert!(std::mem::size_of::<Flow>() <= 60);
+
+/// A string the projection keeps once (an app id, method, country, browser, OS, reason or
+/// policy id: few distinct values), by its number; 0 is the empty string.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+struct Sym(u32);
+
 /// The activity projection.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Activity {
     flows: HashMap<Uuid, Flow>,
-    /// One copy of each app id, method, country, browser, OS, reason and policy id seen.
-    strings: HashSet<Arc<str>>,
+    /// Each string kept, at its number.
+    strings: Vec<Arc<str>>,
+    numbers: HashMap<Arc<str>, Sym>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        let empty: Arc<str> = Arc::from("");
+        let mut numbers = HashMap::new();
+        numbers.insert(empty.clone(), Sym(0));
+        Activity {
+            flows: HashMap::new(),
+            strings: vec![empty],
+            numbers,
+        }
+    }
 }
 
 impl Activity {
@@ -242,9 +264,9 @@ fn user_of(value: &str) -> Option<Uuid> {
 }
 
 /// A row of `activity`: tenant, app, hour, metric, dimension.
-type CounterKey = (Uuid, Arc<str>, i64, &'static str, Arc<str>);
+type CounterKey = (Uuid, Sym, i64, &'static str, Sym);
 /// A row of `active_users`: tenant, day, app, user.
-type ActiveKey = (Uuid, i64, Arc<str>, Uuid);
+type ActiveKey = (Uuid, i64, Sym, Uuid);
 
 /// The row changes of one batch, in typed maps until the batch is handed to [`Writes`].
 #[derive(Default)]
@@ -268,7 +290,13 @@ impl Batch {
     }
 
     /// Hands the batch's rows over, grouped by the columns they set.
-    fn write(self, writes: &mut Writes) {
+    fn write(self, writes: &mut Writes, strings: &[Arc<str>]) {
+        let text = |sym: Sym| -> SqlValue {
+            strings
+                .get(sym.0 as usize)
+                .map_or_else(String::new, |s| s.to_string())
+                .into()
+        };
         let mut shapes: HashMap<Vec<&'static str>, Vec<Vec<SqlValue>>> = HashMap::new();
         for (flow_id, mut columns) in self.signins {
             // The last value of a column wins: keep it, in column order.
@@ -293,8 +321,8 @@ impl Batch {
                         SqlValue::Text(tenant_id.to_string()),
                         SqlValue::Int(hour),
                         metric.into(),
-                        (*dimension).into(),
-                        (*application_id).into(),
+                        text(dimension),
+                        text(application_id),
                         SqlValue::Int(count),
                     ]
                 },
@@ -314,7 +342,7 @@ impl Batch {
                 vec![
                     SqlValue::Text(tenant_id.to_string()),
                     SqlValue::Int(day),
-                    (*application_id).into(),
+                    text(application_id),
                     SqlValue::Text(user_id.to_string()),
                 ]
             })
@@ -334,14 +362,16 @@ fn hour_of(at: i64) -> i64 {
 }
 
 impl Activity {
-    /// The shared copy of `value`.
-    fn intern(&mut self, value: &str) -> Arc<str> {
-        if let Some(shared) = self.strings.get(value) {
-            return shared.clone();
+    /// The number of `value`, kept once.
+    fn intern(&mut self, value: &str) -> Sym {
+        if let Some(sym) = self.numbers.get(value) {
+            return *sym;
         }
+        let sym = Sym(self.strings.len() as u32);
         let shared: Arc<str> = Arc::from(value);
-        self.strings.insert(shared.clone());
-        shared
+        self.strings.push(shared.clone());
+        self.numbers.insert(shared, sym);
+        sym
     }
 
     /// Counts one for the flow's tenant and app, at its hour.
@@ -357,7 +387,7 @@ impl Activity {
         if let Some(flow) = self.flows.get(&flow_id) {
             batch.count((
                 flow.tenant_id,
-                flow.application_id.clone(),
+                flow.application_id,
                 hour_of(at),
                 metric,
                 dimension,
@@ -441,7 +471,7 @@ impl Activity {
                 );
                 if let Some(flow) = self.flows.get_mut(&flow_id) {
                     flow.blocked_by = shared.0;
-                    if flow.country.is_empty() && !payload.country.is_empty() {
+                    if flow.country == Sym::default() && !payload.country.is_empty() {
                         flow.country = shared.1;
                         batch.set(flow_id, "country", &*payload.country);
                     }
@@ -463,16 +493,15 @@ impl Activity {
                 batch.set(flow_id, "ended_at", at);
                 if let Some(flow) = self.flows.remove(&flow_id) {
                     let hour = hour_of(at);
-                    let empty = self.intern("");
-                    let (tenant, app) = (flow.tenant_id, flow.application_id.clone());
+                    let (tenant, app) = (flow.tenant_id, flow.application_id);
                     for (metric, dimension) in [
-                        ("successes", empty),
+                        ("successes", Sym::default()),
                         ("signins_by_method", flow.method),
                         ("signins_by_country", flow.country),
                         ("signins_by_os", flow.os),
                         ("signins_by_browser", flow.browser),
                     ] {
-                        batch.count((tenant, app.clone(), hour, metric, dimension));
+                        batch.count((tenant, app, hour, metric, dimension));
                     }
                     if let Some(user_id) = flow.user_id {
                         batch
@@ -494,8 +523,9 @@ impl Activity {
                 if let Some(flow) = self.flows.get(&flow_id)
                     && blocked
                 {
-                    let blocked_by = flow.blocked_by.clone();
-                    self.count(batch, flow_id, at, "blocks", &blocked_by);
+                    let blocked_by = self.strings.get(flow.blocked_by.0 as usize).cloned();
+                    let blocked_by = blocked_by.as_deref().unwrap_or_default();
+                    self.count(batch, flow_id, at, "blocks", blocked_by);
                 }
                 self.flows.remove(&flow_id);
             }
@@ -611,14 +641,14 @@ impl SqlProjection for Activity {
                         self.intern(&payload.application_id),
                         hour_of(at),
                         "signups",
-                        self.intern(""),
+                        Sym::default(),
                     );
                     batch.count(key);
                 }
                 _ => {
                     let key = (
                         event.tenant_id,
-                        self.intern(""),
+                        Sym::default(),
                         hour_of(at),
                         "risk_detections",
                         self.intern(&payload.kind),
@@ -627,7 +657,7 @@ impl SqlProjection for Activity {
                 }
             }
         }
-        batch.write(writes);
+        batch.write(writes, &self.strings);
         Ok(())
     }
 }
