@@ -25,7 +25,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use gatehouse_events::readmodel::{Column, Rows, SqlValue, Statement, Write};
 use gatehouse_events::{EventFilter, EventStore, Position, RecordedEvent, StoreError};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -76,17 +76,10 @@ pub trait SqlProjection: Send + Sync + 'static {
 /// Builds fresh instances of a projection (one per start of a runner or rebuild).
 pub type Factory = Arc<dyn Fn() -> Box<dyn SqlProjection> + Send + Sync>;
 
-/// A key: (column, value) pairs.
-pub type Key = Vec<(&'static str, SqlValue)>;
-
-/// The row changes of one batch, coalesced per row before they are written.
+/// The row changes of one batch, as rows the projection coalesced itself.
 #[derive(Debug, Default)]
 pub struct Writes {
-    counters: HashMap<(&'static str, Key), BTreeMap<&'static str, i64>>,
-    upserts: HashMap<(&'static str, Key), BTreeMap<&'static str, SqlValue>>,
-    inserts: HashSet<(&'static str, Key)>,
-    /// Rows a projection coalesced itself, by shape.
-    coalesced: Vec<(Shape, Vec<Vec<SqlValue>>)>,
+    rows: Vec<(Shape, Vec<Vec<SqlValue>>)>,
 }
 
 /// What an existing row does with the values of a new one.
@@ -104,32 +97,9 @@ pub enum Conflict {
 type Shape = (&'static str, Vec<&'static str>, Vec<&'static str>, Conflict);
 
 impl Writes {
-    /// Adds `delta` to counter `column` of the row `key` (created at 0).
-    pub fn add(&mut self, table: &'static str, key: Key, column: &'static str, delta: i64) {
-        *self
-            .counters
-            .entry((table, key))
-            .or_default()
-            .entry(column)
-            .or_default() += delta;
-    }
-
-    /// Sets `column` of the row `key` (created with defaults); the last value of a batch wins.
-    pub fn set(&mut self, table: &'static str, key: Key, column: &'static str, value: SqlValue) {
-        self.upserts
-            .entry((table, key))
-            .or_default()
-            .insert(column, value);
-    }
-
-    /// Creates the row `key` unless it exists.
-    pub fn insert(&mut self, table: &'static str, key: Key) {
-        self.inserts.insert((table, key));
-    }
-
-    /// Rows the projection coalesced itself: each row holds the values of `key_columns` then
-    /// of `value_columns`, and no two rows of a batch (from this call or another method) may
-    /// share a key — PostgreSQL refuses a write that touches a row twice.
+    /// Rows of `table`: each holds the values of `key_columns` then of `value_columns`. No two
+    /// rows of a batch may share a key (the projection coalesces them first): PostgreSQL
+    /// refuses a write that touches a row twice.
     pub fn rows(
         &mut self,
         table: &'static str,
@@ -139,7 +109,7 @@ impl Writes {
         rows: Vec<Vec<SqlValue>>,
     ) {
         if !rows.is_empty() {
-            self.coalesced.push((
+            self.rows.push((
                 (
                     table,
                     key_columns.to_vec(),
@@ -153,42 +123,14 @@ impl Writes {
 
     /// True when nothing changes.
     pub fn is_empty(&self) -> bool {
-        self.counters.is_empty()
-            && self.upserts.is_empty()
-            && self.inserts.is_empty()
-            && self.coalesced.is_empty()
+        self.rows.is_empty()
     }
 
-    /// The writes, with physical table names: one [`Rows`] per table and shape of row (the
-    /// same key and value columns), at most [`ROWS_PER_WRITE`] rows each. Rows were coalesced
-    /// per key, so no write touches a row twice.
+    /// The writes, with physical table names: one [`Rows`] per table and shape of row, at most
+    /// [`ROWS_PER_WRITE`] rows each.
     fn render(self, names: &HashMap<&'static str, String>) -> Result<Vec<Write>, StoreError> {
-        let mut shapes: HashMap<Shape, Vec<Vec<SqlValue>>> = HashMap::new();
-        let mut shape = |table, key: Key, columns: Vec<(&'static str, SqlValue)>, how| {
-            let key_columns = key.iter().map(|(c, _)| *c).collect();
-            let value_columns = columns.iter().map(|(c, _)| *c).collect();
-            shapes
-                .entry((table, key_columns, value_columns, how))
-                .or_default()
-                .push(key.into_iter().chain(columns).map(|(_, v)| v).collect());
-        };
-        for ((table, key), columns) in self.counters {
-            let columns = columns
-                .into_iter()
-                .map(|(c, delta)| (c, SqlValue::Int(delta)))
-                .collect();
-            shape(table, key, columns, Conflict::Add);
-        }
-        for ((table, key), columns) in self.upserts {
-            shape(table, key, columns.into_iter().collect(), Conflict::Set);
-        }
-        for (table, key) in self.inserts {
-            shape(table, key, Vec::new(), Conflict::Keep);
-        }
         let mut writes = Vec::new();
-        for ((table, key_columns, value_columns, how), mut rows) in
-            shapes.into_iter().chain(self.coalesced)
-        {
+        for ((table, key_columns, value_columns, how), mut rows) in self.rows {
             let physical = names
                 .get(table)
                 .cloned()
