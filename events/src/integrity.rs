@@ -246,10 +246,13 @@ impl Sealer {
     async fn follow(&self) -> Result<(), StoreError> {
         let mut chain = Chain::load(&*self.store).await?;
         let mut last_signed = Instant::now();
-        let mut batches = Box::pin(crate::subscription::subscribe_batches(
-            self.store.clone(),
-            chain.sealed,
-            EventFilter::default(),
+        let mut batches = Box::pin(crate::subscription::at_most_every(
+            crate::subscription::subscribe_batches(
+                self.store.clone(),
+                chain.sealed,
+                EventFilter::default(),
+            ),
+            crate::subscription::COMMIT_EVERY,
         ));
         loop {
             let wait = self.checkpoint_every.saturating_sub(last_signed.elapsed());

@@ -12,6 +12,7 @@ use crate::error::StoreError;
 use crate::store::{EventFilter, EventStore, ReadBatch};
 use futures::{Stream, StreamExt};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::broadcast;
 
 /// Events read per round trip.
@@ -96,6 +97,46 @@ pub fn subscribe_batches(
                     yield ReadBatch { events, next: cursor };
                 }
             }
+        }
+    }
+}
+
+/// How often a consumer that commits per batch (the sealer, the projection runners, the
+/// relay) commits under load: see [`at_most_every`].
+pub const COMMIT_EVERY: Duration = Duration::from_millis(50);
+
+/// `batches` merged so that a consumer committing once per batch commits at most once per
+/// `every`. The first batch after a quiet spell passes at once; a batch arriving sooner after
+/// the last one is held until `every` has passed since it, merged with those that follow
+/// (up to [`BATCH`] events). Idle, nothing waits; under load, one commit carries what many
+/// appends wrote instead of each append causing a commit of its own in every consumer.
+pub fn at_most_every<S>(
+    batches: S,
+    every: Duration,
+) -> impl Stream<Item = Result<ReadBatch, StoreError>> + Send + 'static
+where
+    S: Stream<Item = Result<ReadBatch, StoreError>> + Send + 'static,
+{
+    async_stream::try_stream! {
+        let mut batches = Box::pin(batches);
+        let mut last: Option<tokio::time::Instant> = None;
+        while let Some(first) = batches.next().await {
+            let mut merged = first?;
+            if let Some(last) = last {
+                let until = last + every;
+                while merged.events.len() < BATCH {
+                    match tokio::time::timeout_at(until, batches.next()).await {
+                        Ok(Some(more)) => {
+                            let more = more?;
+                            merged.events.extend(more.events);
+                            merged.next = merged.next.max(more.next);
+                        }
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
+            last = Some(tokio::time::Instant::now());
+            yield merged;
         }
     }
 }
@@ -188,5 +229,73 @@ async fn follow(
         if caught_up {
             let _ = tokio::time::timeout(poll, changes.changed()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::StreamId;
+    use chrono::Utc;
+    use tokio::sync::mpsc;
+    use uuid::Uuid;
+
+    fn batch(positions: &[Position]) -> ReadBatch {
+        let events = positions
+            .iter()
+            .map(|&position| {
+                let mut event = RecordedEvent::pending(
+                    Uuid::nil(),
+                    StreamId::new("t", Uuid::nil()),
+                    Utc::now(),
+                );
+                event.position = position;
+                event
+            })
+            .collect();
+        ReadBatch {
+            events,
+            next: positions.last().copied().unwrap_or(0),
+        }
+    }
+
+    fn positions(batch: &ReadBatch) -> Vec<Position> {
+        batch.events.iter().map(|e| e.position).collect()
+    }
+
+    #[tokio::test]
+    async fn batches_close_together_are_merged_and_nothing_is_lost() -> Result<(), StoreError> {
+        let (sender, mut receiver) = mpsc::unbounded_channel::<Result<ReadBatch, StoreError>>();
+        let source = async_stream::stream! {
+            while let Some(item) = receiver.recv().await {
+                yield item;
+            }
+        };
+        let every = Duration::from_millis(300);
+        let mut merged = Box::pin(at_most_every(source, every));
+        let closed = || StoreError::Backend("test channel closed".into());
+
+        // The first batch after a quiet spell passes on its own, without waiting.
+        sender.send(Ok(batch(&[1, 2]))).map_err(|_| closed())?;
+        let first = merged.next().await.ok_or_else(closed)??;
+        assert_eq!(positions(&first), vec![1, 2]);
+        assert_eq!(first.next, 2);
+
+        // Two more right after it: held until `every` has passed, then handed on as one.
+        sender.send(Ok(batch(&[3]))).map_err(|_| closed())?;
+        sender.send(Ok(batch(&[4, 5]))).map_err(|_| closed())?;
+        let second = merged.next().await.ok_or_else(closed)??;
+        assert_eq!(positions(&second), vec![3, 4, 5]);
+        assert_eq!(second.next, 5);
+
+        // An error is passed on, not swallowed into a merge.
+        sender
+            .send(Err(StoreError::Backend("read failed".into())))
+            .map_err(|_| closed())?;
+        assert!(matches!(
+            merged.next().await,
+            Some(Err(StoreError::Backend(_)))
+        ));
+        Ok(())
     }
 }

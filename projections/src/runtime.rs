@@ -24,6 +24,7 @@
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use gatehouse_events::readmodel::{Column, Rows, SqlValue, Statement, Write};
+use gatehouse_events::subscription;
 use gatehouse_events::{EventFilter, EventStore, Position, RecordedEvent, StoreError};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -535,10 +536,9 @@ impl Runner {
         // Unfiltered, filtered here: see `replay_into` (and live batches come unfiltered from
         // the process's shared tail anyway).
         let filter = projection.filter();
-        let mut batches = Box::pin(gatehouse_events::subscription::subscribe_batches(
-            self.store.clone(),
-            position,
-            EventFilter::default(),
+        let mut batches = Box::pin(subscription::at_most_every(
+            subscription::subscribe_batches(self.store.clone(), position, EventFilter::default()),
+            subscription::COMMIT_EVERY,
         ));
         loop {
             let renew = RENEW_EVERY.min(self.lease / 3);
@@ -569,7 +569,7 @@ impl Runner {
                 Ok(None) => return Err(StoreError::Backend("the log subscription ended".into())),
                 Ok(Some(batch)) => batch?,
             };
-            let behind = batch.events.len() >= gatehouse_events::subscription::BATCH;
+            let behind = batch.events.len() >= subscription::BATCH;
             let mut events = batch.events;
             events.retain(|e| filter.matches(e));
             let mut writes = Writes::default();

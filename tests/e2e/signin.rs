@@ -121,11 +121,16 @@ async fn tokens_and_refresh(world: &World) -> TestResult {
         return Err("refresh token not rotated".into());
     }
     world.verify(&second.access_token).await?;
-    let third = world
-        .sessions()
-        .refresh_session(refresh(&second.refresh_token))
-        .await?
-        .into_inner();
+    // A long chain: the session is then loaded from a snapshot (one every 32 events), which
+    // must still know the first token.
+    let mut third = second;
+    for _ in 0..40 {
+        third = world
+            .sessions()
+            .refresh_session(refresh(&third.refresh_token))
+            .await?
+            .into_inner();
+    }
     let reuse = world.sessions().refresh_session(refresh(&first)).await;
     if reuse.map_err(|s| s.code()).err() != Some(Code::Unauthenticated) {
         return Err("a rotated refresh token was accepted".into());

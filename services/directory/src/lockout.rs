@@ -95,6 +95,9 @@ pub struct Lockout {
 
 impl Aggregate for Lockout {
     const STREAM_TYPE: &'static str = "lockout";
+    // Every password attempt adds two events: a user signing in daily for years would
+    // otherwise be replayed whole at each attempt.
+    const SNAPSHOT_EVERY: Option<u64> = Some(32);
     type Event = LockoutEvent;
 
     fn apply(&mut self, event: LockoutEvent, envelope: &RecordedEvent) {
@@ -297,6 +300,42 @@ mod tests {
         );
         // The familiar class is counted apart.
         assert!(state.reserve(Uuid::now_v7(), true, &policy(), now).is_ok());
+    }
+
+    #[test]
+    fn a_snapshot_reads_back_as_the_same_state() -> Result<(), serde_json::Error> {
+        // Lockout streams keep snapshots: the state must survive its JSON form whole,
+        // attempts in flight (keyed by flow) and familiar locations included.
+        let now = Utc::now();
+        let mut state = Lockout::default();
+        let won = Uuid::now_v7();
+        let lost = Uuid::now_v7();
+        let pending = Uuid::now_v7();
+        for (attempt, familiar) in [(won, true), (lost, false), (pending, false)] {
+            let events = state
+                .reserve(attempt, familiar, &policy(), now)
+                .unwrap_or_default();
+            run(&mut state, &events, now);
+        }
+        let failed = state.failure(lost, false, &policy(), now);
+        run(
+            &mut state,
+            &[
+                failed,
+                LockoutEvent::AttemptSucceeded {
+                    attempt: won,
+                    familiar: true,
+                    location: Some("blind-index".into()),
+                },
+            ],
+            now,
+        );
+        let read: Lockout = serde_json::from_value(serde_json::to_value(&state)?)?;
+        assert_eq!(format!("{read:?}"), format!("{state:?}"));
+        assert!(read.in_flight.contains_key(&pending));
+        assert_eq!(read.unfamiliar.failures, 1);
+        assert!(read.is_familiar(Some("blind-index")));
+        Ok(())
     }
 
     #[test]

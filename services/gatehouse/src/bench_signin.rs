@@ -9,9 +9,12 @@
 //!    measured twice, alternating, and the better of each is kept.
 //! 3. **Latency**: sign-ins arriving at a fixed rate of 50 % and 80 % of that throughput
 //!    (open loop); p50 and p99 as multiples of one verify (targets 1.3 and 3).
-//! 4. **Commands without a password**: `--flows` users with TOTP enrolled are brought to the
-//!    TOTP step, then their codes submitted by 32 clients — `totp_per_s`; 32 sessions
-//!    refreshed in chains — `refresh_per_s`; and p99 of both with all flows in flight.
+//! 4. **Commands without a password**: 32 sessions refreshed in chains — `refresh_per_s`;
+//!    `--flows` users with TOTP enrolled, all brought to the TOTP step at once; 200 of them
+//!    stay waiting to the end while, of the others, half submit their codes 32 at a time —
+//!    `totp_per_s` — and half one by one at half that rate (open loop) — `totp_p99_ms`
+//!    (target < 5 ms on the embedded store). A closed loop cannot show that target: with `c`
+//!    codes in flight each waits about `c / throughput` (Little's law).
 //! 5. **Memory**: the ready server's RSS before any request (`idle_rss_mib`, target < 50);
 //!    `--pending` flows started and left waiting; the server's RSS growth per flow once their
 //!    actors have gone idle (`bytes_per_pending_flow`, target ≤ 2048).
@@ -35,6 +38,8 @@ use tonic::transport::Channel;
 
 const PASSWORD: &str = "correct horse battery staple";
 const ADMIN_KEY: &str = "bench-admin-key-0123456789abcdefghijklmnop";
+/// Flows left waiting at the TOTP step while the others' latency is measured.
+const TOTP_IN_FLIGHT: usize = 200;
 
 fn percentile(samples: &mut [f64], p: f64) -> f64 {
     if samples.is_empty() {
@@ -399,6 +404,31 @@ where
     Ok((per_second, percentile(&mut samples, 0.99)))
 }
 
+/// Open loop: `jobs` started one by one at `rate` per second; (p50, p99) in ms.
+async fn paced<F>(jobs: Vec<F>, rate: f64) -> anyhow::Result<(f64, f64)>
+where
+    F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let interval = Duration::from_secs_f64(1.0 / rate.max(0.1));
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for (n, job) in jobs.into_iter().enumerate() {
+        tokio::time::sleep_until(start + interval * n as u32).await;
+        tasks.push(tokio::spawn(async move {
+            let begun = Instant::now();
+            job.await.map(|()| begun.elapsed().as_secs_f64() * 1000.0)
+        }));
+    }
+    let mut samples = Vec::new();
+    for task in tasks {
+        samples.push(task.await??);
+    }
+    Ok((
+        percentile(&mut samples, 0.5),
+        percentile(&mut samples, 0.99),
+    ))
+}
+
 /// The benchmark.
 pub async fn run(
     database_url: Option<String>,
@@ -475,38 +505,46 @@ pub async fn run(
     let refresh_per_s = (32 * per_chain) as f64 / started.elapsed().as_secs_f64();
     println!("refresh: {refresh_per_s:.0}/s");
 
-    // TOTP steps: users with TOTP, brought to the code step, then all codes submitted.
+    // TOTP steps: users with TOTP, all brought to the code step (every flow in flight at once).
+    // Some stay waiting to the end, so that at least that many flows are in flight while the
+    // others are measured: half of the others submitted 32 at a time (throughput), the rest
+    // arriving one by one at half that rate (open loop, as for the sign-in latency).
     let totp_users = setup.create_users("t", args.flows).await?;
-    let mut secrets = Vec::new();
-    for (_, user_id) in &totp_users {
-        let mut mfa = MfaServiceClient::new(setup.channel.clone());
-        let enrollment = mfa
-            .start_totp_enrollment(with_key(
-                pb::StartTotpEnrollmentRequest {
+    let secrets = futures::future::join_all(totp_users.iter().map(|(_, user_id)| {
+        let setup = setup.clone();
+        let user_id = user_id.clone();
+        async move {
+            let mut mfa = MfaServiceClient::new(setup.channel.clone());
+            let enrollment = mfa
+                .start_totp_enrollment(with_key(
+                    pb::StartTotpEnrollmentRequest {
+                        tenant_id: setup.tenant_id.clone(),
+                        user_id: user_id.clone(),
+                        issuer: String::new(),
+                    },
+                    &setup.key,
+                )?)
+                .await?
+                .into_inner();
+            let unix = chrono::Utc::now().timestamp() as u64 - 30;
+            mfa.confirm_totp_enrollment(with_key(
+                pb::ConfirmTotpEnrollmentRequest {
                     tenant_id: setup.tenant_id.clone(),
-                    user_id: user_id.clone(),
-                    issuer: String::new(),
+                    user_id,
+                    code: gatehouse_signin::otp::code_at(&enrollment.secret, unix)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?,
                 },
                 &setup.key,
             )?)
-            .await?
-            .into_inner();
-        let unix = chrono::Utc::now().timestamp() as u64 - 30;
-        mfa.confirm_totp_enrollment(with_key(
-            pb::ConfirmTotpEnrollmentRequest {
-                tenant_id: setup.tenant_id.clone(),
-                user_id: user_id.clone(),
-                code: gatehouse_signin::otp::code_at(&enrollment.secret, unix)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?,
-            },
-            &setup.key,
-        )?)
-        .await?;
-        secrets.push(enrollment.secret);
-    }
+            .await?;
+            anyhow::Ok(enrollment.secret)
+        }
+    }))
+    .await
+    .into_iter()
+    .collect::<anyhow::Result<Vec<_>>>()?;
     setup.require_mfa(true).await?;
-    let mut waiting = Vec::new();
-    let prepared = futures::future::join_all(totp_users.iter().map(|(email, _)| {
+    let waiting = futures::future::join_all(totp_users.iter().map(|(email, _)| {
         let setup = setup.clone();
         let email = email.clone();
         async move {
@@ -523,14 +561,12 @@ pub async fn run(
             anyhow::Ok(flow.id)
         }
     }))
-    .await;
-    for flow in prepared {
-        waiting.push(flow?);
-    }
-    let mut jobs = Vec::new();
-    for (flow_id, secret) in waiting.into_iter().zip(secrets) {
+    .await
+    .into_iter()
+    .collect::<anyhow::Result<Vec<_>>>()?;
+    let submit = |flow_id: String, secret: String| {
         let setup = setup.clone();
-        jobs.push(async move {
+        async move {
             let code =
                 gatehouse_signin::otp::code_at(&secret, chrono::Utc::now().timestamp() as u64)
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -547,12 +583,21 @@ pub async fn run(
                 anyhow::bail!("TOTP step did not complete: {done:?}");
             }
             anyhow::Ok(())
-        });
-    }
-    let (totp_per_s, totp_p99_ms) = run_jobs(jobs, 32).await?;
+        }
+    };
+    let held = TOTP_IN_FLIGHT.min(args.flows / 4);
+    let mut flows = waiting.into_iter().zip(secrets).skip(held);
+    let closed = (args.flows - held).div_ceil(2);
+    let jobs: Vec<_> = flows
+        .by_ref()
+        .take(closed)
+        .map(|(flow, secret)| submit(flow, secret))
+        .collect();
+    let (totp_per_s, totp_p99_closed_ms) = run_jobs(jobs, 32).await?;
+    let jobs: Vec<_> = flows.map(|(flow, secret)| submit(flow, secret)).collect();
+    let (totp_p50_ms, totp_p99_ms) = paced(jobs, totp_per_s * 0.5).await?;
     println!(
-        "TOTP steps: {totp_per_s:.0}/s, p99 {totp_p99_ms:.2} ms with {} flows in flight (32 at a time)",
-        args.flows
+        "TOTP steps: {totp_per_s:.0}/s (32 at a time, p99 {totp_p99_closed_ms:.2} ms); at half that rate with at least {held} flows in flight: p50 {totp_p50_ms:.2} ms, p99 {totp_p99_ms:.2} ms (target < 5)"
     );
     setup.require_mfa(false).await?;
 
@@ -604,7 +649,10 @@ pub async fn run(
         "p99_80_over_verify": p99_80 / one_verify_ms,
         "refresh_per_s": refresh_per_s,
         "totp_per_s": totp_per_s,
+        "totp_p99_closed_ms": totp_p99_closed_ms,
+        "totp_p50_ms": totp_p50_ms,
         "totp_p99_ms": totp_p99_ms,
+        "totp_in_flight": held,
         "pending_flows": pending,
         "bytes_per_pending_flow": bytes_per_pending_flow,
         "idle_rss_mib": idle_rss as f64 / (1 << 20) as f64,

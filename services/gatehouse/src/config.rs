@@ -265,7 +265,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1_000_000)]
     pub events: u64,
     /// Flows brought to the TOTP step (signin).
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 1000)]
     pub flows: usize,
     /// Pending flows for the memory measurement (signin).
     #[arg(long, default_value_t = 100_000)]

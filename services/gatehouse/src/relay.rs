@@ -31,7 +31,7 @@
 //! and logging, rather than skip it.
 
 use futures::StreamExt;
-use gatehouse_events::subscription::subscribe_batches;
+use gatehouse_events::subscription::{COMMIT_EVERY, at_most_every, subscribe_batches};
 use gatehouse_events::{EventFilter, EventStore, Position, RecordedEvent};
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,7 +86,10 @@ async fn relay(
     let mut saved: Position = store.load_checkpoint(CHECKPOINT).await?.unwrap_or(0);
     tracing::info!(nats = %url, after = saved, "event relay to NATS connected");
     *backoff = FIRST_BACKOFF;
-    let mut batches = Box::pin(subscribe_batches(store.clone(), saved, filter.clone()));
+    let mut batches = Box::pin(at_most_every(
+        subscribe_batches(store.clone(), saved, filter.clone()),
+        COMMIT_EVERY,
+    ));
     while let Some(batch) = batches.next().await {
         let batch = batch?;
         // Everything first, then the acknowledgements: one round trip per batch, not per event.
