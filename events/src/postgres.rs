@@ -711,29 +711,7 @@ impl EventStore for PgStore {
     }
 
     async fn save_seals(&self, seals: Vec<Seal>, sealed_up_to: u64) -> Result<(), StoreError> {
-        let positions: Vec<i64> = seals.iter().map(|s| s.position as i64).collect();
-        let tenants: Vec<Uuid> = seals.iter().map(|s| s.tenant_id).collect();
-        let hashes: Vec<Vec<u8>> = seals.iter().map(|s| s.hash.to_vec()).collect();
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO event_seals (position, tenant_id, hash) \
-             SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::bytea[]) ON CONFLICT DO NOTHING",
-        )
-        .bind(&positions)
-        .bind(&tenants)
-        .bind(&hashes)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO checkpoints (name, position) VALUES ($1, $2) ON CONFLICT (name) \
-             DO UPDATE SET position = greatest(checkpoints.position, EXCLUDED.position)",
-        )
-        .bind(SEALER_CHECKPOINT)
-        .bind(sealed_up_to as i64)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        detached(save_seals(self.pool.clone(), seals, sealed_up_to)).await
     }
 
     async fn read_seals(
@@ -815,43 +793,7 @@ impl EventStore for PgStore {
     }
 
     async fn import(&self, events: Vec<RecordedEvent>) -> Result<(), StoreError> {
-        // One transaction per 100 000 events: positions are (transaction id << 20) + index,
-        // like appends, so imported events stay below everything appended later.
-        for chunk in events.chunks(100_000) {
-            let mut a = ImportArrays::default();
-            for event in chunk {
-                a.push(event);
-            }
-            let mut tx = self.pool.begin().await?;
-            sqlx::query(
-                "INSERT INTO events (position, event_id, tenant_id, stream_type, stream_id, version, \
-                 event_type, schema_version, recorded_at, correlation_id, causation_id, actor, client_ip, \
-                 user_agent, payload) \
-                 SELECT (txid_current() << 20) + e.ord, e.id, e.tenant, e.stype, e.sid, e.version, \
-                 e.etype, e.schema, e.recorded, e.corr, e.caus, e.actor, e.ip, e.ua, e.payload::jsonb \
-                 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::bigint[], $6::text[], \
-                 $7::int[], $8::timestamptz[], $9::uuid[], $10::uuid[], $11::text[], $12::text[], \
-                 $13::text[], $14::text[]) WITH ORDINALITY \
-                 AS e(id, tenant, stype, sid, version, etype, schema, recorded, corr, caus, actor, ip, ua, payload, ord)",
-            )
-            .bind(&a.ids)
-            .bind(&a.tenants)
-            .bind(&a.stream_types)
-            .bind(&a.stream_ids)
-            .bind(&a.versions)
-            .bind(&a.event_types)
-            .bind(&a.schemas)
-            .bind(&a.recorded)
-            .bind(&a.correlations)
-            .bind(&a.causations)
-            .bind(&a.actors)
-            .bind(&a.ips)
-            .bind(&a.user_agents)
-            .bind(&a.payloads)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-        }
+        detached(import(self.pool.clone(), events)).await?;
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
         Ok(())
     }
@@ -861,7 +803,7 @@ impl EventStore for PgStore {
         fence: Option<Statement>,
         writes: Vec<Write>,
     ) -> Result<bool, StoreError> {
-        commit_read_model(self.pool.clone(), fence, writes).await
+        detached(commit_read_model(self.pool.clone(), fence, writes)).await
     }
 
     async fn read_model_query(&self, query: Statement) -> Result<Vec<Vec<SqlValue>>, StoreError> {
@@ -941,6 +883,88 @@ impl ImportArrays {
             .push(context.and_then(|c| c.user_agent.clone()));
         self.payloads.push(event.payload.get().to_owned());
     }
+}
+
+/// Imported events in transactions of 100 000.
+async fn import(pool: PgPool, events: Vec<RecordedEvent>) -> Result<(), StoreError> {
+    // One transaction per 100 000 events: positions are (transaction id << 20) + index,
+    // like appends, so imported events stay below everything appended later.
+    for chunk in events.chunks(100_000) {
+        let mut a = ImportArrays::default();
+        for event in chunk {
+            a.push(event);
+        }
+        let mut tx = pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO events (position, event_id, tenant_id, stream_type, stream_id, version, \
+             event_type, schema_version, recorded_at, correlation_id, causation_id, actor, client_ip, \
+             user_agent, payload) \
+             SELECT (txid_current() << 20) + e.ord, e.id, e.tenant, e.stype, e.sid, e.version, \
+             e.etype, e.schema, e.recorded, e.corr, e.caus, e.actor, e.ip, e.ua, e.payload::jsonb \
+             FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::bigint[], $6::text[], \
+             $7::int[], $8::timestamptz[], $9::uuid[], $10::uuid[], $11::text[], $12::text[], \
+             $13::text[], $14::text[]) WITH ORDINALITY \
+             AS e(id, tenant, stype, sid, version, etype, schema, recorded, corr, caus, actor, ip, ua, payload, ord)",
+        )
+        .bind(&a.ids)
+        .bind(&a.tenants)
+        .bind(&a.stream_types)
+        .bind(&a.stream_ids)
+        .bind(&a.versions)
+        .bind(&a.event_types)
+        .bind(&a.schemas)
+        .bind(&a.recorded)
+        .bind(&a.correlations)
+        .bind(&a.causations)
+        .bind(&a.actors)
+        .bind(&a.ips)
+        .bind(&a.user_agents)
+        .bind(&a.payloads)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
+/// The seals of a batch and the sealer's new checkpoint, in one transaction.
+async fn save_seals(pool: PgPool, seals: Vec<Seal>, sealed_up_to: u64) -> Result<(), StoreError> {
+    let positions: Vec<i64> = seals.iter().map(|s| s.position as i64).collect();
+    let tenants: Vec<Uuid> = seals.iter().map(|s| s.tenant_id).collect();
+    let hashes: Vec<Vec<u8>> = seals.iter().map(|s| s.hash.to_vec()).collect();
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO event_seals (position, tenant_id, hash) \
+         SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::bytea[]) ON CONFLICT DO NOTHING",
+    )
+    .bind(&positions)
+    .bind(&tenants)
+    .bind(&hashes)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO checkpoints (name, position) VALUES ($1, $2) ON CONFLICT (name) \
+         DO UPDATE SET position = greatest(checkpoints.position, EXCLUDED.position)",
+    )
+    .bind(SEALER_CHECKPOINT)
+    .bind(sealed_up_to as i64)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Runs `work`, a transaction, on a task of its own and waits for it. A caller that stops
+/// waiting (a cancelled request, an aborted runner) leaves it to commit or roll back by
+/// itself: sqlx (0.8.6, 0.9.0) returns a connection whose `BEGIN` was cancelled to the pool
+/// still inside that transaction (transact-rs/sqlx#4393), and the next borrower's statements,
+/// an append among them, would run in it and never commit.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| StoreError::Backend(format!("a transaction's task failed: {e}")))?
 }
 
 /// Read-model writes in one transaction, after the fence.
