@@ -154,6 +154,9 @@ pub struct TailBatch {
 
 /// Batches kept for slow subscribers before they must bridge by reading.
 const TAIL_CAPACITY: usize = 256;
+/// The tail reads the log at most this often when woken by appends: under load one read
+/// brings many appends (every view of the process a little later), idle it reads at once.
+const TAIL_EVERY: Duration = Duration::from_millis(2);
 
 /// One reader of the whole log per store and process, fanning its batches out to every live
 /// subscription. It starts with the first live subscriber and stops when the last one is
@@ -204,6 +207,7 @@ async fn follow(
             return;
         };
         changes.borrow_and_update();
+        let last_read = tokio::time::Instant::now();
         let batch = match store.read_all(cursor, &everything, BATCH).await {
             Ok(batch) => batch,
             Err(error) => {
@@ -228,6 +232,9 @@ async fn follow(
         }
         if caught_up {
             let _ = tokio::time::timeout(poll, changes.changed()).await;
+            if last_read.elapsed() < TAIL_EVERY {
+                tokio::time::sleep_until(last_read + TAIL_EVERY).await;
+            }
         }
     }
 }

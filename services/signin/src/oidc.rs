@@ -624,7 +624,9 @@ impl Oidc {
                     .ok_or_else(|| OAuthError::request("refresh_token is missing"))?;
                 match self
                     .sessions
-                    .refresh_tokens(tenant_id, &client_id, &token, metadata)
+                    // The client was authenticated above (its secret, or none for a public
+                    // app).
+                    .refresh_tokens(tenant_id, &client_id, &token, true, metadata)
                     .await
                 {
                     Ok(tokens) => Ok(token_response(tokens)),

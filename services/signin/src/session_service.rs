@@ -121,24 +121,24 @@ impl SessionApi {
     ) -> Result<pb::Tokens, ApiError> {
         let m = request.get_ref();
         let tenant_id = parse_id("tenant_id", &m.tenant_id)?;
-        match request.extensions().get::<Caller>() {
-            Some(caller) => caller.require_tenant(tenant_id, "tenant")?,
-            // Without a key the refresh token is the only credential: enough for a public app,
-            // not for a confidential one, whose tokens also need its secret (RFC 6749 §6).
-            None => {
-                let app = self.directory.application(tenant_id, &m.client_id).await?;
-                if app.is_some_and(|app| app.client_type == ClientType::Confidential) {
-                    return Err(ApiError::PermissionDenied(
-                        "a confidential application refreshes at the token endpoint with its \
-                         secret, or here with the tenant's API key"
-                            .into(),
-                    ));
-                }
+        // Without a key the refresh token is the only credential: enough for a public app,
+        // not for a confidential one, whose tokens also need its secret (RFC 6749 §6).
+        let client_authenticated = match request.extensions().get::<Caller>() {
+            Some(caller) => {
+                caller.require_tenant(tenant_id, "tenant")?;
+                true
             }
-        }
+            None => false,
+        };
         let metadata = request::metadata(&request, Actor::Anonymous);
         let tokens = self
-            .refresh_tokens(tenant_id, &m.client_id, &m.refresh_token, &metadata)
+            .refresh_tokens(
+                tenant_id,
+                &m.client_id,
+                &m.refresh_token,
+                client_authenticated,
+                &metadata,
+            )
             .await?;
         Ok(pb::Tokens {
             access_token: tokens.access_token,
@@ -150,13 +150,15 @@ impl SessionApi {
     }
 
     /// Rotates a refresh token of app `client_id`: new tokens, or a refusal (a rotated token
-    /// presented again revokes the session). Shared by RefreshSession and the OpenID Connect
-    /// token endpoint.
+    /// presented again revokes the session; the app was deleted). A confidential app's
+    /// tokens also need the client authenticated (its secret, or the tenant's key). Shared by
+    /// RefreshSession and the OpenID Connect token endpoint.
     pub async fn refresh_tokens(
         &self,
         tenant_id: Uuid,
         client_id: &str,
         refresh_token: &str,
+        client_authenticated: bool,
         metadata: &Metadata,
     ) -> Result<Tokens, ApiError> {
         let session_id = session_of(refresh_token).ok_or_else(refused)?;
@@ -172,6 +174,19 @@ impl SessionApi {
             let state = &session.state;
             if !state.exists() || state.tenant_id != tenant_id || state.client_id != client_id {
                 return Err(refused());
+            }
+            // The session's own app, by id: a deleted app's sessions refresh no more.
+            let app = self
+                .directory
+                .application_by_id(tenant_id, state.application_id)
+                .await?
+                .ok_or_else(refused)?;
+            if app.client_type == ClientType::Confidential && !client_authenticated {
+                return Err(ApiError::PermissionDenied(
+                    "a confidential application refreshes at the token endpoint with its \
+                     secret, or here with the tenant's API key"
+                        .into(),
+                ));
             }
             let mut append = AppendRequest::new(metadata.clone());
             append.expect(&session.stream, session.expected());
