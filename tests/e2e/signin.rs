@@ -162,34 +162,7 @@ async fn tokens_and_refresh(world: &World) -> TestResult {
     }
 
     // A deleted application's sessions refresh no more.
-    let mut apps = gatehouse_proto::v1::application_service_client::ApplicationServiceClient::new(
-        world.channel.clone(),
-    );
-    let app = apps
-        .register_application(req(
-            pb::RegisterApplicationRequest {
-                tenant_id: world.tenant_id.clone(),
-                display_name: "Short-lived".into(),
-                redirect_uris: vec!["https://short.example/cb".into()],
-                post_logout_redirect_uris: vec![],
-                grant_types: vec![
-                    pb::GrantType::AuthorizationCode as i32,
-                    pb::GrantType::RefreshToken as i32,
-                ],
-                client_type: pb::ClientType::Public as i32,
-                require_mfa: false,
-            },
-            &world.key,
-        )?)
-        .await?
-        .into_inner()
-        .application
-        .ok_or("no application")?;
-    let short = World {
-        client_id: app.client_id.clone(),
-        app_id: app.id.clone(),
-        ..world.clone()
-    };
+    let short = world.with_app("Short-lived").await?;
     let tokens = short.sign_in("plain@example.com").await?;
     let refreshed = short
         .sessions()
@@ -200,10 +173,13 @@ async fn tokens_and_refresh(world: &World) -> TestResult {
         })
         .await?
         .into_inner();
-    apps.delete_application(req(
+    gatehouse_proto::v1::application_service_client::ApplicationServiceClient::new(
+        world.channel.clone(),
+    )
+    .delete_application(req(
         pb::DeleteApplicationRequest {
             tenant_id: world.tenant_id.clone(),
-            application_id: app.id.clone(),
+            application_id: short.app_id.clone(),
         },
         &world.key,
     )?)

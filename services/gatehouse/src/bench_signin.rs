@@ -355,27 +355,14 @@ async fn latency(
     seconds: f64,
 ) -> anyhow::Result<(f64, f64)> {
     let count = (rate * seconds).max(1.0) as usize;
-    let interval = Duration::from_secs_f64(1.0 / rate.max(0.1));
-    let start = tokio::time::Instant::now();
-    let mut tasks = Vec::new();
-    for n in 0..count {
-        tokio::time::sleep_until(start + interval * n as u32).await;
-        let setup = setup.clone();
-        let email = emails[n % emails.len()].clone();
-        tasks.push(tokio::spawn(async move {
-            let started = Instant::now();
-            setup.sign_in(&email).await?;
-            anyhow::Ok(started.elapsed().as_secs_f64() * 1000.0)
-        }));
-    }
-    let mut samples = Vec::new();
-    for task in tasks {
-        samples.push(task.await??);
-    }
-    Ok((
-        percentile(&mut samples, 0.5),
-        percentile(&mut samples, 0.99),
-    ))
+    let jobs = (0..count)
+        .map(|n| {
+            let setup = setup.clone();
+            let email = emails[n % emails.len()].clone();
+            async move { setup.sign_in(&email).await.map(|_| ()) }
+        })
+        .collect();
+    paced(jobs, rate).await
 }
 
 /// Runs `jobs` with at most `concurrency` in flight; (per second, p99 ms).
