@@ -175,7 +175,9 @@ impl SessionApi {
             if !state.exists() || state.tenant_id != tenant_id || state.client_id != client_id {
                 return Err(refused());
             }
-            // The session's own app, by id: a deleted app's sessions refresh no more.
+            // The session's own app, by id (a deleted app's sessions refresh no more), and
+            // its client authenticated if it is confidential: both before the token's digest
+            // is checked or anything recorded, so neither answer depends on the token's secret.
             let app = self
                 .directory
                 .application_by_id(tenant_id, state.application_id)
