@@ -112,8 +112,8 @@ async fn cancelled_commits_leave_no_connection_in_a_transaction()
         // A transaction still on its way may show as idle in transaction for a moment; a
         // leaked one stays so.
         let mut open = 0i64;
-        for _ in 0..100 {
-            tokio::time::sleep(Duration::from_millis(3)).await;
+        for _ in 0..200 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
             open = sqlx::query_scalar(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
                  AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%'",
