@@ -520,14 +520,18 @@ impl Activity {
                 batch.set(flow_id, "reason", &*payload.reason);
                 batch.set(flow_id, "ended_at", at);
                 self.count(batch, flow_id, at, "failures", &payload.reason);
-                if let Some(flow) = self.flows.get(&flow_id)
+                if let Some(flow) = self.flows.remove(&flow_id)
                     && blocked
                 {
-                    let blocked_by = self.strings.get(flow.blocked_by.0 as usize).cloned();
-                    let blocked_by = blocked_by.as_deref().unwrap_or_default();
-                    self.count(batch, flow_id, at, "blocks", blocked_by);
+                    // The flow already holds the policy's number: no string round trip.
+                    batch.count((
+                        flow.tenant_id,
+                        flow.application_id,
+                        hour_of(at),
+                        "blocks",
+                        flow.blocked_by,
+                    ));
                 }
-                self.flows.remove(&flow_id);
             }
             "SignInExpired" | "SignInCancelled" => {
                 let outcome = if event.event_type == "SignInExpired" {
@@ -664,7 +668,47 @@ impl SqlProjection for Activity {
 
 #[cfg(test)]
 mod tests {
-    use super::Fields;
+    use super::*;
+    use gatehouse_events::StreamId;
+
+    #[test]
+    fn a_blocked_sign_in_counts_against_the_policy_that_blocked_it() {
+        let tenant = Uuid::now_v7();
+        let flow = StreamId::new("signin", Uuid::now_v7());
+        let at = chrono::Utc::now();
+        let mut activity = Activity::default();
+        let mut batch = Batch::default();
+        for (event_type, payload) in [
+            (
+                "SignInStarted",
+                r#"{"application_id": "app-1", "method": "password"}"#,
+            ),
+            (
+                "PolicyEvaluated",
+                r#"{"blocked_by": "policy-7", "policies": []}"#,
+            ),
+            ("SignInFailed", r#"{"reason": "blocked_by_policy"}"#),
+        ] {
+            let mut event = RecordedEvent::pending(tenant, flow.clone(), at);
+            event.event_type = event_type.into();
+            let fields: Fields = serde_json::from_str(payload).unwrap_or_default();
+            activity.signin(&event, &fields, &mut batch);
+        }
+        let blocks: Vec<_> = batch
+            .counters
+            .iter()
+            .filter(|((_, _, _, metric, _), _)| *metric == "blocks")
+            .map(|((t, app, _, _, by), n)| {
+                let text = |sym: &Sym| activity.strings[sym.0 as usize].to_string();
+                (*t, text(app), text(by), *n)
+            })
+            .collect();
+        assert_eq!(
+            blocks,
+            vec![(tenant, "app-1".to_string(), "policy-7".to_string(), 1)]
+        );
+        assert!(activity.flows.is_empty(), "an ended flow is forgotten");
+    }
 
     #[test]
     fn fields_read_strings_and_nothing_else() {

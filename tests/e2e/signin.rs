@@ -106,11 +106,7 @@ async fn tokens_and_refresh(world: &World) -> TestResult {
     }
 
     // Rotation: the old refresh token stops working; presenting it again revokes the family.
-    let refresh = |token: &str| pb::RefreshSessionRequest {
-        tenant_id: world.tenant_id.clone(),
-        client_id: world.client_id.clone(),
-        refresh_token: token.into(),
-    };
+    let refresh = |token: &str| world.refresh_request(token);
     let first = tokens.refresh_token.clone();
     let second = world
         .sessions()
@@ -166,11 +162,7 @@ async fn tokens_and_refresh(world: &World) -> TestResult {
     let tokens = short.sign_in("plain@example.com").await?;
     let refreshed = short
         .sessions()
-        .refresh_session(pb::RefreshSessionRequest {
-            tenant_id: short.tenant_id.clone(),
-            client_id: short.client_id.clone(),
-            refresh_token: tokens.refresh_token,
-        })
+        .refresh_session(short.refresh_request(&tokens.refresh_token))
         .await?
         .into_inner();
     gatehouse_proto::v1::application_service_client::ApplicationServiceClient::new(
@@ -186,11 +178,7 @@ async fn tokens_and_refresh(world: &World) -> TestResult {
     .await?;
     let after = short
         .sessions()
-        .refresh_session(pb::RefreshSessionRequest {
-            tenant_id: short.tenant_id.clone(),
-            client_id: short.client_id.clone(),
-            refresh_token: refreshed.refresh_token,
-        })
+        .refresh_session(short.refresh_request(&refreshed.refresh_token))
         .await;
     if after.map_err(|s| s.code()).err() != Some(Code::Unauthenticated) {
         return Err("a deleted application's session refreshed".into());

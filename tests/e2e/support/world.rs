@@ -197,6 +197,15 @@ impl World {
         SessionServiceClient::new(self.channel.clone())
     }
 
+    /// A RefreshSession request of this world's app, without a key.
+    pub fn refresh_request(&self, token: &str) -> pb::RefreshSessionRequest {
+        pb::RefreshSessionRequest {
+            tenant_id: self.tenant_id.clone(),
+            client_id: self.client_id.clone(),
+            refresh_token: token.into(),
+        }
+    }
+
     pub async fn create_user(&self, email: &str, email_verified: bool) -> Result<String, Error> {
         Ok(UserServiceClient::new(self.channel.clone())
             .create_user(req(
