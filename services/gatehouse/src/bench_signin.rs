@@ -513,7 +513,9 @@ pub async fn run(
                 )?)
                 .await?
                 .into_inner();
-            let unix = chrono::Utc::now().timestamp() as u64 - 30;
+            // This step's code: accepted until the step after next begins, however long the
+            // server takes. The sign-in codes below are a step ahead, so never this one again.
+            let unix = chrono::Utc::now().timestamp() as u64;
             mfa.confirm_totp_enrollment(with_key(
                 pb::ConfirmTotpEnrollmentRequest {
                     tenant_id: setup.tenant_id.clone(),
@@ -554,8 +556,10 @@ pub async fn run(
     let submit = |flow_id: String, secret: String| {
         let setup = setup.clone();
         async move {
+            // The next step's code (within the ±1 step window): later than the enrolment's
+            // code even when both fall in one step, which replay protection would refuse.
             let code =
-                gatehouse_signin::otp::code_at(&secret, chrono::Utc::now().timestamp() as u64)
+                gatehouse_signin::otp::code_at(&secret, chrono::Utc::now().timestamp() as u64 + 30)
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
             let done = SignInServiceClient::new(setup.channel.clone())
                 .submit_mfa_code(pb::SubmitCodeRequest {
