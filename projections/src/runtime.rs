@@ -56,6 +56,7 @@ pub trait SqlProjection: Send + Sync + 'static {
 
     /// Its tables: (logical name, DDL with `{t}` for the table's physical name; statements
     /// separated by `;`). Non-key columns need defaults: rows are upserted column by column.
+    /// A rebuild runs the `CREATE INDEX` statements after its last rows are written.
     fn tables(&self) -> &'static [(&'static str, &'static str)];
 
     /// The events it needs.
@@ -286,18 +287,18 @@ async fn position_of(
     Ok(rows.first().map_or(0, |r| r[0].int()) as Position)
 }
 
-/// Creates a generation's tables (when missing) and its position row.
+/// Creates a generation's tables (when missing) and its position row; the tables with their
+/// secondary indexes, or (`Indexes::Later`, for a rebuild) without: [`create_indexes`] builds
+/// those once the rows are in, one sort each instead of an index insertion per row written.
 async fn create_tables(
     store: &dyn EventStore,
     projection: &dyn SqlProjection,
     generation: i64,
+    indexes: Indexes,
 ) -> Result<(), StoreError> {
-    let names = names(projection, generation);
-    let mut statements = Vec::new();
-    for (table, ddl) in projection.tables() {
-        let physical = names.get(table).cloned().unwrap_or_default();
-        statements.push(Statement::new(ddl.replace("{t}", &physical), Vec::new()));
-    }
+    let mut statements = ddl(projection, generation, |index| {
+        !index || indexes == Indexes::Now
+    });
     statements.push(Statement::new(
         "INSERT INTO projection_positions (name, generation, position) VALUES (?, ?, 0) \
          ON CONFLICT (name, generation) DO NOTHING",
@@ -307,6 +308,64 @@ async fn create_tables(
         .read_model_commit(None, statements.into_iter().map(Write::from).collect())
         .await?;
     Ok(())
+}
+
+/// Whether [`create_tables`] creates secondary indexes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Indexes {
+    Now,
+    Later,
+}
+
+/// Builds the secondary indexes of a rebuild's generation, if it still holds its claim.
+async fn create_indexes(
+    store: &dyn EventStore,
+    projection: &dyn SqlProjection,
+    generation: i64,
+) -> Result<(), StoreError> {
+    let statements = ddl(projection, generation, |index| index);
+    if statements.is_empty() {
+        return Ok(());
+    }
+    let name = projection.name();
+    if store
+        .read_model_commit(
+            Some(building_fence(name, generation)),
+            statements.into_iter().map(Write::from).collect(),
+        )
+        .await?
+    {
+        Ok(())
+    } else {
+        Err(cancelled(name))
+    }
+}
+
+/// The statements of a generation's DDL that `keep` keeps, given whether each builds a
+/// secondary index (`CREATE INDEX …`; a `CREATE UNIQUE INDEX` may be what an upsert's
+/// conflict target needs, so it counts with the tables).
+fn ddl(
+    projection: &dyn SqlProjection,
+    generation: i64,
+    keep: impl Fn(bool) -> bool,
+) -> Vec<Statement> {
+    let names = names(projection, generation);
+    let mut statements = Vec::new();
+    for (table, ddl) in projection.tables() {
+        let physical = names.get(table).cloned().unwrap_or_default();
+        for statement in ddl.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            let index = statement
+                .get(..12)
+                .is_some_and(|start| start.eq_ignore_ascii_case("CREATE INDEX"));
+            if keep(index) {
+                statements.push(Statement::new(
+                    statement.replace("{t}", &physical),
+                    Vec::new(),
+                ));
+            }
+        }
+    }
+    statements
 }
 
 async fn drop_tables(
@@ -344,7 +403,7 @@ pub async fn register(
         )
         .await?;
     let registry = registered(store, projection.name()).await?;
-    create_tables(store, projection, registry.generation).await
+    create_tables(store, projection, registry.generation, Indexes::Now).await
 }
 
 /// Where a runner is.
@@ -487,7 +546,7 @@ impl Runner {
         let generation = registry.generation;
         // Taken once per lease: a new generation's tables exist already (its rebuild made
         // them), and for the first one this makes them.
-        create_tables(store, projection.as_ref(), generation).await?;
+        create_tables(store, projection.as_ref(), generation, Indexes::Now).await?;
         let names = names(projection.as_ref(), generation);
         if let Some(query) = projection.restore_query() {
             let rows = store
@@ -700,7 +759,7 @@ async fn replay_into(
 ) -> Result<Rebuilt, StoreError> {
     let name = projection.name();
     drop_tables(store.as_ref(), projection, generation).await?;
-    create_tables(store.as_ref(), projection, generation).await?;
+    create_tables(store.as_ref(), projection, generation, Indexes::Later).await?;
     let names = names(projection, generation);
     let filter = projection.filter();
     let mut rebuilt = Rebuilt {
@@ -783,6 +842,7 @@ async fn replay_into(
             "the rebuild of {name} stopped before the end of the log"
         )));
     }
+    create_indexes(store.as_ref(), projection, generation).await?;
     // Caught up: one transaction records the position and makes this generation the one
     // queries read.
     let switched = store
