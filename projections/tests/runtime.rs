@@ -324,17 +324,22 @@ async fn snapshot(store: &Arc<dyn EventStore>) -> Result<Vec<Vec<Vec<SqlValue>>>
     Ok(tables)
 }
 
-async fn runtime_on(test: TestStore) -> Result<(), Error> {
-    let store = test.store.clone();
-    let tenants: Vec<(Uuid, [Uuid; 2], Vec<Uuid>)> = (0..2)
+/// The two tenants `generate` spreads flows over: (tenant, its two apps, `users` users).
+fn tenants(users: usize) -> Vec<(Uuid, [Uuid; 2], Vec<Uuid>)> {
+    (0..2)
         .map(|_| {
             (
                 Uuid::now_v7(),
                 [Uuid::now_v7(), Uuid::now_v7()],
-                (0..12).map(|_| Uuid::now_v7()).collect(),
+                (0..users).map(|_| Uuid::now_v7()).collect(),
             )
         })
-        .collect();
+        .collect()
+}
+
+async fn runtime_on(test: TestStore) -> Result<(), Error> {
+    let store = test.store.clone();
+    let tenants = tenants(12);
     let mut truth = Truth::default();
     let head = generate(&store, &mut truth, &tenants, 1, 1500).await?;
 
@@ -482,15 +487,7 @@ fn merge(truth: &mut Truth, more: Truth) {
 /// there when it is done, and the tables hold the history.
 async fn rebuild_alone_on(test: TestStore) -> Result<(), Error> {
     let store = test.store.clone();
-    let tenants: Vec<(Uuid, [Uuid; 2], Vec<Uuid>)> = (0..2)
-        .map(|_| {
-            (
-                Uuid::now_v7(),
-                [Uuid::now_v7(), Uuid::now_v7()],
-                (0..4).map(|_| Uuid::now_v7()).collect(),
-            )
-        })
-        .collect();
+    let tenants = tenants(4);
     let mut truth = Truth::default();
     generate(&store, &mut truth, &tenants, 7, 120).await?;
     let rebuilt = runtime::rebuild(&store, &factory()).await?;
