@@ -18,7 +18,8 @@
 //! A command whose expected version or claim fails is reported alone; if a concurrent
 //! transaction wins a race (a unique violation), the group is rolled back and replayed one
 //! command at a time so only the loser sees the error. Two committers measured best on the
-//! 2-core machines (README, benchmarks).
+//! 2-core machines (README, benchmarks). A committer that has answered its group yields once
+//! before taking the next, so that the callers it woke can queue their next commands for it.
 //!
 //! # Live tailing
 //!
