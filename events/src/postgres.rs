@@ -1109,3 +1109,127 @@ fn decode(row: &PgRow, offset: usize) -> Result<RecordedEvent, StoreError> {
             .0,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::{Metadata, NewEvent};
+    use crate::store::StreamBounds;
+    use serde_json::json;
+
+    fn event(tenant: Uuid, stream: &StreamId, n: u32) -> NewEvent {
+        NewEvent {
+            tenant_id: tenant,
+            stream: stream.clone(),
+            event_type: "Counted".into(),
+            schema_version: 1,
+            payload: json!({ "n": n }),
+        }
+    }
+
+    /// One group whose commands touch the same streams, with a stale expectation and a taken
+    /// claim among them: each command sees the versions the earlier accepted ones left, the
+    /// refused ones write nothing and leave nothing behind, and positions follow the group.
+    #[tokio::test]
+    async fn a_group_applies_each_command_on_the_versions_the_earlier_ones_left()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let Some(url) = crate::testing::fresh_postgres_url().await? else {
+            return Ok(());
+        };
+        let store = PgStore::connect(&url).await?;
+        let tenant = Uuid::now_v7();
+        let (a, b) = (
+            StreamId::new("group", Uuid::now_v7()),
+            StreamId::new("group", Uuid::now_v7()),
+        );
+        let key = ClaimKey {
+            tenant_id: tenant,
+            scope: "email".into(),
+            value: "ada@example.com".into(),
+        };
+        let mut first = AppendRequest::new(Metadata::system());
+        first.expect(&a, ExpectedVersion::Exact(0));
+        first.push(event(tenant, &a, 1)).push(event(tenant, &a, 2));
+        first.claim(&a, key.clone());
+        // Stale: `first` took `a` to version 2.
+        let mut stale = AppendRequest::new(Metadata::system());
+        stale.expect(&a, ExpectedVersion::Exact(0));
+        stale.push(event(tenant, &a, 99));
+        // The claim `first` took.
+        let mut claimed = AppendRequest::new(Metadata::system());
+        claimed.push(event(tenant, &b, 98));
+        claimed.claim(&b, key.clone());
+        let mut both = AppendRequest::new(Metadata::system());
+        both.expect(&a, ExpectedVersion::Exact(2));
+        both.push(event(tenant, &b, 3)).push(event(tenant, &a, 4));
+        both.push(event(tenant, &b, 5));
+        let mut last = AppendRequest::new(Metadata::system());
+        last.expect(&b, ExpectedVersion::Exact(2));
+        last.push(event(tenant, &b, 6));
+
+        let results = call(&store.pool, &[&first, &stale, &claimed, &both, &last]).await?;
+        let outcomes: Vec<_> = results.iter().map(|r| r.as_ref().ok()).collect();
+        let first_outcome = outcomes[0].ok_or("first refused")?;
+        assert_eq!(
+            first_outcome.events.iter().map(|e| e.2).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        assert!(
+            matches!(&results[1], Err(StoreError::Conflict { stream, expected: 0, actual: Some(2) }) if *stream == a),
+            "{:?}",
+            results[1]
+        );
+        assert!(
+            matches!(&results[2], Err(StoreError::ClaimTaken { scope }) if scope == "email"),
+            "{:?}",
+            results[2]
+        );
+        let both_outcome = outcomes[3].ok_or("both refused")?;
+        assert_eq!(
+            both_outcome.events.iter().map(|e| e.2).collect::<Vec<_>>(),
+            [1, 3, 2]
+        );
+        let last_outcome = outcomes[4].ok_or("last refused")?;
+        assert_eq!(last_outcome.events[0].2, 3);
+
+        let payloads = |events: Vec<RecordedEvent>| -> Vec<(u64, u64, Value)> {
+            events
+                .into_iter()
+                .map(|e| {
+                    let payload = serde_json::from_str(e.payload.get()).unwrap_or(Value::Null);
+                    (e.version, e.position, payload)
+                })
+                .collect()
+        };
+        let stored_a = payloads(store.read_stream(&a, StreamBounds::default()).await?);
+        let stored_b = payloads(store.read_stream(&b, StreamBounds::default()).await?);
+        let text = |n: u32| json!({ "n": n });
+        let at = |outcome: &AppendOutcome, i: usize| outcome.events[i].1;
+        assert_eq!(
+            stored_a,
+            [
+                (1, at(first_outcome, 0), text(1)),
+                (2, at(first_outcome, 1), text(2)),
+                (3, at(both_outcome, 1), text(4)),
+            ]
+        );
+        assert_eq!(
+            stored_b,
+            [
+                (1, at(both_outcome, 0), text(3)),
+                (2, at(both_outcome, 2), text(5)),
+                (3, at(last_outcome, 0), text(6)),
+            ]
+        );
+        assert_eq!(store.claim_owner(&key).await?, Some(a.clone()));
+        // Positions follow the group's order, the refused commands' left unused.
+        let positions: Vec<u64> = [first_outcome, both_outcome, last_outcome]
+            .iter()
+            .flat_map(|o| o.events.iter().map(|e| e.1))
+            .collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+        let refused: u64 = 2;
+        assert_eq!(positions[5] - positions[0], 5 + refused);
+        Ok(())
+    }
+}
