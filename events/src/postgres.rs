@@ -1203,25 +1203,25 @@ mod tests {
         };
         let stored_a = payloads(store.read_stream(&a, StreamBounds::default()).await?);
         let stored_b = payloads(store.read_stream(&b, StreamBounds::default()).await?);
-        let text = |n: u32| json!({ "n": n });
+        let counted = |n: u32| json!({ "n": n });
         let at = |outcome: &AppendOutcome, i: usize| outcome.events[i].1;
         assert_eq!(
             stored_a,
             [
-                (1, at(first_outcome, 0), text(1)),
-                (2, at(first_outcome, 1), text(2)),
-                (3, at(both_outcome, 1), text(4)),
+                (1, at(first_outcome, 0), counted(1)),
+                (2, at(first_outcome, 1), counted(2)),
+                (3, at(both_outcome, 1), counted(4)),
             ]
         );
         assert_eq!(
             stored_b,
             [
-                (1, at(both_outcome, 0), text(3)),
-                (2, at(both_outcome, 2), text(5)),
-                (3, at(last_outcome, 0), text(6)),
+                (1, at(both_outcome, 0), counted(3)),
+                (2, at(both_outcome, 2), counted(5)),
+                (3, at(last_outcome, 0), counted(6)),
             ]
         );
-        assert_eq!(store.claim_owner(&key).await?, Some(a.clone()));
+        assert_eq!(store.claim_owner(&key).await?, Some(a));
         // Positions follow the group's order, the refused commands' left unused.
         let positions: Vec<u64> = [first_outcome, both_outcome, last_outcome]
             .iter()
