@@ -13,6 +13,8 @@
 //!   clock and randomness passed in.
 //! - [`Loaded::load`] rebuilds an aggregate (from a snapshot when it has one) and remembers
 //!   its version for the optimistic-concurrency check of the next append.
+//! - a [`StateCache`] keeps recently loaded states of hot aggregates and brings each up to
+//!   date with only the events appended since.
 
 use crate::envelope::{
     AppendRequest, ExpectedVersion, Metadata, NewEvent, Position, RecordedEvent, StreamId,
@@ -269,6 +271,60 @@ impl<A: Aggregate> Loaded<A> {
             count += 1;
         }
         Ok(count)
+    }
+}
+
+/// Recently loaded states of one aggregate type, each brought up to date on the next load by
+/// reading only what was appended since: one query that usually returns nothing, instead of
+/// the whole stream (or the latest snapshot and what follows it) decoded and folded again. A
+/// state from here is the one a fresh [`Loaded::load`] gives, since a stream only grows and
+/// folding is deterministic, and it is as current: the stream is still read on every load.
+/// Holds at most `capacity` states; a full cache forgets an arbitrary one. Streams that do
+/// not exist are not kept, so ids made up by a caller cannot push real states out.
+pub struct StateCache<A> {
+    states: std::sync::Mutex<std::collections::HashMap<Uuid, Loaded<A>>>,
+    capacity: usize,
+}
+
+impl<A: Aggregate + Clone> StateCache<A> {
+    /// An empty cache holding at most `capacity` states.
+    pub fn new(capacity: usize) -> Self {
+        StateCache {
+            states: Default::default(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// The current state of aggregate `id`, as [`Loaded::load`] gives it.
+    pub async fn load(&self, store: &dyn EventStore, id: Uuid) -> Result<Loaded<A>, StoreError> {
+        let cached = self.lock().get(&id).cloned();
+        let loaded = match cached {
+            Some(mut loaded) => {
+                loaded.refresh(store).await?;
+                loaded
+            }
+            None => Loaded::load(store, id).await?,
+        };
+        let mut states = self.lock();
+        let newer = states
+            .get(&id)
+            .is_none_or(|kept| kept.version < loaded.version);
+        if loaded.version > 0 && newer {
+            if states.len() >= self.capacity
+                && !states.contains_key(&id)
+                && let Some(forgotten) = states.keys().next().copied()
+            {
+                states.remove(&forgotten);
+            }
+            states.insert(id, loaded.clone());
+        }
+        Ok(loaded)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Uuid, Loaded<A>>> {
+        self.states
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

@@ -35,7 +35,7 @@ pub mod subscription;
 pub mod testing;
 pub mod view;
 
-pub use aggregate::{Aggregate, DomainEvent, Executed, Loaded, Upcasters, execute};
+pub use aggregate::{Aggregate, DomainEvent, Executed, Loaded, StateCache, Upcasters, execute};
 pub use envelope::{
     Actor, AppendRequest, ClaimKey, ClientContext, ExpectedVersion, Metadata, NewEvent, Position,
     RecordedEvent, StreamId,

@@ -4,7 +4,8 @@ use gatehouse_events::aggregate::Upcasters;
 use gatehouse_events::store::StreamBounds;
 use gatehouse_events::testing;
 use gatehouse_events::{
-    Aggregate, AppendRequest, DomainEvent, Loaded, Metadata, NewEvent, RecordedEvent, StreamId,
+    Aggregate, AppendRequest, DomainEvent, Loaded, Metadata, NewEvent, RecordedEvent, StateCache,
+    StreamId,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -47,7 +48,7 @@ impl DomainEvent for ClubEvent {
     }
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct Club {
     members: Vec<String>,
     sources: Vec<String>,
@@ -174,6 +175,74 @@ async fn a_long_stream_loads_from_its_snapshot_and_the_events_after_it() -> Test
         )
         .await?;
         assert_eq!(past.state.members.len(), 5);
+    }
+    Ok(())
+}
+
+/// A kept state is brought up to date by what another handle on the store appended since, and
+/// always equals a fresh load, also after the cache, full, forgot it.
+#[tokio::test]
+async fn a_kept_state_follows_appends_made_elsewhere_and_equals_a_fresh_load() -> TestResult {
+    for test_store in testing::all().await? {
+        let store = test_store.store.clone();
+        let elsewhere = test_store.reopen().await?;
+        let cache = StateCache::<Club>::new(2);
+        let ids = [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()];
+        let append = |id: Uuid, event: ClubEvent| {
+            let elsewhere = elsewhere.clone();
+            async move {
+                let mut request = AppendRequest::new(Metadata::system());
+                request.push(event.to_new_event(Uuid::nil(), &Club::stream(id))?);
+                elsewhere.append(request).await?;
+                TestResult::Ok(())
+            }
+        };
+        let join = |name: &str| ClubEvent::MemberJoined {
+            display_name: name.into(),
+            source: "s".into(),
+        };
+        let same_as_fresh = |kept: &Loaded<Club>, fresh: &Loaded<Club>| {
+            assert_eq!(
+                (&kept.state.members, kept.version),
+                (&fresh.state.members, fresh.version)
+            );
+        };
+
+        let empty = cache.load(store.as_ref(), ids[0]).await?;
+        assert_eq!((empty.version, empty.state.members.len()), (0, 0));
+        for name in ["Ada", "Grace", "Edsger"] {
+            append(ids[0], join(name)).await?;
+        }
+        let kept = cache.load(store.as_ref(), ids[0]).await?;
+        assert_eq!(kept.state.members, ["Ada", "Grace", "Edsger"]);
+        same_as_fresh(&kept, &Loaded::load(store.as_ref(), ids[0]).await?);
+
+        append(
+            ids[0],
+            ClubEvent::MemberLeft {
+                display_name: "Grace".into(),
+            },
+        )
+        .await?;
+        let kept = cache.load(store.as_ref(), ids[0]).await?;
+        assert_eq!(kept.state.members, ["Ada", "Edsger"]);
+        assert_eq!(kept.version, 4);
+        same_as_fresh(&kept, &Loaded::load(store.as_ref(), ids[0]).await?);
+
+        // Two more clubs fill the cache; whichever it forgot, loads stay right.
+        for (n, id) in ids.iter().enumerate().skip(1) {
+            append(*id, join(&format!("member of {n}"))).await?;
+            cache.load(store.as_ref(), *id).await?;
+        }
+        append(ids[0], join("Barbara")).await?;
+        for id in ids {
+            same_as_fresh(
+                &cache.load(store.as_ref(), id).await?,
+                &Loaded::load(store.as_ref(), id).await?,
+            );
+        }
+        let kept = cache.load(store.as_ref(), ids[0]).await?;
+        assert_eq!(kept.state.members, ["Ada", "Edsger", "Barbara"]);
     }
     Ok(())
 }

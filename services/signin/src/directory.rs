@@ -2,20 +2,26 @@
 //!
 //! Read from their streams on every step rather than from a live view: a tenant that turns
 //! MFA on, or an app that is deleted, takes effect on the very next step in every process.
-//! (Both streams are short; a cache here would trade that guarantee for little.)
+//! The states are kept ([`StateCache`]), so a step reads only what was appended to the
+//! stream since, usually nothing.
 
 use gatehouse_directory::application::{
     AppConfig, Application, CLIENT_ID_CLAIM, ClientType, GrantType,
 };
 use gatehouse_directory::tenant::{Tenant, TenantSettings};
-use gatehouse_events::{Aggregate, ClaimKey, EventStore, Loaded, StoreError};
+use gatehouse_events::{Aggregate, ClaimKey, EventStore, StateCache, StoreError};
 use std::sync::Arc;
 use uuid::Uuid;
 
 /// What sign-in needs to know of tenants and apps.
 pub struct Directory {
     store: Arc<dyn EventStore>,
+    tenants: StateCache<Tenant>,
+    applications: StateCache<Application>,
 }
+
+/// Tenants and apps whose states a process keeps.
+const KEPT: usize = 1024;
 
 /// An app as sign-in sees it.
 #[derive(Debug, Clone)]
@@ -39,12 +45,16 @@ pub struct AppInfo {
 impl Directory {
     /// Reads from `store`.
     pub fn new(store: Arc<dyn EventStore>) -> Self {
-        Directory { store }
+        Directory {
+            store,
+            tenants: StateCache::new(KEPT),
+            applications: StateCache::new(KEPT),
+        }
     }
 
     /// A tenant's settings, `None` when it does not exist.
     pub async fn tenant(&self, tenant_id: Uuid) -> Result<Option<TenantSettings>, StoreError> {
-        let loaded = Loaded::<Tenant>::load(self.store.as_ref(), tenant_id).await?;
+        let loaded = self.tenants.load(self.store.as_ref(), tenant_id).await?;
         Ok(loaded.state.exists().then_some(loaded.state.settings))
     }
 
@@ -77,9 +87,7 @@ impl Directory {
         tenant_id: Uuid,
         id: Uuid,
     ) -> Result<Option<AppInfo>, StoreError> {
-        let state = Loaded::<Application>::load(self.store.as_ref(), id)
-            .await?
-            .state;
+        let state = self.applications.load(self.store.as_ref(), id).await?.state;
         if !state.exists() || state.tenant_id != Some(tenant_id) {
             return Ok(None);
         }

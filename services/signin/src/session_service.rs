@@ -17,7 +17,7 @@ use gatehouse_directory::user::{Status as UserStatus, User};
 use gatehouse_events::view::LiveView;
 use gatehouse_events::{
     Actor, Aggregate, AppendRequest, DomainEvent, EventFilter, EventStore, Loaded, Metadata,
-    RecordedEvent, StoreError,
+    RecordedEvent, StateCache, StoreError,
 };
 use gatehouse_proto::v1 as pb;
 use std::collections::HashMap;
@@ -53,7 +53,14 @@ pub struct SessionApi {
     directory: Arc<Directory>,
     by_user: LiveView<ByUser>,
     user_risk: Option<Arc<gatehouse_risk::view::RiskView>>,
+    /// Sessions and their users as refreshes last saw them (each refresh reads only what was
+    /// appended since: a rotation adds one event, a user's stream rarely moves).
+    sessions: StateCache<Session>,
+    users: StateCache<User>,
 }
+
+/// Sessions (and as many users) whose states a process keeps for their next refresh.
+const KEPT: usize = 4096;
 
 fn refused() -> ApiError {
     ApiError::CredentialRefused("the refresh token is invalid or has expired".into())
@@ -97,6 +104,8 @@ impl SessionApi {
             directory,
             by_user,
             user_risk: None,
+            sessions: StateCache::new(KEPT),
+            users: StateCache::new(KEPT),
         })
     }
 
@@ -170,7 +179,7 @@ impl SessionApi {
             .ok_or_else(refused)?;
         for _ in 0..5 {
             let now = Utc::now();
-            let session = Loaded::<Session>::load(self.store.as_ref(), session_id).await?;
+            let session = self.sessions.load(self.store.as_ref(), session_id).await?;
             let state = &session.state;
             if !state.exists() || state.tenant_id != tenant_id || state.client_id != client_id {
                 return Err(refused());
@@ -238,7 +247,7 @@ impl SessionApi {
                     }
                 }
                 Presented::Current => {
-                    let user = Loaded::<User>::load(self.store.as_ref(), state.user_id).await?;
+                    let user = self.users.load(self.store.as_ref(), state.user_id).await?;
                     if user.state.status != UserStatus::Active {
                         return Err(refused());
                     }
