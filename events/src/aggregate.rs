@@ -25,6 +25,8 @@ use crate::store::{EventStore, StreamBounds};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
 use uuid::Uuid;
 
 /// Turns a payload stored at `from_version` into the shape of `from_version + 1`.
@@ -282,7 +284,7 @@ impl<A: Aggregate> Loaded<A> {
 /// Holds at most `capacity` states; a full cache forgets an arbitrary one. Streams that do
 /// not exist are not kept, so ids made up by a caller cannot push real states out.
 pub struct StateCache<A> {
-    states: std::sync::Mutex<std::collections::HashMap<Uuid, Loaded<A>>>,
+    states: Mutex<HashMap<Uuid, Loaded<A>>>,
     capacity: usize,
 }
 
@@ -321,7 +323,7 @@ impl<A: Aggregate + Clone> StateCache<A> {
         Ok(loaded)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Uuid, Loaded<A>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Uuid, Loaded<A>>> {
         self.states
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

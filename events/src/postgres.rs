@@ -1113,19 +1113,10 @@ fn decode(row: &PgRow, offset: usize) -> Result<RecordedEvent, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::{Metadata, NewEvent};
+    use crate::envelope::Metadata;
     use crate::store::StreamBounds;
+    use crate::testing::counted as event;
     use serde_json::json;
-
-    fn event(tenant: Uuid, stream: &StreamId, n: u32) -> NewEvent {
-        NewEvent {
-            tenant_id: tenant,
-            stream: stream.clone(),
-            event_type: "Counted".into(),
-            schema_version: 1,
-            payload: json!({ "n": n }),
-        }
-    }
 
     /// One group whose commands touch the same streams, with a stale expectation and a taken
     /// claim among them: each command sees the versions the earlier accepted ones left, the

@@ -2,11 +2,24 @@
 //! (each call creates a fresh database on that server). With `CI=true` a missing
 //! PostgreSQL URL is an error, not a silent skip.
 
+use crate::envelope::{NewEvent, StreamId};
 use crate::error::StoreError;
 use crate::store::EventStore;
 use sqlx::Connection;
 use std::sync::Arc;
 use tempfile::TempDir;
+use uuid::Uuid;
+
+/// A `Counted` event numbered `n` on `stream`: the store tests' event.
+pub fn counted(tenant_id: Uuid, stream: &StreamId, n: u64) -> NewEvent {
+    NewEvent {
+        tenant_id,
+        stream: stream.clone(),
+        event_type: "Counted".into(),
+        schema_version: 1,
+        payload: serde_json::json!({ "n": n }),
+    }
+}
 
 /// A store under test and how to reach it again (to reopen it, or from another process).
 pub struct TestStore {

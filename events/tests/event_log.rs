@@ -8,7 +8,6 @@ use gatehouse_events::{
     AppendRequest, ClaimKey, EventFilter, EventStore, ExpectedVersion, Metadata, NewEvent,
     RecordedEvent, StoreError, StreamId, subscribe,
 };
-use serde_json::json;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,13 +16,7 @@ use uuid::Uuid;
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 fn event(tenant: Uuid, stream: &StreamId, n: usize) -> NewEvent {
-    NewEvent {
-        tenant_id: tenant,
-        stream: stream.clone(),
-        event_type: "Counted".into(),
-        schema_version: 1,
-        payload: json!({ "n": n }),
-    }
+    testing::counted(tenant, stream, n as u64)
 }
 
 fn append_of(events: impl IntoIterator<Item = NewEvent>) -> AppendRequest {

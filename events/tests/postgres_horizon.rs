@@ -3,8 +3,7 @@
 
 use futures::StreamExt;
 use gatehouse_events::testing;
-use gatehouse_events::{AppendRequest, EventFilter, Metadata, NewEvent, StreamId, subscribe};
-use serde_json::json;
+use gatehouse_events::{AppendRequest, EventFilter, Metadata, StreamId, subscribe};
 use sqlx::{Connection, Row};
 use std::time::Duration;
 use uuid::Uuid;
@@ -38,13 +37,7 @@ async fn an_earlier_transaction_committing_late_is_delivered_before_later_ones()
     // A later writer commits first.
     let fast_stream = StreamId::new("fast", Uuid::now_v7());
     let mut request = AppendRequest::new(Metadata::system());
-    request.push(NewEvent {
-        tenant_id: tenant,
-        stream: fast_stream,
-        event_type: "Counted".into(),
-        schema_version: 1,
-        payload: json!({ "n": 1 }),
-    });
+    request.push(testing::counted(tenant, &fast_stream, 1));
     let fast_position = store.append(request).await?.last_position();
     assert!(
         fast_position > slow_position as u64,
@@ -135,13 +128,11 @@ async fn cancelled_commits_leave_no_connection_in_a_transaction()
     let mut appended = Vec::new();
     for n in 0..64 {
         let mut request = AppendRequest::new(Metadata::system());
-        request.push(NewEvent {
-            tenant_id: tenant,
-            stream: StreamId::new("probe", Uuid::now_v7()),
-            event_type: "Counted".into(),
-            schema_version: 1,
-            payload: json!({ "n": n }),
-        });
+        request.push(testing::counted(
+            tenant,
+            &StreamId::new("probe", Uuid::now_v7()),
+            n,
+        ));
         let store = store.clone();
         appended.push(tokio::spawn(async move { store.append(request).await }));
     }
