@@ -981,12 +981,20 @@ async fn commit_read_model(
 ) -> Result<bool, StoreError> {
     let mut tx = pool.begin().await?;
     if let Some(fence) = fence {
-        let sql = numbered(&fence.sql);
-        let changed = bind_all(&sql, &fence.params)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        if changed != 1 {
+        let found = if fence.is_check() {
+            let sql = format!("{} FOR SHARE", numbered(&fence.sql));
+            bind_all(&sql, &fence.params)
+                .fetch_all(&mut *tx)
+                .await?
+                .len() as u64
+        } else {
+            let sql = numbered(&fence.sql);
+            bind_all(&sql, &fence.params)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+        };
+        if found != 1 {
             tx.rollback().await?;
             return Ok(false);
         }

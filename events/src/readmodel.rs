@@ -72,6 +72,15 @@ impl Statement {
             params,
         }
     }
+
+    /// True for a `SELECT`: as a fence of [`crate::EventStore::read_model_commit`] it checks a
+    /// row and holds it, where any other statement changes one.
+    pub fn is_check(&self) -> bool {
+        self.sql
+            .trim_start()
+            .get(..7)
+            .is_some_and(|start| start.eq_ignore_ascii_case("SELECT "))
+    }
 }
 
 /// The values of one column of [`Rows`], all of one kind.

@@ -417,6 +417,20 @@ fn execute_statement(connection: &Connection, statement: &Statement) -> Result<u
         .execute(params_from_iter(statement.params.iter().map(sql_value)))?)
 }
 
+/// The rows a read-model fence changed, or found if it is a check.
+fn fenced_rows(connection: &Connection, fence: &Statement) -> Result<usize, StoreError> {
+    if !fence.is_check() {
+        return execute_statement(connection, fence);
+    }
+    let mut statement = connection.prepare_cached(&fence.sql)?;
+    let mut rows = statement.query(params_from_iter(fence.params.iter().map(sql_value)))?;
+    let mut found = 0;
+    while rows.next()?.is_some() {
+        found += 1;
+    }
+    Ok(found)
+}
+
 /// Every row of `rows` through one prepared statement.
 fn insert_rows(connection: &Connection, rows: &Rows) -> Result<(), StoreError> {
     let len = rows.checked_len()?;
@@ -880,7 +894,7 @@ impl EventStore for SqliteStore {
         let result = self
             .write(move |c| {
                 if let Some(fence) = &fence
-                    && execute_statement(c, fence)? != 1
+                    && fenced_rows(c, fence)? != 1
                 {
                     flag.store(true, std::sync::atomic::Ordering::SeqCst);
                     // An error rolls the savepoint back: nothing of this commit stays.

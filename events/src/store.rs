@@ -160,9 +160,12 @@ pub trait EventStore: Send + Sync + 'static {
     /// everything but their positions (offline replay of an export; no claims, no snapshots).
     async fn import(&self, events: Vec<RecordedEvent>) -> Result<(), StoreError>;
 
-    /// Runs read-model writes in one transaction, after `fence` (which must change exactly
-    /// one row: a projection's checkpoint row, held under its lease). Returns false, having
-    /// changed nothing, when the fence changed no row. DDL is allowed.
+    /// Runs read-model writes in one transaction, after `fence`, which must change exactly
+    /// one row (a projection's checkpoint row, held under its lease) or, a `SELECT`
+    /// ([`Statement::is_check`]), return exactly one row, which then cannot change until the
+    /// commit while other checks of it still pass (PostgreSQL locks it `FOR SHARE`; SQLite's
+    /// single writer holds everything). Returns false, having changed nothing, when the fence
+    /// found no row. DDL is allowed.
     async fn read_model_commit(
         &self,
         fence: Option<Statement>,

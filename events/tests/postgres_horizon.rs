@@ -1,4 +1,5 @@
-//! PostgreSQL only: a transaction that started earlier but commits later must not be skipped.
+//! PostgreSQL only: what its transactions and locks must do (a transaction that started
+//! earlier but commits later is not skipped; pooled connections and read-model fences).
 //! Runs when `GATEHOUSE_TEST_DATABASE_URL` is set.
 
 use futures::StreamExt;
@@ -147,5 +148,128 @@ async fn cancelled_commits_leave_no_connection_in_a_transaction()
         seen, 64,
         "appends reported as committed are not all visible"
     );
+    Ok(())
+}
+
+/// A read-model fence that checks a row (a rebuild's writer lanes, each on its own connection)
+/// lets other checks of that row commit while it is open, and holds the row against changes
+/// (giving up the claim) until it commits. A fence that changed the row would make every other
+/// lane wait for its commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checking_fences_commit_side_by_side_and_hold_their_row()
+-> Result<(), Box<dyn std::error::Error>> {
+    use gatehouse_events::readmodel::Statement;
+    let Some(test_store) = testing::postgres().await? else {
+        return Ok(());
+    };
+    let store = test_store.store.clone();
+    let name = format!("fenced-{}", Uuid::now_v7());
+    store
+        .read_model_commit(
+            None,
+            vec![
+                Statement::new(
+                    "INSERT INTO projections (name, generation, building) VALUES (?, 1, 2)",
+                    vec![name.clone().into()],
+                )
+                .into(),
+            ],
+        )
+        .await?;
+    let check = Statement::new(
+        "SELECT name FROM projections WHERE name = ? AND building = ?",
+        vec![name.clone().into(), 2i64.into()],
+    );
+    assert!(check.is_check());
+
+    // The first commit passes its fence, then waits inside its transaction for a lock the
+    // test holds.
+    let mut holder = sqlx::PgConnection::connect(&test_store.url).await?;
+    sqlx::query("SELECT pg_advisory_lock(4242)")
+        .execute(&mut holder)
+        .await?;
+    let first = tokio::spawn({
+        let (store, check) = (store.clone(), check.clone());
+        async move {
+            store
+                .read_model_commit(
+                    Some(check),
+                    vec![
+                        Statement::new("SELECT pg_advisory_xact_lock_shared(4242)", Vec::new())
+                            .into(),
+                    ],
+                )
+                .await
+        }
+    });
+    let mut waiting = 0i64;
+    for _ in 0..3000 {
+        waiting = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+        )
+        .fetch_one(&mut holder)
+        .await?;
+        if waiting == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(waiting, 1, "the first commit waits inside its transaction");
+
+    // A second check of the row commits meanwhile (it would wait forever behind a change).
+    let second = tokio::time::timeout(
+        Duration::from_secs(30),
+        store.read_model_commit(Some(check.clone()), Vec::new()),
+    )
+    .await
+    .map_err(|_| "a second check waited for the first commit")??;
+    assert!(second, "the claim is still there");
+
+    // Giving up the claim waits for the open commit.
+    let mut changer = sqlx::PgConnection::connect(&test_store.url).await?;
+    sqlx::query("SET lock_timeout = '300ms'")
+        .execute(&mut changer)
+        .await?;
+    let give_up = "UPDATE projections SET building = 0 WHERE name = $1";
+    let refused = sqlx::query(give_up)
+        .bind(&name)
+        .execute(&mut changer)
+        .await
+        .expect_err("the row is held by the open commit");
+    let code = refused
+        .as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.to_string());
+    assert_eq!(code.as_deref(), Some("55P03"), "lock timeout: {refused}");
+
+    // Once it has committed, the claim can go, and then a check finds nothing: the commit
+    // writes nothing.
+    sqlx::query("SELECT pg_advisory_unlock(4242)")
+        .execute(&mut holder)
+        .await?;
+    assert!(first.await??, "the first commit landed");
+    sqlx::query(give_up)
+        .bind(&name)
+        .execute(&mut changer)
+        .await?;
+    let fenced = store
+        .read_model_commit(
+            Some(check),
+            vec![
+                Statement::new(
+                    "UPDATE projections SET failure = 'written' WHERE name = ?",
+                    vec![name.clone().into()],
+                )
+                .into(),
+            ],
+        )
+        .await?;
+    assert!(!fenced, "no claim, no commit");
+    let failure: String = sqlx::query_scalar("SELECT failure FROM projections WHERE name = $1")
+        .bind(&name)
+        .fetch_one(&mut holder)
+        .await?;
+    assert_eq!(failure, "", "the fenced commit changed nothing");
     Ok(())
 }

@@ -875,10 +875,13 @@ async fn replay_into(
 /// Connections a rebuild writes on at once (tables are spread over them).
 const WRITER_LANES: usize = 2;
 
-/// Changes no row unless the rebuild of `generation` still holds its claim.
+/// Finds the registry row only while the rebuild of `generation` holds its claim.
 fn building_fence(name: &str, generation: i64) -> Statement {
+    // A check, not a change: the rebuild's writer lanes commit side by side (a change of the
+    // registry row would make each wait for the other's commit), and the claim cannot be
+    // given up while one of them commits.
     Statement::new(
-        "UPDATE projections SET building = building WHERE name = ? AND building = ?",
+        "SELECT name FROM projections WHERE name = ? AND building = ?",
         vec![name.into(), generation.into()],
     )
 }
