@@ -77,9 +77,9 @@ impl Statement {
     /// row and holds it, where any other statement changes one.
     pub fn is_check(&self) -> bool {
         self.sql
-            .trim_start()
-            .get(..7)
-            .is_some_and(|start| start.eq_ignore_ascii_case("SELECT "))
+            .split_whitespace()
+            .next()
+            .is_some_and(|word| word.eq_ignore_ascii_case("SELECT"))
     }
 }
 
