@@ -26,7 +26,9 @@
 //! Appends from this process wake local subscribers at once. Other processes learn of appends
 //! through `LISTEN gatehouse_events`; each process sends at most one `NOTIFY` per burst of
 //! appends from a separate connection, outside the append transaction, because a `NOTIFY`
-//! inside it would serialise every commit on PostgreSQL's notify-queue lock.
+//! inside it would serialise every commit on PostgreSQL's notify-queue lock. Its payload is
+//! the sending store's random id, and a store ignores its own: its subscribers were woken
+//! when it committed, and hearing itself would make them read the log once more for nothing.
 
 use crate::envelope::{
     Actor, AppendRequest, ClaimKey, ClientContext, ExpectedVersion, RecordedEvent, StreamId,
@@ -87,9 +89,10 @@ impl PgStore {
         let appended = Arc::new(Notify::new());
         let (queue, pending) = mpsc::channel(4096);
         let pending = Arc::new(Mutex::new(pending));
+        let origin = Uuid::now_v7().to_string();
         let mut tasks = vec![
-            tokio::spawn(listen(pool.clone(), changes.clone())),
-            tokio::spawn(notify_others(pool.clone(), appended.clone())),
+            tokio::spawn(listen(pool.clone(), changes.clone(), origin.clone())),
+            tokio::spawn(notify_others(pool.clone(), appended.clone(), origin)),
         ];
         for _ in 0..COMMITTERS {
             tasks.push(tokio::spawn(commit_groups(
@@ -457,15 +460,17 @@ async fn check_positions_can_grow(pool: &PgPool) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Wakes local subscribers whenever any process announces an append.
-async fn listen(pool: PgPool, changes: Arc<watch::Sender<u64>>) {
+/// Wakes local subscribers whenever another process (another store than `origin`) announces
+/// an append.
+async fn listen(pool: PgPool, changes: Arc<watch::Sender<u64>>, origin: String) {
     loop {
         let listener = async {
             let mut listener = PgListener::connect_with(&pool).await?;
             listener.listen(CHANNEL).await?;
             loop {
-                listener.recv().await?;
-                changes.send_modify(|n| *n = n.wrapping_add(1));
+                if listener.recv().await?.payload() != origin {
+                    changes.send_modify(|n| *n = n.wrapping_add(1));
+                }
             }
             #[allow(unreachable_code)]
             Ok::<(), sqlx::Error>(())
@@ -480,13 +485,15 @@ async fn listen(pool: PgPool, changes: Arc<watch::Sender<u64>>) {
 }
 
 /// Sends one NOTIFY per burst of local appends, outside their transactions, at most one
-/// every [`NOTIFY_EVERY`]: under load one announcement covers many appends.
-async fn notify_others(pool: PgPool, appended: Arc<Notify>) {
+/// every [`NOTIFY_EVERY`]: under load one announcement covers many appends. Its payload is
+/// `origin`, the store's id, which the store's own listener ignores.
+async fn notify_others(pool: PgPool, appended: Arc<Notify>, origin: String) {
     loop {
         appended.notified().await;
         tokio::time::sleep(NOTIFY_EVERY).await;
-        if let Err(error) = sqlx::query("SELECT pg_notify($1, '')")
+        if let Err(error) = sqlx::query("SELECT pg_notify($1, $2)")
             .bind(CHANNEL)
+            .bind(&origin)
             .execute(&pool)
             .await
         {
@@ -1125,6 +1132,55 @@ mod tests {
     use crate::store::StreamBounds;
     use crate::testing::counted as event;
     use serde_json::json;
+
+    /// A store's listener wakes its subscribers for announcements of other stores, and not for
+    /// its own (its subscribers were woken when it committed).
+    #[tokio::test]
+    async fn a_store_hears_other_stores_announce_appends_and_not_itself()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let Some(url) = crate::testing::fresh_postgres_url().await? else {
+            return Ok(());
+        };
+        let pool = PgPool::connect(&url).await?;
+        let changes = Arc::new(watch::channel(0u64).0);
+        let mut heard = changes.subscribe();
+        let listener = tokio::spawn(listen(pool.clone(), changes.clone(), "me".into()));
+        let announce = |origin: &'static str| {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANNEL)
+                .bind(origin)
+                .execute(&pool)
+        };
+        // Until the listener is listening, announcements are lost: repeat one until heard.
+        let mut ready = false;
+        for _ in 0..30 {
+            announce("another").await?;
+            if tokio::time::timeout(Duration::from_secs(1), heard.changed())
+                .await
+                .is_ok()
+            {
+                ready = true;
+                break;
+            }
+        }
+        assert!(ready, "the listener never heard another store");
+        // Let any repeat still on its way land, then count from here.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = *heard.borrow_and_update();
+        // Its own announcement, then another's: delivered in that order.
+        announce("me").await?;
+        announce("another").await?;
+        tokio::time::timeout(Duration::from_secs(10), heard.changed()).await??;
+        // An increment for its own would have come first; give a wrong one time to show.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            *heard.borrow(),
+            before + 1,
+            "only the other store's announcement wakes subscribers"
+        );
+        listener.abort();
+        Ok(())
+    }
 
     /// One group whose commands touch the same streams, with a stale expectation and a taken
     /// claim among them: each command sees the versions the earlier accepted ones left, the

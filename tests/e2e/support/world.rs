@@ -238,6 +238,16 @@ impl World {
             )?)
             .await?
             .into_inner();
+        // The confirming code is the previous step's (the current one is left for a sign-in
+        // right after, which replay protection would refuse), accepted one step back at most:
+        // computed in the last seconds of a step, it may reach the server two steps back.
+        let into_step = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs_f64()
+            % 30.0;
+        if into_step > 26.0 {
+            tokio::time::sleep(std::time::Duration::from_secs_f64(30.2 - into_step)).await;
+        }
         mfa.confirm_totp_enrollment(req(
             pb::ConfirmTotpEnrollmentRequest {
                 tenant_id: self.tenant_id.clone(),
