@@ -158,23 +158,20 @@ async fn cancelled_commits_leave_no_connection_in_a_transaction()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checking_fences_commit_side_by_side_and_hold_their_row()
 -> Result<(), Box<dyn std::error::Error>> {
-    use gatehouse_events::readmodel::Statement;
+    use gatehouse_events::readmodel::{SqlValue, Statement, Write};
     let Some(test_store) = testing::postgres().await? else {
         return Ok(());
     };
     let store = test_store.store.clone();
+    let one = |sql: &str, params: Vec<SqlValue>| -> Vec<Write> {
+        vec![Statement::new(sql, params).into()]
+    };
+    // A registry row whose rebuild of generation 2 holds its claim.
+    let mut holder = sqlx::PgConnection::connect(&test_store.url).await?;
     let name = format!("fenced-{}", Uuid::now_v7());
-    store
-        .read_model_commit(
-            None,
-            vec![
-                Statement::new(
-                    "INSERT INTO projections (name, generation, building) VALUES (?, 1, 2)",
-                    vec![name.clone().into()],
-                )
-                .into(),
-            ],
-        )
+    sqlx::query("INSERT INTO projections (name, generation, building) VALUES ($1, 1, 2)")
+        .bind(&name)
+        .execute(&mut holder)
         .await?;
     let check = Statement::new(
         "SELECT name FROM projections WHERE name = ? AND building = ?",
@@ -184,23 +181,13 @@ async fn checking_fences_commit_side_by_side_and_hold_their_row()
 
     // The first commit passes its fence, then waits inside its transaction for a lock the
     // test holds.
-    let mut holder = sqlx::PgConnection::connect(&test_store.url).await?;
     sqlx::query("SELECT pg_advisory_lock(4242)")
         .execute(&mut holder)
         .await?;
     let first = tokio::spawn({
         let (store, check) = (store.clone(), check.clone());
-        async move {
-            store
-                .read_model_commit(
-                    Some(check),
-                    vec![
-                        Statement::new("SELECT pg_advisory_xact_lock_shared(4242)", Vec::new())
-                            .into(),
-                    ],
-                )
-                .await
-        }
+        let wait = one("SELECT pg_advisory_xact_lock_shared(4242)", Vec::new());
+        async move { store.read_model_commit(Some(check), wait).await }
     });
     let mut waiting = 0i64;
     for _ in 0..3000 {
@@ -252,18 +239,11 @@ async fn checking_fences_commit_side_by_side_and_hold_their_row()
         .bind(&name)
         .execute(&mut changer)
         .await?;
-    let fenced = store
-        .read_model_commit(
-            Some(check),
-            vec![
-                Statement::new(
-                    "UPDATE projections SET failure = 'written' WHERE name = ?",
-                    vec![name.clone().into()],
-                )
-                .into(),
-            ],
-        )
-        .await?;
+    let written = one(
+        "UPDATE projections SET failure = 'written' WHERE name = ?",
+        vec![name.clone().into()],
+    );
+    let fenced = store.read_model_commit(Some(check), written).await?;
     assert!(!fenced, "no claim, no commit");
     let failure: String = sqlx::query_scalar("SELECT failure FROM projections WHERE name = $1")
         .bind(&name)
