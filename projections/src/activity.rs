@@ -36,7 +36,7 @@ const TABLES: &[(&str, &str)] = &[
     (
         "signins",
         "CREATE TABLE IF NOT EXISTS {t} (
-            flow_id TEXT PRIMARY KEY,
+            flow_id TEXT NOT NULL,
             tenant_id TEXT NOT NULL DEFAULT '',
             application_id TEXT NOT NULL DEFAULT '',
             started_at BIGINT NOT NULL DEFAULT 0,
@@ -54,6 +54,7 @@ const TABLES: &[(&str, &str)] = &[
             ended_at BIGINT NOT NULL DEFAULT 0,
             blocked_by TEXT NOT NULL DEFAULT ''
         );
+        CREATE UNIQUE INDEX IF NOT EXISTS {t}_key ON {t} (flow_id);
         CREATE INDEX IF NOT EXISTS {t}_time ON {t} (tenant_id, started_at)",
     ),
     (
@@ -64,9 +65,10 @@ const TABLES: &[(&str, &str)] = &[
             hour BIGINT NOT NULL,
             metric TEXT NOT NULL,
             dimension TEXT NOT NULL,
-            count BIGINT NOT NULL DEFAULT 0,
-            PRIMARY KEY (tenant_id, hour, metric, dimension, application_id)
-        )",
+            count BIGINT NOT NULL DEFAULT 0
+        );
+        CREATE UNIQUE INDEX IF NOT EXISTS {t}_key
+            ON {t} (tenant_id, hour, metric, dimension, application_id)",
     ),
     (
         "active_users",
@@ -74,9 +76,9 @@ const TABLES: &[(&str, &str)] = &[
             tenant_id TEXT NOT NULL,
             application_id TEXT NOT NULL,
             day BIGINT NOT NULL,
-            user_id TEXT NOT NULL,
-            PRIMARY KEY (tenant_id, day, application_id, user_id)
-        )",
+            user_id TEXT NOT NULL
+        );
+        CREATE UNIQUE INDEX IF NOT EXISTS {t}_key ON {t} (tenant_id, day, application_id, user_id)",
     ),
 ];
 

@@ -27,6 +27,7 @@ use gatehouse_events::readmodel::{Column, Rows, SqlValue, Statement, Write};
 use gatehouse_events::subscription;
 use gatehouse_events::{EventFilter, EventStore, Position, RecordedEvent, StoreError};
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -56,7 +57,9 @@ pub trait SqlProjection: Send + Sync + 'static {
 
     /// Its tables: (logical name, DDL with `{t}` for the table's physical name; statements
     /// separated by `;`). Non-key columns need defaults: rows are upserted column by column.
-    /// A rebuild runs the `CREATE INDEX` statements after its last rows are written.
+    /// A table's key is best a `CREATE UNIQUE INDEX` rather than a `PRIMARY KEY` clause: a
+    /// rebuild loads its rows into tables without their keys and builds the keys, then the
+    /// `CREATE INDEX` statements, after its rows (with an inline key it is right, but slower).
     fn tables(&self) -> &'static [(&'static str, &'static str)];
 
     /// The events it needs.
@@ -82,6 +85,8 @@ pub type Factory = Arc<dyn Fn() -> Box<dyn SqlProjection> + Send + Sync>;
 #[derive(Debug, Default)]
 pub struct Writes {
     rows: Vec<(Shape, Vec<Vec<SqlValue>>)>,
+    /// No row's key is in its table yet (a rebuild's [`Loader`] made sure): plain inserts.
+    new_keys: bool,
 }
 
 /// What an existing row does with the values of a new one.
@@ -138,7 +143,9 @@ impl Writes {
                 .cloned()
                 .ok_or_else(|| StoreError::Invalid(format!("no table {table}")))?;
             let action = match how {
+                _ if self.new_keys => String::new(),
                 Conflict::Keep => "NOTHING".to_string(),
+                _ if value_columns.is_empty() => "NOTHING".to_string(),
                 _ => format!(
                     "UPDATE SET {}",
                     value_columns
@@ -151,7 +158,11 @@ impl Writes {
                         .join(", ")
                 ),
             };
-            let on_conflict = format!("ON CONFLICT ({}) DO {action}", key_columns.join(", "));
+            let on_conflict = if action.is_empty() {
+                action
+            } else {
+                format!("ON CONFLICT ({}) DO {action}", key_columns.join(", "))
+            };
             let columns: Vec<&'static str> =
                 key_columns.iter().chain(&value_columns).copied().collect();
             while !rows.is_empty() {
@@ -166,6 +177,155 @@ impl Writes {
             }
         }
         Ok(writes)
+    }
+}
+
+/// How a rebuild writes its rows fast: into tables without their keys. Inserting into a key's
+/// index costs more than the row itself (PostgreSQL, 225 000 counter rows: upserts 2.1 – 3.1 s,
+/// plain inserts into the keyed table 1.2 – 1.8 s, into the table without its key 0.36 s and
+/// the key built after 0.55 s), so the first row of each key is loaded with a plain insert,
+/// and a row whose key came before is held back, folded with the later rows of its key (as
+/// its conflict says), and written as an upsert after the keys are built. The final rows are
+/// those the upserts in log order give: each key's first row, then its later ones in order.
+///
+/// It remembers the keys loaded by a 64-bit hash: a collision only sends a row the held way,
+/// which is right for a new key too. Past [`LOADED_KEYS`] keys or [`HELD_KEYS`] held rows, the
+/// keys are built there and then, and the rest of the rebuild writes upserts.
+struct Loader {
+    loaded: foldhash::HashSet<u64>,
+    hasher: foldhash::fast::FixedState,
+    held: HashMap<HeldKey, Held>,
+    /// The keys are built: rows go as they come.
+    keyed: bool,
+    /// Keys it remembers, and rows it holds, before it builds the keys.
+    most_loaded: usize,
+    most_held: usize,
+}
+
+/// A held row's table, key columns and key.
+type HeldKey = (&'static str, Vec<&'static str>, Vec<SqlValue>);
+
+/// The later rows of a key, folded: its conflict and the values of the columns they set.
+struct Held {
+    conflict: Conflict,
+    columns: Vec<(&'static str, SqlValue)>,
+}
+
+/// Keys a rebuild's [`Loader`] remembers (8 bytes and the set's overhead each) before it
+/// builds the keys.
+const LOADED_KEYS: usize = 4_000_000;
+/// Rows it holds back before it builds the keys.
+const HELD_KEYS: usize = 100_000;
+
+impl Loader {
+    fn new(most_loaded: usize, most_held: usize) -> Self {
+        Loader {
+            loaded: foldhash::HashSet::default(),
+            hasher: foldhash::fast::FixedState::default(),
+            held: HashMap::new(),
+            keyed: false,
+            most_loaded,
+            most_held,
+        }
+    }
+
+    /// The rows of `writes` to write now: each key's first row as a plain insert, or every
+    /// row as it is once the keys are built.
+    fn take(&mut self, writes: Writes) -> Result<Writes, StoreError> {
+        if self.keyed {
+            return Ok(writes);
+        }
+        let mut load = Writes {
+            new_keys: true,
+            ..Writes::default()
+        };
+        for ((table, key_columns, value_columns, conflict), rows) in writes.rows {
+            let mut first = Vec::with_capacity(rows.len());
+            for row in rows {
+                if row.len() != key_columns.len() + value_columns.len() {
+                    return Err(StoreError::Invalid(format!("a row of {table} is ragged")));
+                }
+                let hash = self.hasher.hash_one((table, &row[..key_columns.len()]));
+                if self.loaded.insert(hash) {
+                    first.push(row);
+                } else {
+                    self.hold(table, &key_columns, &value_columns, conflict, row)?;
+                }
+            }
+            load.rows(table, &key_columns, &value_columns, conflict, first);
+        }
+        Ok(load)
+    }
+
+    /// Folds a row into the held rows of its key.
+    fn hold(
+        &mut self,
+        table: &'static str,
+        key_columns: &[&'static str],
+        value_columns: &[&'static str],
+        conflict: Conflict,
+        mut row: Vec<SqlValue>,
+    ) -> Result<(), StoreError> {
+        let values = row.split_off(key_columns.len());
+        let columns = value_columns.iter().copied().zip(values);
+        let held = match self.held.entry((table, key_columns.to_vec(), row)) {
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                entry.insert(Held {
+                    conflict,
+                    columns: columns.collect(),
+                });
+                return Ok(());
+            }
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+        };
+        if held.conflict != conflict {
+            return Err(StoreError::Invalid(format!(
+                "rows of {table} conflict in more than one way"
+            )));
+        }
+        if conflict == Conflict::Keep {
+            return Ok(());
+        }
+        for (column, value) in columns {
+            match held.columns.iter_mut().find(|(c, _)| *c == column) {
+                None => held.columns.push((column, value)),
+                Some((_, slot)) => match (conflict, slot, value) {
+                    (Conflict::Add, SqlValue::Int(sum), SqlValue::Int(value)) => *sum += value,
+                    (Conflict::Add, _, _) => {
+                        return Err(StoreError::Invalid(format!("{table}.{column} adds text")));
+                    }
+                    (_, slot, value) => *slot = value,
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// True when it should build the keys before it remembers more.
+    fn full(&self) -> bool {
+        !self.keyed && (self.loaded.len() >= self.most_loaded || self.held.len() >= self.most_held)
+    }
+
+    /// The held rows as upserts, to write once the keys are built; rows go as they come
+    /// from then on.
+    fn keys_built(&mut self) -> Writes {
+        self.keyed = true;
+        self.loaded = foldhash::HashSet::default();
+        let mut shapes: HashMap<Shape, Vec<Vec<SqlValue>>> = HashMap::new();
+        for ((table, key_columns, mut row), mut held) in std::mem::take(&mut self.held) {
+            held.columns.sort_by_key(|(column, _)| *column);
+            let names = held.columns.iter().map(|(column, _)| *column).collect();
+            row.extend(held.columns.into_iter().map(|(_, value)| value));
+            shapes
+                .entry((table, key_columns, names, held.conflict))
+                .or_default()
+                .push(row);
+        }
+        let mut writes = Writes::default();
+        for ((table, key_columns, value_columns, conflict), rows) in shapes {
+            writes.rows(table, &key_columns, &value_columns, conflict, rows);
+        }
+        writes
     }
 }
 
@@ -296,9 +456,12 @@ async fn create_tables(
     generation: i64,
     indexes: Indexes,
 ) -> Result<(), StoreError> {
-    let mut statements = ddl(projection, generation, |index| {
-        !index || indexes == Indexes::Now
-    });
+    let mut statements: Vec<Statement> = ddl(projection, generation, |part| {
+        part == Part::Table || indexes == Indexes::Now
+    })
+    .into_iter()
+    .map(|(_, statement)| statement)
+    .collect();
     statements.push(Statement::new(
         "INSERT INTO projection_positions (name, generation, position) VALUES (?, ?, 0) \
          ON CONFLICT (name, generation) DO NOTHING",
@@ -310,7 +473,7 @@ async fn create_tables(
     Ok(())
 }
 
-/// Whether [`create_tables`] creates secondary indexes.
+/// Whether [`create_tables`] creates the keys and secondary indexes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Indexes {
     Now,
@@ -323,7 +486,10 @@ async fn create_indexes(
     projection: &dyn SqlProjection,
     generation: i64,
 ) -> Result<(), StoreError> {
-    let statements = ddl(projection, generation, |index| index);
+    let statements: Vec<Statement> = ddl(projection, generation, |part| part == Part::Index)
+        .into_iter()
+        .map(|(_, statement)| statement)
+        .collect();
     if statements.is_empty() {
         return Ok(());
     }
@@ -341,26 +507,42 @@ async fn create_indexes(
     }
 }
 
-/// The statements of a generation's DDL that `keep` keeps, given whether each builds a
-/// secondary index (`CREATE INDEX …`; a `CREATE UNIQUE INDEX` may be what an upsert's
-/// conflict target needs, so it counts with the tables).
+/// What a statement of a table's DDL makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    /// The table (`CREATE TABLE …`, or anything but an index).
+    Table,
+    /// Its key (`CREATE UNIQUE INDEX …`: upserts' conflict target).
+    Key,
+    /// A secondary index (`CREATE INDEX …`).
+    Index,
+}
+
+/// The statements of a generation's DDL that `keep` keeps, with their tables' logical names.
 fn ddl(
     projection: &dyn SqlProjection,
     generation: i64,
-    keep: impl Fn(bool) -> bool,
-) -> Vec<Statement> {
+    keep: impl Fn(Part) -> bool,
+) -> Vec<(&'static str, Statement)> {
     let names = names(projection, generation);
     let mut statements = Vec::new();
     for (table, ddl) in projection.tables() {
         let physical = names.get(table).cloned().unwrap_or_default();
         for statement in ddl.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-            let index = statement
-                .get(..12)
-                .is_some_and(|start| start.eq_ignore_ascii_case("CREATE INDEX"));
-            if keep(index) {
-                statements.push(Statement::new(
-                    statement.replace("{t}", &physical),
-                    Vec::new(),
+            let words: Vec<String> = statement
+                .split_whitespace()
+                .take(3)
+                .map(str::to_ascii_uppercase)
+                .collect();
+            let part = match words.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+                ["CREATE", "INDEX", ..] => Part::Index,
+                ["CREATE", "UNIQUE", "INDEX"] => Part::Key,
+                _ => Part::Table,
+            };
+            if keep(part) {
+                statements.push((
+                    *table,
+                    Statement::new(statement.replace("{t}", &physical), Vec::new()),
                 ));
             }
         }
@@ -787,12 +969,21 @@ async fn replay_into(
             to_write,
         )));
     }
+    // Tables load without their keys (see `Loader`); each key goes down its table's lane.
     let lane_of: HashMap<String, usize> = projection
         .tables()
         .iter()
         .enumerate()
         .filter_map(|(i, (table, _))| Some((names.get(table)?.clone(), i % WRITER_LANES)))
         .collect();
+    let keys: Vec<(usize, Statement)> = ddl(projection, generation, |part| part == Part::Key)
+        .into_iter()
+        .map(|(table, key)| {
+            let lane = names.get(table).and_then(|t| lane_of.get(t)).copied();
+            (lane.unwrap_or(0), key)
+        })
+        .collect();
+    let mut loader = Loader::new(LOADED_KEYS, HELD_KEYS);
     let folded = async {
         while let Some(batch) = to_fold.recv().await {
             let (mut events, next, last): (Vec<RecordedEvent>, Position, bool) = batch?;
@@ -803,12 +994,23 @@ async fn replay_into(
                 StoreError::Invalid(format!("event at position {}: {}", p.position, p.reason))
             })?;
             rebuilt.events += events.len() as u64;
+            let lane = |write: &Write| match write {
+                Write::Rows(rows) => lane_of.get(&rows.table).copied().unwrap_or(0),
+                Write::Sql(_) => 0,
+            };
+            let mut routed: Vec<(usize, Write)> = Vec::new();
+            for write in loader.take(writes)?.render(&names)? {
+                routed.push((lane(&write), write));
+            }
+            if !loader.keyed && (last || loader.full()) {
+                // The keys, built after every plain row of their tables, then the held rows.
+                routed.extend(keys.iter().map(|(lane, key)| (*lane, key.clone().into())));
+                for write in loader.keys_built().render(&names)? {
+                    routed.push((lane(&write), write));
+                }
+            }
             let mut per_lane: Vec<Vec<Write>> = vec![Vec::new(); WRITER_LANES];
-            for write in writes.render(&names)? {
-                let lane = match &write {
-                    Write::Rows(rows) => lane_of.get(&rows.table).copied().unwrap_or(0),
-                    Write::Sql(_) => 0,
-                };
+            for (lane, write) in routed {
                 per_lane[lane].push(write);
             }
             for (lane, writes) in lanes.iter().zip(per_lane) {
@@ -933,4 +1135,148 @@ async fn write_lane(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Conflict, Loader, Writes};
+    use gatehouse_events::StoreError;
+    use gatehouse_events::readmodel::SqlValue;
+    use std::collections::{BTreeMap, HashMap};
+
+    /// Tables in memory: (table, key) → column → value.
+    type Tables = HashMap<(&'static str, Vec<SqlValue>), BTreeMap<&'static str, SqlValue>>;
+
+    /// Writes `writes` as the stores would: plain inserts must find no row of their key (a
+    /// table without its key would take a second one), upserts do what their conflict says.
+    fn write(tables: &mut Tables, writes: Writes) {
+        for ((table, key_columns, value_columns, conflict), rows) in writes.rows {
+            for mut row in rows {
+                let values = row.split_off(key_columns.len());
+                let columns = value_columns.iter().copied().zip(values);
+                match tables.entry((table, row)) {
+                    std::collections::hash_map::Entry::Vacant(entry) => {
+                        entry.insert(columns.collect());
+                    }
+                    std::collections::hash_map::Entry::Occupied(mut entry) => {
+                        assert!(!writes.new_keys, "a plain insert of a key {table} holds");
+                        for (column, value) in columns {
+                            let slot = entry.get_mut().entry(column).or_insert(SqlValue::Int(0));
+                            match conflict {
+                                Conflict::Add => *slot = SqlValue::Int(slot.int() + value.int()),
+                                Conflict::Set => *slot = value,
+                                Conflict::Keep => {}
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Batches of counter, log and seen rows over few keys, so that keys come again in later
+    /// batches and in shapes that set different columns.
+    fn batches() -> Vec<Writes> {
+        let mut state = 7u64;
+        let mut next = move |n: u64| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 33) % n
+        };
+        let mut out = Vec::new();
+        for _ in 0..40 {
+            let mut writes = Writes::default();
+            let mut counters = BTreeMap::new();
+            let mut seen = BTreeMap::new();
+            let mut log: BTreeMap<u64, Vec<SqlValue>> = BTreeMap::new();
+            for _ in 0..30 {
+                counters.insert(next(50), next(9) as i64 + 1);
+                seen.insert((next(5), next(20)), ());
+                log.insert(next(60), vec![SqlValue::Text(format!("v{}", next(1000)))]);
+            }
+            writes.rows(
+                "counters",
+                &["metric"],
+                &["count"],
+                Conflict::Add,
+                counters
+                    .into_iter()
+                    .map(|(k, n)| vec![SqlValue::Text(format!("m{k}")), SqlValue::Int(n)])
+                    .collect(),
+            );
+            writes.rows(
+                "seen",
+                &["day", "user"],
+                &[],
+                Conflict::Keep,
+                seen.into_keys()
+                    .map(|(d, u)| vec![SqlValue::Int(d as i64), SqlValue::Text(format!("u{u}"))])
+                    .collect(),
+            );
+            // The log's rows set one of three column sets, as a flow's start, step and end do.
+            let shapes: [&[&'static str]; 3] = [&["a", "b"], &["b", "c"], &["c"]];
+            for (i, shape) in shapes.iter().enumerate() {
+                let rows = log
+                    .iter()
+                    .filter(|(k, _)| (*k % 3) as usize == i)
+                    .map(|(k, v)| {
+                        let mut row = vec![SqlValue::Int(*k as i64 % 20)];
+                        row.extend(shape.iter().map(|_| v[0].clone()));
+                        row
+                    })
+                    .collect::<Vec<_>>();
+                writes.rows("log", &["id"], shape, Conflict::Set, rows);
+            }
+            out.push(writes);
+        }
+        out
+    }
+
+    /// The rows of a rebuild through a loader that builds its keys when full (or at the end).
+    /// Also how many keys it held back (at most one row each).
+    fn loaded(mut loader: Loader) -> Result<(Tables, usize), StoreError> {
+        let mut tables = Tables::new();
+        let mut held = 0;
+        for writes in batches() {
+            write(&mut tables, loader.take(writes)?);
+            if loader.full() {
+                held += loader.held.len();
+                write(&mut tables, loader.keys_built());
+            }
+        }
+        if !loader.keyed {
+            held += loader.held.len();
+            write(&mut tables, loader.keys_built());
+        }
+        Ok((tables, held))
+    }
+
+    #[test]
+    fn a_loader_gives_the_rows_upserts_in_order_give() -> Result<(), StoreError> {
+        let mut upserted = Tables::new();
+        for writes in batches() {
+            write(&mut upserted, writes);
+        }
+        let (tables, held) = loaded(Loader::new(usize::MAX, usize::MAX))?;
+        assert_eq!(tables, upserted);
+        // Every key came again: each was loaded once and held once.
+        assert_eq!(held, upserted.len());
+        // Full early: the keys are built mid-way and the rest goes as upserts.
+        assert_eq!(loaded(Loader::new(40, 25))?.0, upserted);
+        assert_eq!(loaded(Loader::new(1, 1))?.0, upserted);
+        Ok(())
+    }
+
+    #[test]
+    fn a_loader_refuses_rows_of_a_table_that_conflict_in_two_ways() {
+        let mut loader = Loader::new(usize::MAX, usize::MAX);
+        let row = || vec![vec![SqlValue::Text("k".into()), SqlValue::Int(1)]];
+        for conflict in [Conflict::Add, Conflict::Add, Conflict::Set] {
+            let mut writes = Writes::default();
+            writes.rows("t", &["k"], &["n"], conflict, row());
+            let taken = loader.take(writes);
+            assert_eq!(taken.is_err(), conflict == Conflict::Set);
+        }
+    }
 }
