@@ -36,8 +36,16 @@ use tokio::sync::watch;
 pub const LEASE: Duration = Duration::from_secs(15);
 /// An idle runner renews its lease this often.
 const RENEW_EVERY: Duration = Duration::from_secs(5);
-/// Events read per batch while rebuilding.
-const REBUILD_BATCH: usize = 10_000;
+/// Events read per batch while rebuilding, per store. Bigger batches coalesce more counter
+/// rows before they are written and commit less often: on PostgreSQL the activity rebuild ran
+/// 11 and 17 % faster with 50 000 than with 10 000 (two alternated runs), while on SQLite,
+/// whose one writer then holds the database for longer at a time, it ran 9 – 12 % slower.
+fn rebuild_batch(store: &dyn EventStore) -> usize {
+    match store.backend() {
+        "postgres" => 50_000,
+        _ => 10_000,
+    }
+}
 /// Old tables outlive a swap by this much, for queries already reading them.
 const DROP_GRACE: Duration = Duration::from_secs(5);
 
@@ -884,6 +892,17 @@ pub async fn rebuild(
     store: &Arc<dyn EventStore>,
     factory: &Factory,
 ) -> Result<Rebuilt, StoreError> {
+    rebuild_in_batches(store, factory, rebuild_batch(store.as_ref())).await
+}
+
+/// [`rebuild`], reading the log `batch` events at a time (tests use small batches to cross
+/// many of them).
+pub async fn rebuild_in_batches(
+    store: &Arc<dyn EventStore>,
+    factory: &Factory,
+    batch: usize,
+) -> Result<Rebuilt, StoreError> {
+    let batch = batch.max(1);
     let mut projection = factory();
     let name = projection.name();
     register(store.as_ref(), projection.as_ref()).await?;
@@ -905,7 +924,7 @@ pub async fn rebuild(
         )));
     }
     let started = std::time::Instant::now();
-    let result = replay_into(store, projection.as_mut(), building)
+    let result = replay_into(store, projection.as_mut(), building, batch)
         .await
         .map(|rebuilt| Rebuilt {
             seconds: started.elapsed().as_secs_f64(),
@@ -938,6 +957,7 @@ async fn replay_into(
     store: &Arc<dyn EventStore>,
     projection: &mut dyn SqlProjection,
     generation: i64,
+    batch: usize,
 ) -> Result<Rebuilt, StoreError> {
     let name = projection.name();
     drop_tables(store.as_ref(), projection, generation).await?;
@@ -956,7 +976,7 @@ async fn replay_into(
     // tables before the last commit switches generations, and a failed rebuild starts over,
     // so batches need not commit atomically with each other or with a position.
     let (batches, mut to_fold) = tokio::sync::mpsc::channel(2);
-    let reader = tokio::spawn(read_log(store.clone(), batches));
+    let reader = tokio::spawn(read_log(store.clone(), batches, batch));
     let mut lanes = Vec::new();
     let mut writers = Vec::new();
     for _ in 0..WRITER_LANES {
@@ -1099,15 +1119,19 @@ type LogBatch = Result<(Vec<RecordedEvent>, Position, bool), StoreError>;
 /// Reads the whole log in position order for a rebuild (unfiltered: with a filter that
 /// matches most of the log, PostgreSQL may sort every matching row for each batch — measured:
 /// 14 000 events/s instead of 49 000 at a million events; projections filter in memory).
-async fn read_log(store: Arc<dyn EventStore>, batches: tokio::sync::mpsc::Sender<LogBatch>) {
+async fn read_log(
+    store: Arc<dyn EventStore>,
+    batches: tokio::sync::mpsc::Sender<LogBatch>,
+    size: usize,
+) {
     let everything = EventFilter::default();
     let mut position = 0;
     loop {
         let batch = store
-            .read_all(position, &everything, REBUILD_BATCH)
+            .read_all(position, &everything, size)
             .await
             .map(|batch| {
-                let last = batch.events.len() < REBUILD_BATCH;
+                let last = batch.events.len() < size;
                 position = batch.next;
                 (batch.events, batch.next, last)
             });
