@@ -54,7 +54,8 @@ pub enum ApiError {
     /// Too many attempts; try later.
     #[error("{0}")]
     TooManyAttempts(String),
-    /// A peer Gatehouse depends on (an identity provider) could not be reached.
+    /// A peer Gatehouse depends on (an identity provider) could not be reached, or Gatehouse is
+    /// too busy for the request now; the caller may retry.
     #[error("{0}")]
     Unavailable(String),
     /// Lost a race too many times; the caller may retry.

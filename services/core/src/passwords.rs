@@ -10,6 +10,7 @@ use sha1::{Digest, Sha1};
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// OWASP's argon2id minimum: m = 19 MiB, t = 2, p = 1.
 pub const MEMORY_KIB: u32 = 19_456;
@@ -123,10 +124,32 @@ fn sha1(password: &str) -> [u8; 20] {
 /// life instead of allocating it per hash: a fresh allocation per verify costs about a quarter of the throughput. Jobs wait
 /// in one queue, so at most one hash runs per core (admission control: a burst queues
 /// instead of time-slicing every hash into ten times its latency).
+///
+/// The queue is not let grow without bound for sign-ins: past [`ADMITTED_PER_THREAD`] checks
+/// per thread, waiting or running, a sign-in is turned away at once ([`Passwords::admit`])
+/// instead of waiting longer than its caller would (a burst of 3 000 at once had the last ones
+/// time out after 30 s with an internal error, their checks still run for nobody).
 #[derive(Clone)]
 pub struct Passwords {
     jobs: std::sync::mpsc::Sender<Job>,
     breached: Arc<BreachedPasswords>,
+    admitted: Arc<AtomicUsize>,
+    admit_limit: usize,
+}
+
+/// Sign-in password checks admitted at most per hashing thread, waiting or running: about
+/// five seconds of queue at 20 ms a verify.
+pub const ADMITTED_PER_THREAD: usize = 256;
+
+/// A sign-in's place among the admitted password checks, given back when dropped.
+pub struct Admission {
+    admitted: Arc<AtomicUsize>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.admitted.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 type Job = Box<dyn FnOnce(&mut Vec<Block>) + Send>;
@@ -259,7 +282,23 @@ impl Passwords {
         Passwords {
             jobs,
             breached: Arc::new(breached),
+            admitted: Arc::default(),
+            admit_limit: threads.max(1) * ADMITTED_PER_THREAD,
         }
+    }
+
+    /// A place for one sign-in's password check, held until the check is done; `None` when
+    /// [`ADMITTED_PER_THREAD`] per thread are already admitted (the caller answers "busy"
+    /// before recording or checking anything).
+    pub fn admit(&self) -> Option<Admission> {
+        self.admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.admit_limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Admission {
+                admitted: self.admitted.clone(),
+            })
     }
 
     /// The breached-password list.
@@ -315,6 +354,30 @@ impl Passwords {
 mod tests {
     use super::*;
     use argon2::password_hash::{PasswordHasher, SaltString};
+
+    #[test]
+    fn admission_stops_at_its_limit_and_each_place_comes_back() {
+        let passwords = Passwords::with_threads(BreachedPasswords::default(), 2);
+        let limit = 2 * ADMITTED_PER_THREAD;
+        let mut held: Vec<Admission> = (0..limit).filter_map(|_| passwords.admit()).collect();
+        assert_eq!(held.len(), limit);
+        assert!(
+            passwords.admit().is_none(),
+            "one past the limit is turned away"
+        );
+        assert!(
+            passwords.clone().admit().is_none(),
+            "clones share the count"
+        );
+        held.pop();
+        let again = passwords.admit();
+        assert!(again.is_some(), "a place given back can be taken");
+        assert!(passwords.admit().is_none());
+        drop(held);
+        drop(again);
+        let all: Vec<Admission> = (0..limit).filter_map(|_| passwords.admit()).collect();
+        assert_eq!(all.len(), limit, "every place came back");
+    }
 
     #[test]
     fn hashes_interoperate_with_the_argon2_crate() {

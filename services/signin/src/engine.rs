@@ -1082,6 +1082,11 @@ impl Engine {
                 format!("must be 1 to {MAX_PASSWORD} characters"),
             ));
         }
+        // 0. Too many checks already waiting: turned away before anything is recorded or
+        // counted, the same answer whoever the account is.
+        let _admission = self.passwords.admit().ok_or_else(|| {
+            ApiError::Unavailable("too many sign-ins at once; try again in a few seconds".into())
+        })?;
         let tenant_id = flow.state.tenant_id;
         let flow_policy = self.policy(flow).await?;
         let settings = flow_policy.settings.clone();
