@@ -128,7 +128,7 @@ fn sha1(password: &str) -> [u8; 20] {
 /// The queue is not let grow without bound for sign-ins: past [`ADMITTED_PER_THREAD`] checks
 /// per thread, waiting or running, a sign-in is turned away at once ([`Passwords::admit`])
 /// instead of waiting longer than its caller would (a burst of 3 000 at once had the last ones
-/// time out after 30 s with an internal error, their checks still run for nobody).
+/// time out after 30 s with an internal error, their checks still running for nobody).
 #[derive(Clone)]
 pub struct Passwords {
     jobs: std::sync::mpsc::Sender<Job>,
