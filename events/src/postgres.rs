@@ -161,23 +161,14 @@ async fn commit_groups(
     appended: Arc<Notify>,
 ) {
     loop {
-        let group = {
-            let mut queue = queue.lock().await;
-            let Some(first) = queue.recv().await else {
-                return;
-            };
-            let mut events = first.request.events.len();
-            let mut group = vec![first];
-            while group.len() < GROUP_COMMANDS && events < GROUP_EVENTS {
-                match queue.try_recv() {
-                    Ok(pending) => {
-                        events += pending.request.events.len();
-                        group.push(pending);
-                    }
-                    Err(_) => break,
-                }
-            }
-            group
+        let mut events = 0;
+        let Some(group) = next_group(&queue, |group: &[Pending]| {
+            events += group.last().map_or(0, |p| p.request.events.len());
+            group.len() < GROUP_COMMANDS && events < GROUP_EVENTS
+        })
+        .await
+        else {
+            return;
         };
         let requests: Vec<&AppendRequest> = group.iter().map(|p| &p.request).collect();
         let results = commit(&pool, &requests).await;
@@ -196,6 +187,36 @@ async fn commit_groups(
     }
 }
 
+/// Waits for the first queued item, then takes whatever else is queued while `room` (given
+/// the group so far) says the group has room.
+async fn next_group<T>(
+    queue: &Mutex<mpsc::Receiver<T>>,
+    mut room: impl FnMut(&[T]) -> bool,
+) -> Option<Vec<T>> {
+    let mut queue = queue.lock().await;
+    let mut group = vec![queue.recv().await?];
+    while room(&group) {
+        match queue.try_recv() {
+            Ok(item) => group.push(item),
+            Err(_) => break,
+        }
+    }
+    Some(group)
+}
+
+/// Queues an item made with a reply channel and waits for the answer; `worker` names who
+/// answers, for the error when they have stopped.
+async fn ask<M, T>(
+    queue: &mpsc::Sender<M>,
+    item: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> M,
+    worker: &str,
+) -> Result<T, StoreError> {
+    let (reply, answer) = oneshot::channel();
+    let stopped = || StoreError::Backend(format!("the {worker} have stopped"));
+    queue.send(item(reply)).await.map_err(|_| stopped())?;
+    answer.await.map_err(|_| stopped())?
+}
+
 /// One stream read waiting for its group.
 struct PendingRead {
     stream: StreamId,
@@ -206,19 +227,8 @@ struct PendingRead {
 /// Takes whatever stream reads are queued (up to [`GROUP_READS`]) and runs them as one query.
 async fn read_groups(pool: PgPool, queue: Arc<Mutex<mpsc::Receiver<PendingRead>>>) {
     loop {
-        let group = {
-            let mut queue = queue.lock().await;
-            let Some(first) = queue.recv().await else {
-                return;
-            };
-            let mut group = vec![first];
-            while group.len() < GROUP_READS {
-                match queue.try_recv() {
-                    Ok(read) => group.push(read),
-                    Err(_) => break,
-                }
-            }
-            group
+        let Some(group) = next_group(&queue, |group| group.len() < GROUP_READS).await else {
+            return;
         };
         let reads: Vec<(&StreamId, StreamBounds)> =
             group.iter().map(|r| (&r.stream, r.bounds)).collect();
@@ -640,13 +650,8 @@ async fn notify_others(pool: PgPool, appended: Arc<Notify>, origin: String) {
 impl EventStore for PgStore {
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
         request.validate()?;
-        let (reply, answer) = oneshot::channel();
-        let stopped = || StoreError::Backend("the append committers have stopped".into());
-        self.queue
-            .send(Pending { request, reply })
-            .await
-            .map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        let pending = |reply| Pending { request, reply };
+        ask(&self.queue, pending, "append committers").await
     }
 
     async fn read_stream(
@@ -654,15 +659,13 @@ impl EventStore for PgStore {
         stream: &StreamId,
         bounds: StreamBounds,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let stopped = || StoreError::Backend("the stream readers have stopped".into());
-        let read = PendingRead {
-            stream: stream.clone(),
+        let stream = stream.clone();
+        let read = |reply| PendingRead {
+            stream,
             bounds,
             reply,
         };
-        self.reads.send(read).await.map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        ask(&self.reads, read, "stream readers").await
     }
 
     async fn read_all(
