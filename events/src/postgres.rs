@@ -234,6 +234,8 @@ async fn read_groups(pool: PgPool, queue: Arc<Mutex<mpsc::Receiver<PendingRead>>
             group.iter().map(|r| (&r.stream, r.bounds)).collect();
         let results = match read_group(&pool, &reads).await {
             Ok(results) => results.into_iter().map(Ok).collect(),
+            // A read of one ran alone already: its error is its own.
+            Err(error) if reads.len() == 1 => vec![Err(error)],
             // Each read alone, so that each caller gets its own error.
             Err(_) => {
                 let mut results = Vec::with_capacity(reads.len());
