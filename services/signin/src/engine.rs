@@ -525,12 +525,26 @@ impl Engine {
             Primary::Federated => String::new(),
             _ => normalize_email(email).map_err(|e| ApiError::invalid("email", e))?,
         };
-        let tenant = self.settings(tenant_id).await?;
-        let app_info = self
-            .directory
-            .application(tenant_id, client_id)
-            .await?
-            .ok_or_else(|| ApiError::NotFound("application".into()))?;
+        let claim = ClaimKey {
+            tenant_id,
+            scope: EMAIL_CLAIM.into(),
+            value: self.crypto.blind_index(tenant_id, EMAIL_CLAIM, &email),
+        };
+        // The tenant, the app and the email's account, looked up at once (answered in this
+        // order: an unknown tenant is reported before an unknown app).
+        let (tenant, app_info, owner) = tokio::join!(
+            self.settings(tenant_id),
+            self.directory.application(tenant_id, client_id),
+            async {
+                match method {
+                    // The provider will say who the person is.
+                    Primary::Federated => Ok(None),
+                    _ => self.store.claim_owner(&claim).await,
+                }
+            },
+        );
+        let tenant = tenant?;
+        let app_info = app_info?.ok_or_else(|| ApiError::NotFound("application".into()))?;
         let app = app_info.id;
         let policy = Arc::new(FlowPolicy {
             settings: tenant.clone(),
@@ -546,20 +560,7 @@ impl Engine {
                 "this sign-in method is not enabled for the tenant".into(),
             ));
         }
-        let claim = ClaimKey {
-            tenant_id,
-            scope: EMAIL_CLAIM.into(),
-            value: self.crypto.blind_index(tenant_id, EMAIL_CLAIM, &email),
-        };
-        let user_id = match method {
-            Primary::Federated => None,
-            _ => self
-                .store
-                .claim_owner(&claim)
-                .await?
-                .filter(|s| s.kind == User::STREAM_TYPE)
-                .map(|s| s.id),
-        };
+        let user_id = owner?.filter(|s| s.kind == User::STREAM_TYPE).map(|s| s.id);
         let lockout_id = user_id.unwrap_or_else(|| {
             // An email without an account locks like one (nothing to learn from the lock).
             let digest = self.crypto.blind_index(tenant_id, "lockout", &email);
@@ -618,7 +619,13 @@ impl Engine {
 
     /// Loads the flow's user (an empty one for an unknown email).
     async fn user(&self, flow: &SignIn) -> Result<Loaded<User>, ApiError> {
-        match flow.user_id {
+        self.user_by_id(flow.user_id).await
+    }
+
+    /// Loads a flow's user by its id (an empty one for an unknown email): for a step that
+    /// reads the user beside something else, without holding the flow.
+    async fn user_by_id(&self, user_id: Option<Uuid>) -> Result<Loaded<User>, ApiError> {
+        match user_id {
             Some(user_id) => Ok(Loaded::<User>::load(self.store.as_ref(), user_id).await?),
             None => Ok(Loaded {
                 state: User::default(),
@@ -634,18 +641,30 @@ impl Engine {
         if let Some(policy) = &flow.state.policy {
             return Ok(policy.clone());
         }
-        let settings = self.settings(flow.state.tenant_id).await?;
-        let app_requires_mfa = self
-            .directory
-            .application_by_id(flow.state.tenant_id, flow.state.application_id)
-            .await?
-            .is_some_and(|app| app.require_mfa);
+        // Both at once: on PostgreSQL reads asked together share one statement.
+        let (settings, app) = tokio::join!(
+            self.settings(flow.state.tenant_id),
+            self.directory
+                .application_by_id(flow.state.tenant_id, flow.state.application_id),
+        );
+        let settings = settings?;
+        let app_requires_mfa = app?.is_some_and(|app| app.require_mfa);
         let policy = Arc::new(FlowPolicy {
             settings,
             app_requires_mfa,
         });
         flow.state.policy = Some(policy.clone());
         Ok(policy)
+    }
+
+    /// The flow's policy and its user, read at once.
+    async fn policy_and_user(
+        &self,
+        flow: &mut Loaded<SignIn>,
+    ) -> Result<(Arc<FlowPolicy>, Loaded<User>), ApiError> {
+        let user_id = flow.state.user_id;
+        let (policy, user) = tokio::join!(self.policy(flow), self.user_by_id(user_id));
+        Ok((policy?, user?))
     }
 
     async fn settings(&self, tenant_id: Uuid) -> Result<TenantSettings, ApiError> {
@@ -1088,17 +1107,27 @@ impl Engine {
             ApiError::Unavailable("too many sign-ins at once; try again in a few seconds".into())
         })?;
         let tenant_id = flow.state.tenant_id;
-        let flow_policy = self.policy(flow).await?;
+        let lockout_id = flow.state.lockout_id;
+        // What the step reads, read at once (on PostgreSQL, reads asked together share one
+        // statement). The user's hash is opened only after the attempt is reserved.
+        let (policy_and_user, first_lockout) = tokio::join!(
+            self.policy_and_user(flow),
+            Loaded::<Lockout>::load(self.store.as_ref(), lockout_id),
+        );
+        let (flow_policy, user) = policy_and_user?;
+        let mut first_lockout = Some(first_lockout?);
         let settings = flow_policy.settings.clone();
         let policy = settings.lockout_policy.clone();
-        let lockout_id = flow.state.lockout_id;
         let ip = metadata.context.as_ref().and_then(|c| c.ip.clone());
         let location = location_of(ip.as_deref())
             .map(|prefix| self.crypto.blind_index(tenant_id, "location", &prefix));
 
         // 1. Reserve an attempt before anything is checked (the threshold holds under races).
         let (familiar, reserved) = loop {
-            let lockout = Loaded::<Lockout>::load(self.store.as_ref(), lockout_id).await?;
+            let lockout = match first_lockout.take() {
+                Some(lockout) => lockout,
+                None => Loaded::<Lockout>::load(self.store.as_ref(), lockout_id).await?,
+            };
             let familiar = lockout.state.is_familiar(location.as_deref());
             match lockout.state.reserve(id, familiar, &policy, Utc::now()) {
                 Err(Locked { until }) => {
@@ -1147,7 +1176,6 @@ impl Engine {
         };
 
         // 2. Check the password (a dummy hash for an unknown email: same time, same answer).
-        let user = self.user(&flow.state).await?;
         let hash: Option<String> = match (&user.state.credential, user.state.exists()) {
             (Some(sealed), true) => self.crypto.open(user.stream.id, sealed).await?,
             _ => None,
@@ -1566,10 +1594,16 @@ impl Engine {
             return Err(wrong_step(&flow.state));
         }
         let tenant_id = flow.state.tenant_id;
-        let settings = self.policy(flow).await?.settings.clone();
         // Emailed codes count against the account's lockout like passwords: without that,
         // an attacker could start flow after flow and guess five codes in each.
-        let lockout = Loaded::<Lockout>::load(self.store.as_ref(), flow.state.lockout_id).await?;
+        let lockout_id = flow.state.lockout_id;
+        let (policy_and_user, lockout) = tokio::join!(
+            self.policy_and_user(flow),
+            Loaded::<Lockout>::load(self.store.as_ref(), lockout_id),
+        );
+        let (policy, user) = policy_and_user?;
+        let settings = policy.settings.clone();
+        let lockout = lockout?;
         let now = Utc::now();
         let reserved = match lockout
             .state
@@ -1582,7 +1616,6 @@ impl Engine {
                 ));
             }
         };
-        let user = self.user(&flow.state).await?;
         let matched = self.challenge_matches(id, &flow.state, code);
         let mut batch = Batch::new(flow, tenant_id, metadata);
         // An unknown email's code was never sent: it cannot match.
@@ -1725,8 +1758,8 @@ impl Engine {
             return Err(wrong_step(&flow.state));
         };
         let tenant_id = flow.state.tenant_id;
-        let settings = self.policy(flow).await?.settings.clone();
-        let user = self.user(&flow.state).await?;
+        let (policy, user) = self.policy_and_user(flow).await?;
+        let settings = policy.settings.clone();
         let user_id = user.stream.id;
         let mut batch = Batch::new(flow, tenant_id, metadata);
         // The user event that spends the factor, appended at the user's exact version so
@@ -1831,8 +1864,8 @@ impl Engine {
             return Err(wrong_step(&flow.state));
         }
         let tenant_id = flow.state.tenant_id;
-        let settings = self.policy(flow).await?.settings.clone();
-        let user = self.user(&flow.state).await?;
+        let (policy, user) = self.policy_and_user(flow).await?;
+        let settings = policy.settings.clone();
         let mut batch = Batch::new(flow, tenant_id, metadata);
         if !self.challenge_matches(id, &flow.state, code) {
             return self.reject_code(flow, batch, "sms_otp").await;
@@ -1915,8 +1948,8 @@ impl Engine {
             return Err(wrong_step(&flow.state));
         }
         let tenant_id = flow.state.tenant_id;
-        let settings = self.policy(flow).await?.settings.clone();
-        let user = self.user(&flow.state).await?;
+        let (policy, user) = self.policy_and_user(flow).await?;
+        let settings = policy.settings.clone();
         let user_id = user.stream.id;
         let Some(sealed) = flow.state.totp_secret.clone() else {
             return Err(ApiError::FailedPrecondition(
