@@ -222,6 +222,33 @@ async fn enumeration(world: &World) -> TestResult {
     if stranger.map_err(|s| s.code()).err() != Some(Code::NotFound) {
         return Err("a flow answered another client id".into());
     }
+    // StartSignIn looks the tenant, the app and the email up at once; the answer still names
+    // the tenant before the app.
+    let start = |tenant_id: String, client_id: &str| pb::StartSignInRequest {
+        tenant_id,
+        client_id: client_id.into(),
+        email: "plain@example.com".into(),
+        method: pb::PrimaryMethod::Password as i32,
+    };
+    let no_app = world
+        .signin()
+        .start_sign_in(start(world.tenant_id.clone(), "not-the-app"))
+        .await
+        .err()
+        .ok_or("a flow started for an unknown app")?;
+    let no_tenant = world
+        .signin()
+        .start_sign_in(start(uuid::Uuid::now_v7().to_string(), "not-the-app"))
+        .await
+        .err()
+        .ok_or("a flow started for an unknown tenant")?;
+    if no_app.code() != Code::NotFound
+        || no_app.message() != "application not found"
+        || no_tenant.code() != Code::NotFound
+        || no_tenant.message() != "tenant not found"
+    {
+        return Err(format!("unknown app / tenant: {no_app:?} / {no_tenant:?}").into());
+    }
     Ok(())
 }
 
