@@ -525,11 +525,6 @@ impl Engine {
             Primary::Federated => String::new(),
             _ => normalize_email(email).map_err(|e| ApiError::invalid("email", e))?,
         };
-        let claim = ClaimKey {
-            tenant_id,
-            scope: EMAIL_CLAIM.into(),
-            value: self.crypto.blind_index(tenant_id, EMAIL_CLAIM, &email),
-        };
         // The tenant, the app and the email's account, looked up at once (answered in this
         // order: an unknown tenant is reported before an unknown app).
         let (tenant, app_info, owner) = tokio::join!(
@@ -537,9 +532,15 @@ impl Engine {
             self.directory.application(tenant_id, client_id),
             async {
                 match method {
-                    // The provider will say who the person is.
                     Primary::Federated => Ok(None),
-                    _ => self.store.claim_owner(&claim).await,
+                    _ => {
+                        let claim = ClaimKey {
+                            tenant_id,
+                            scope: EMAIL_CLAIM.into(),
+                            value: self.crypto.blind_index(tenant_id, EMAIL_CLAIM, &email),
+                        };
+                        self.store.claim_owner(&claim).await
+                    }
                 }
             },
         );
