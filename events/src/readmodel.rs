@@ -3,8 +3,9 @@
 //!
 //! Projections speak one small dialect that PostgreSQL and SQLite both understand: `?`
 //! placeholders (rewritten to `$1, $2, …` for PostgreSQL), integer and text values only (times
-//! as microseconds, ids as text), `INSERT … ON CONFLICT … DO UPDATE/NOTHING`, and aggregates
-//! cast to `BIGINT`.
+//! as microseconds, ids as text), `INSERT … ON CONFLICT … DO UPDATE/NOTHING`, aggregates cast
+//! to `BIGINT`, and text columns declared `COLLATE "binary"` (bytewise: SQLite's own collation,
+//! and one of that name with the locale `C` that a PostgreSQL migration creates).
 //!
 //! Many rows go to a table as one [`Rows`] write rather than as statements: PostgreSQL receives
 //! each column as one array (`INSERT … SELECT * FROM UNNEST(…)`: one short statement to parse,

@@ -35,50 +35,50 @@ const DAY: i64 = 24 * HOUR;
 const TABLES: &[(&str, &str)] = &[
     (
         "signins",
-        "CREATE TABLE IF NOT EXISTS {t} (
-            flow_id TEXT NOT NULL,
-            tenant_id TEXT NOT NULL DEFAULT '',
-            application_id TEXT NOT NULL DEFAULT '',
+        r#"CREATE TABLE IF NOT EXISTS {t} (
+            flow_id TEXT COLLATE "binary" NOT NULL,
+            tenant_id TEXT COLLATE "binary" NOT NULL DEFAULT '',
+            application_id TEXT COLLATE "binary" NOT NULL DEFAULT '',
             started_at BIGINT NOT NULL DEFAULT 0,
-            user_id TEXT NOT NULL DEFAULT '',
-            ip TEXT NOT NULL DEFAULT '',
-            country TEXT NOT NULL DEFAULT '',
-            browser TEXT NOT NULL DEFAULT '',
-            os TEXT NOT NULL DEFAULT '',
-            primary_method TEXT NOT NULL DEFAULT '',
-            mfa_method TEXT NOT NULL DEFAULT '',
-            policies TEXT NOT NULL DEFAULT '',
-            risk_level TEXT NOT NULL DEFAULT '',
-            outcome TEXT NOT NULL DEFAULT 'pending',
-            reason TEXT NOT NULL DEFAULT '',
+            user_id TEXT COLLATE "binary" NOT NULL DEFAULT '',
+            ip TEXT COLLATE "binary" NOT NULL DEFAULT '',
+            country TEXT COLLATE "binary" NOT NULL DEFAULT '',
+            browser TEXT COLLATE "binary" NOT NULL DEFAULT '',
+            os TEXT COLLATE "binary" NOT NULL DEFAULT '',
+            primary_method TEXT COLLATE "binary" NOT NULL DEFAULT '',
+            mfa_method TEXT COLLATE "binary" NOT NULL DEFAULT '',
+            policies TEXT COLLATE "binary" NOT NULL DEFAULT '',
+            risk_level TEXT COLLATE "binary" NOT NULL DEFAULT '',
+            outcome TEXT COLLATE "binary" NOT NULL DEFAULT 'pending',
+            reason TEXT COLLATE "binary" NOT NULL DEFAULT '',
             ended_at BIGINT NOT NULL DEFAULT 0,
-            blocked_by TEXT NOT NULL DEFAULT ''
+            blocked_by TEXT COLLATE "binary" NOT NULL DEFAULT ''
         );
         CREATE UNIQUE INDEX IF NOT EXISTS {t}_key ON {t} (flow_id);
-        CREATE INDEX IF NOT EXISTS {t}_time ON {t} (tenant_id, started_at)",
+        CREATE INDEX IF NOT EXISTS {t}_time ON {t} (tenant_id, started_at)"#,
     ),
     (
         "activity",
-        "CREATE TABLE IF NOT EXISTS {t} (
-            tenant_id TEXT NOT NULL,
-            application_id TEXT NOT NULL,
+        r#"CREATE TABLE IF NOT EXISTS {t} (
+            tenant_id TEXT COLLATE "binary" NOT NULL,
+            application_id TEXT COLLATE "binary" NOT NULL,
             hour BIGINT NOT NULL,
-            metric TEXT NOT NULL,
-            dimension TEXT NOT NULL,
+            metric TEXT COLLATE "binary" NOT NULL,
+            dimension TEXT COLLATE "binary" NOT NULL,
             count BIGINT NOT NULL DEFAULT 0
         );
         CREATE UNIQUE INDEX IF NOT EXISTS {t}_key
-            ON {t} (tenant_id, hour, metric, dimension, application_id)",
+            ON {t} (tenant_id, hour, metric, dimension, application_id)"#,
     ),
     (
         "active_users",
-        "CREATE TABLE IF NOT EXISTS {t} (
-            tenant_id TEXT NOT NULL,
-            application_id TEXT NOT NULL,
+        r#"CREATE TABLE IF NOT EXISTS {t} (
+            tenant_id TEXT COLLATE "binary" NOT NULL,
+            application_id TEXT COLLATE "binary" NOT NULL,
             day BIGINT NOT NULL,
-            user_id TEXT NOT NULL
+            user_id TEXT COLLATE "binary" NOT NULL
         );
-        CREATE UNIQUE INDEX IF NOT EXISTS {t}_key ON {t} (tenant_id, day, application_id, user_id)",
+        CREATE UNIQUE INDEX IF NOT EXISTS {t}_key ON {t} (tenant_id, day, application_id, user_id)"#,
     ),
 ];
 
@@ -270,21 +270,66 @@ type CounterKey = (Uuid, Sym, i64, &'static str, Sym);
 /// A row of `active_users`: tenant, day, app, user.
 type ActiveKey = (Uuid, i64, Sym, Uuid);
 
+/// The columns of `signins` a flow's events set (all but its key), in the order rows list them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Column {
+    ApplicationId,
+    BlockedBy,
+    Browser,
+    Country,
+    EndedAt,
+    Ip,
+    MfaMethod,
+    Os,
+    Outcome,
+    Policies,
+    PrimaryMethod,
+    Reason,
+    RiskLevel,
+    StartedAt,
+    TenantId,
+    UserId,
+}
+
+/// Their names, at each [`Column`]'s number.
+const COLUMNS: [&str; 16] = [
+    "application_id",
+    "blocked_by",
+    "browser",
+    "country",
+    "ended_at",
+    "ip",
+    "mfa_method",
+    "os",
+    "outcome",
+    "policies",
+    "primary_method",
+    "reason",
+    "risk_level",
+    "started_at",
+    "tenant_id",
+    "user_id",
+];
+
+/// The values a batch sets in a flow's row, at each [`Column`]'s number (the last one set
+/// wins).
+type SignInRow = [Option<SqlValue>; COLUMNS.len()];
+
 /// The row changes of one batch, in typed maps until the batch is handed to [`Writes`].
 #[derive(Default)]
 struct Batch {
-    /// Columns set per flow, in order (the last value of a column wins).
-    signins: HashMap<Uuid, Vec<(&'static str, SqlValue)>>,
+    signins: HashMap<Uuid, Box<SignInRow>>,
     counters: HashMap<CounterKey, i64>,
     active: HashSet<ActiveKey>,
 }
 
 impl Batch {
-    fn set(&mut self, flow_id: Uuid, column: &'static str, value: impl Into<SqlValue>) {
-        self.signins
+    fn set(&mut self, flow_id: Uuid, column: Column, value: impl Into<SqlValue>) {
+        let row = self
+            .signins
             .entry(flow_id)
-            .or_default()
-            .push((column, value.into()));
+            .or_insert_with(|| Box::new(std::array::from_fn(|_| None)));
+        row[column as usize] = Some(value.into());
     }
 
     fn count(&mut self, key: CounterKey) {
@@ -299,19 +344,24 @@ impl Batch {
                 .map_or_else(String::new, |s| s.to_string())
                 .into()
         };
-        let mut shapes: HashMap<Vec<&'static str>, Vec<Vec<SqlValue>>> = HashMap::new();
-        for (flow_id, mut columns) in self.signins {
-            // The last value of a column wins: keep it, in column order.
-            columns.reverse();
-            columns.sort_by_key(|(column, _)| *column);
-            columns.dedup_by_key(|(column, _)| *column);
-            let names = columns.iter().map(|(column, _)| *column).collect();
-            let mut row = Vec::with_capacity(columns.len() + 1);
-            row.push(SqlValue::Text(flow_id.to_string()));
-            row.extend(columns.into_iter().map(|(_, value)| value));
-            shapes.entry(names).or_default().push(row);
+        // Rows by the set of columns they set (a bit per column).
+        let mut shapes: HashMap<u32, Vec<Vec<SqlValue>>> = HashMap::new();
+        for (flow_id, row) in self.signins {
+            let shape = row
+                .iter()
+                .enumerate()
+                .filter(|(_, value)| value.is_some())
+                .fold(0u32, |shape, (i, _)| shape | 1 << i);
+            let mut values = Vec::with_capacity(shape.count_ones() as usize + 1);
+            values.push(SqlValue::Text(flow_id.to_string()));
+            values.extend(row.into_iter().flatten());
+            shapes.entry(shape).or_default().push(values);
         }
-        for (columns, rows) in shapes {
+        for (shape, rows) in shapes {
+            let columns: Vec<&'static str> = (0..COLUMNS.len())
+                .filter(|i| shape & 1 << i != 0)
+                .map(|i| COLUMNS[i])
+                .collect();
             writes.rows("signins", &["flow_id"], &columns, Conflict::Set, rows);
         }
         let counters = self
@@ -409,20 +459,20 @@ impl Activity {
                     method: self.intern(&payload.method),
                     ..Flow::default()
                 };
-                batch.set(flow_id, "tenant_id", event.tenant_id.to_string());
-                batch.set(flow_id, "application_id", &*payload.application_id);
-                batch.set(flow_id, "started_at", at);
-                batch.set(flow_id, "user_id", &*payload.user_id);
-                batch.set(flow_id, "primary_method", &*payload.method);
+                batch.set(flow_id, Column::TenantId, event.tenant_id.to_string());
+                batch.set(flow_id, Column::ApplicationId, &*payload.application_id);
+                batch.set(flow_id, Column::StartedAt, at);
+                batch.set(flow_id, Column::UserId, &*payload.user_id);
+                batch.set(flow_id, Column::PrimaryMethod, &*payload.method);
                 let ip = event.context.as_ref().and_then(|c| c.ip.clone());
-                batch.set(flow_id, "ip", ip.unwrap_or_default());
+                batch.set(flow_id, Column::Ip, ip.unwrap_or_default());
                 self.flows.insert(flow_id, flow);
                 self.count(batch, flow_id, at, "attempts", "");
             }
             "FederationSucceeded" => {
                 let method = format!("federated:{}", &*payload.kind);
-                batch.set(flow_id, "primary_method", method.as_str());
-                batch.set(flow_id, "user_id", &*payload.user_id);
+                batch.set(flow_id, Column::PrimaryMethod, method.as_str());
+                batch.set(flow_id, Column::UserId, &*payload.user_id);
                 let method = self.intern(&method);
                 if let Some(flow) = self.flows.get_mut(&flow_id) {
                     flow.method = method;
@@ -430,18 +480,18 @@ impl Activity {
                 }
             }
             "RiskAssessed" => {
-                batch.set(flow_id, "risk_level", &*payload.level);
+                batch.set(flow_id, Column::RiskLevel, &*payload.level);
                 let empty = Properties::default();
                 let properties = payload.properties.as_ref().unwrap_or(&empty);
                 let country = match &properties.location {
                     Some(location) => &location.country,
                     None => &properties.country,
                 };
-                batch.set(flow_id, "country", &**country);
-                batch.set(flow_id, "browser", &*properties.browser);
-                batch.set(flow_id, "os", &*properties.os);
+                batch.set(flow_id, Column::Country, &**country);
+                batch.set(flow_id, Column::Browser, &*properties.browser);
+                batch.set(flow_id, Column::Os, &*properties.os);
                 if !payload.user_id.is_empty() {
-                    batch.set(flow_id, "user_id", &*payload.user_id);
+                    batch.set(flow_id, Column::UserId, &*payload.user_id);
                 }
                 let shared = (
                     self.intern(country),
@@ -465,8 +515,8 @@ impl Activity {
                     })
                     .map(|p| &*p.policy_id)
                     .collect();
-                batch.set(flow_id, "policies", applied.join(","));
-                batch.set(flow_id, "blocked_by", &*payload.blocked_by);
+                batch.set(flow_id, Column::Policies, applied.join(","));
+                batch.set(flow_id, Column::BlockedBy, &*payload.blocked_by);
                 let shared = (
                     self.intern(&payload.blocked_by),
                     self.intern(&payload.country),
@@ -475,7 +525,7 @@ impl Activity {
                     flow.blocked_by = shared.0;
                     if flow.country == Sym::default() && !payload.country.is_empty() {
                         flow.country = shared.1;
-                        batch.set(flow_id, "country", &*payload.country);
+                        batch.set(flow_id, Column::Country, &*payload.country);
                     }
                 }
             }
@@ -483,7 +533,7 @@ impl Activity {
                 self.count(batch, flow_id, at, "mfa_challenges", &payload.method);
             }
             "MfaVerified" => {
-                batch.set(flow_id, "mfa_method", &*payload.method);
+                batch.set(flow_id, Column::MfaMethod, &*payload.method);
                 self.count(batch, flow_id, at, "mfa_completions", &payload.method);
             }
             "PasswordRejected" | "FederationFailed" => {
@@ -491,8 +541,8 @@ impl Activity {
             }
             "CodeRejected" => self.count(batch, flow_id, at, "failures", "wrong_code"),
             "SignInCompleted" => {
-                batch.set(flow_id, "outcome", "success");
-                batch.set(flow_id, "ended_at", at);
+                batch.set(flow_id, Column::Outcome, "success");
+                batch.set(flow_id, Column::EndedAt, at);
                 if let Some(flow) = self.flows.remove(&flow_id) {
                     let hour = hour_of(at);
                     let (tenant, app) = (flow.tenant_id, flow.application_id);
@@ -516,11 +566,11 @@ impl Activity {
                 let blocked = &*payload.reason == "blocked_by_policy";
                 batch.set(
                     flow_id,
-                    "outcome",
+                    Column::Outcome,
                     if blocked { "blocked" } else { "failure" },
                 );
-                batch.set(flow_id, "reason", &*payload.reason);
-                batch.set(flow_id, "ended_at", at);
+                batch.set(flow_id, Column::Reason, &*payload.reason);
+                batch.set(flow_id, Column::EndedAt, at);
                 self.count(batch, flow_id, at, "failures", &payload.reason);
                 if let Some(flow) = self.flows.remove(&flow_id)
                     && blocked
@@ -541,8 +591,8 @@ impl Activity {
                 } else {
                     "cancelled"
                 };
-                batch.set(flow_id, "outcome", outcome);
-                batch.set(flow_id, "ended_at", at);
+                batch.set(flow_id, Column::Outcome, outcome);
+                batch.set(flow_id, Column::EndedAt, at);
                 self.flows.remove(&flow_id);
             }
             _ => {}
@@ -710,6 +760,47 @@ mod tests {
             vec![(tenant, "app-1".to_string(), "policy-7".to_string(), 1)]
         );
         assert!(activity.flows.is_empty(), "an ended flow is forgotten");
+    }
+
+    #[test]
+    fn each_column_of_the_sign_in_log_is_set_under_its_own_name() {
+        let flow = Uuid::now_v7();
+        let mut batch = Batch::default();
+        for (column, name) in [
+            (Column::ApplicationId, "application_id"),
+            (Column::BlockedBy, "blocked_by"),
+            (Column::Browser, "browser"),
+            (Column::Country, "country"),
+            (Column::EndedAt, "ended_at"),
+            (Column::Ip, "ip"),
+            (Column::MfaMethod, "mfa_method"),
+            (Column::Os, "os"),
+            (Column::Outcome, "outcome"),
+            (Column::Policies, "policies"),
+            (Column::PrimaryMethod, "primary_method"),
+            (Column::Reason, "reason"),
+            (Column::RiskLevel, "risk_level"),
+            (Column::StartedAt, "started_at"),
+            (Column::TenantId, "tenant_id"),
+            (Column::UserId, "user_id"),
+        ] {
+            batch.set(flow, column, "overwritten");
+            batch.set(flow, column, name);
+        }
+        let row = &batch.signins[&flow];
+        for (number, value) in row.iter().enumerate() {
+            assert_eq!(value, &Some(SqlValue::Text(COLUMNS[number].into())));
+        }
+        // And they are the table's columns, all but its key.
+        let mut declared: Vec<&str> = TABLES[0]
+            .1
+            .lines()
+            .filter(|line| line.contains(" TEXT ") || line.contains(" BIGINT "))
+            .filter_map(|line| line.split_whitespace().next())
+            .filter(|column| *column != "flow_id")
+            .collect();
+        declared.sort_unstable();
+        assert_eq!(declared, COLUMNS);
     }
 
     #[test]
