@@ -456,7 +456,7 @@ async fn position_of(
 }
 
 /// Creates a generation's tables (when missing) and its position row; the tables with their
-/// secondary indexes, or (`Indexes::Later`, for a rebuild) without: [`create_indexes`] builds
+/// keys and secondary indexes, or (`Indexes::Later`, for a rebuild) without: the rebuild builds
 /// those once the rows are in, one sort each instead of an index insertion per row written.
 async fn create_tables(
     store: &dyn EventStore,
@@ -486,33 +486,6 @@ async fn create_tables(
 enum Indexes {
     Now,
     Later,
-}
-
-/// Builds the secondary indexes of a rebuild's generation, if it still holds its claim.
-async fn create_indexes(
-    store: &dyn EventStore,
-    projection: &dyn SqlProjection,
-    generation: i64,
-) -> Result<(), StoreError> {
-    let statements: Vec<Statement> = ddl(projection, generation, |part| part == Part::Index)
-        .into_iter()
-        .map(|(_, statement)| statement)
-        .collect();
-    if statements.is_empty() {
-        return Ok(());
-    }
-    let name = projection.name();
-    if store
-        .read_model_commit(
-            Some(building_fence(name, generation)),
-            statements.into_iter().map(Write::from).collect(),
-        )
-        .await?
-    {
-        Ok(())
-    } else {
-        Err(cancelled(name))
-    }
 }
 
 /// What a statement of a table's DDL makes.
@@ -989,18 +962,19 @@ async fn replay_into(
             to_write,
         )));
     }
-    // Tables load without their keys (see `Loader`); each key goes down its table's lane.
+    // Tables load without their keys and indexes (see `Loader`); each goes down its table's
+    // lane, the key first, so that the three tables' are built at once.
     let lane_of: HashMap<String, usize> = projection
         .tables()
         .iter()
         .enumerate()
         .filter_map(|(i, (table, _))| Some((names.get(table)?.clone(), i % WRITER_LANES)))
         .collect();
-    let keys: Vec<(usize, Statement)> = ddl(projection, generation, |part| part == Part::Key)
+    let indexes: Vec<(usize, Statement)> = ddl(projection, generation, |part| part != Part::Table)
         .into_iter()
-        .map(|(table, key)| {
+        .map(|(table, index)| {
             let lane = names.get(table).and_then(|t| lane_of.get(t)).copied();
-            (lane.unwrap_or(0), key)
+            (lane.unwrap_or(0), index)
         })
         .collect();
     let mut loader = Loader::new(LOADED_KEYS, HELD_KEYS);
@@ -1023,8 +997,13 @@ async fn replay_into(
                 routed.push((lane(&write), write));
             }
             if !loader.keyed && (last || loader.full()) {
-                // The keys, built after every plain row of their tables, then the held rows.
-                routed.extend(keys.iter().map(|(lane, key)| (*lane, key.clone().into())));
+                // The keys and indexes, built after every plain row of their tables, then the
+                // held rows.
+                routed.extend(
+                    indexes
+                        .iter()
+                        .map(|(lane, index)| (*lane, index.clone().into())),
+                );
                 for write in loader.keys_built().render(&names)? {
                     routed.push((lane(&write), write));
                 }
@@ -1064,7 +1043,6 @@ async fn replay_into(
             "the rebuild of {name} stopped before the end of the log"
         )));
     }
-    create_indexes(store.as_ref(), projection, generation).await?;
     // Caught up: one transaction records the position and makes this generation the one
     // queries read.
     let switched = store
@@ -1094,8 +1072,9 @@ async fn replay_into(
     Ok(rebuilt)
 }
 
-/// Connections a rebuild writes on at once (tables are spread over them).
-const WRITER_LANES: usize = 2;
+/// Connections a rebuild writes on at once (tables are spread over them; with one table each,
+/// the activity projection's keys and indexes are built at once, not one after another).
+const WRITER_LANES: usize = 3;
 
 /// Finds the registry row only while the rebuild of `generation` holds its claim.
 fn building_fence(name: &str, generation: i64) -> Statement {
