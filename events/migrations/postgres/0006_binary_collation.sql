@@ -2,5 +2,5 @@
 -- for that is named BINARY, and this gives PostgreSQL one of the same name. A collation whose
 -- locale is "C" lets PostgreSQL compare with memcmp and sort with abbreviated keys; under the
 -- database's own locale (often C.UTF-8 or en_US.UTF-8) every comparison calls strcoll, and
--- building a read model's key after a rebuild's rows took about half as long again.
+-- building the sign-in log's key over 200 000 flow ids took twice as long.
 CREATE COLLATION IF NOT EXISTS "binary" (provider = libc, locale = 'C');
