@@ -963,20 +963,23 @@ async fn replay_into(
         )));
     }
     // Tables load without their keys and indexes (see `Loader`); each goes down its table's
-    // lane, the key first, so that the three tables' are built at once.
+    // lane, so that different tables' are built at once.
     let lane_of: HashMap<String, usize> = projection
         .tables()
         .iter()
         .enumerate()
         .filter_map(|(i, (table, _))| Some((names.get(table)?.clone(), i % WRITER_LANES)))
         .collect();
-    let indexes: Vec<(usize, Statement)> = ddl(projection, generation, |part| part != Part::Table)
-        .into_iter()
-        .map(|(table, index)| {
-            let lane = names.get(table).and_then(|t| lane_of.get(t)).copied();
-            (lane.unwrap_or(0), index)
-        })
-        .collect();
+    let on_lanes = |part: Part| -> Vec<(usize, Write)> {
+        ddl(projection, generation, |p| p == part)
+            .into_iter()
+            .map(|(table, statement)| {
+                let lane = names.get(table).and_then(|t| lane_of.get(t)).copied();
+                (lane.unwrap_or(0), statement.into())
+            })
+            .collect()
+    };
+    let (keys, indexes) = (on_lanes(Part::Key), on_lanes(Part::Index));
     let mut loader = Loader::new(LOADED_KEYS, HELD_KEYS);
     let folded = async {
         while let Some(batch) = to_fold.recv().await {
@@ -997,16 +1000,16 @@ async fn replay_into(
                 routed.push((lane(&write), write));
             }
             if !loader.keyed && (last || loader.full()) {
-                // The keys and indexes, built after every plain row of their tables, then the
-                // held rows.
-                routed.extend(
-                    indexes
-                        .iter()
-                        .map(|(lane, index)| (*lane, index.clone().into())),
-                );
+                // The keys, built after every plain row of their tables, then the held rows.
+                routed.extend(keys.iter().cloned());
                 for write in loader.keys_built().render(&names)? {
                     routed.push((lane(&write), write));
                 }
+            }
+            if last {
+                // The secondary indexes, after every row of their tables (a rebuild that had to
+                // build its keys early does not keep them up row by row).
+                routed.extend(indexes.iter().cloned());
             }
             let mut per_lane: Vec<Vec<Write>> = vec![Vec::new(); WRITER_LANES];
             for (lane, write) in routed {
