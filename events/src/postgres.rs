@@ -735,9 +735,9 @@ impl EventStore for PgStore {
         let mut events = Vec::with_capacity(limit.min(16_384));
         while let Some(row) = rows.next().await {
             let row = row?;
-            let below = *horizon.get_or_insert(row.try_get(0)?);
+            let below = *horizon.get_or_insert(row.try_get_unchecked(0)?);
             if row
-                .try_get::<Option<i64>, _>(1)?
+                .try_get_unchecked::<Option<i64>, _>(1)?
                 .is_some_and(|position| position < below)
             {
                 events.push(decode(&row, 1)?);
@@ -1178,7 +1178,12 @@ async fn commit_read_model(
                 }
             }
             Write::Rows(rows) => {
-                if rows.checked_len()? == 0 {
+                let len = rows.checked_len()?;
+                if len == 0 {
+                    continue;
+                }
+                if rows.on_conflict.is_empty() {
+                    copy_rows(&mut tx, &rows, len).await?;
                     continue;
                 }
                 // Prepared once per connection and table: the statement has no plan to
@@ -1198,6 +1203,74 @@ async fn commit_read_model(
     }
     tx.commit().await?;
     Ok(true)
+}
+
+/// Plain rows (no conflict to handle: a rebuild loading a table before its keys) go in with
+/// `COPY … FROM STDIN`, in text format so that each value is parsed by its column's type.
+/// The `INSERT … SELECT FROM UNNEST` of the other rows makes PostgreSQL receive every column
+/// as an array, unnest it into a tuple store and read that back; `COPY` forms the tuples as
+/// it parses them (`psql`, 225 000 counter rows: 0.13 s against 0.29 – 0.45 s).
+async fn copy_rows(
+    connection: &mut sqlx::PgConnection,
+    rows: &Rows,
+    len: usize,
+) -> Result<(), StoreError> {
+    /// Bytes sent to the server at a time.
+    const CHUNK: usize = 1 << 20;
+    let mut copy = connection
+        .copy_in_raw(&format!(
+            "COPY {} ({}) FROM STDIN",
+            rows.table,
+            rows.columns.join(", ")
+        ))
+        .await?;
+    let mut data = Vec::with_capacity(CHUNK + 4096);
+    for row in 0..len {
+        for (i, column) in rows.values.iter().enumerate() {
+            if i > 0 {
+                data.push(b'\t');
+            }
+            match column {
+                Column::Int(values) => {
+                    use std::io::Write as _;
+                    // Writing to a vector cannot fail.
+                    let _ = write!(data, "{}", values[row]);
+                }
+                Column::Text(values) => copy_text(&mut data, &values[row]),
+            }
+        }
+        data.push(b'\n');
+        if data.len() >= CHUNK {
+            copy.send(std::mem::take(&mut data)).await?;
+            data.reserve(CHUNK + 4096);
+        }
+    }
+    if !data.is_empty() {
+        copy.send(data).await?;
+    }
+    copy.finish().await?;
+    Ok(())
+}
+
+/// `text` as a value of `COPY`'s text format: a backslash, tab, newline or carriage return is
+/// escaped with a backslash (no value is NULL, so `\N` never appears unescaped).
+fn copy_text(data: &mut Vec<u8>, text: &str) {
+    if !text
+        .bytes()
+        .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r'))
+    {
+        data.extend_from_slice(text.as_bytes());
+        return;
+    }
+    for byte in text.bytes() {
+        match byte {
+            b'\\' => data.extend_from_slice(b"\\\\"),
+            b'\t' => data.extend_from_slice(b"\\t"),
+            b'\n' => data.extend_from_slice(b"\\n"),
+            b'\r' => data.extend_from_slice(b"\\r"),
+            _ => data.push(byte),
+        }
+    }
 }
 
 /// `INSERT … SELECT * FROM UNNEST($1::bigint[], $2::text[], …) …`: every row of `rows` in one
@@ -1258,29 +1331,36 @@ fn decode_seal(row: &PgRow) -> Result<Seal, StoreError> {
 }
 
 /// Decodes the event columns starting at `offset`.
+///
+/// The columns' types are fixed by the migrations and [`COLUMNS`], so each value is decoded
+/// without sqlx's per-value type check (`try_get_unchecked`): over a rebuild's million rows
+/// that check cost about as much as decoding the values (`perf`). A value of another type
+/// still fails to decode (the binary formats differ in length or encoding), and every test
+/// that reads an event goes through here.
 fn decode(row: &PgRow, offset: usize) -> Result<RecordedEvent, StoreError> {
-    let actor: String = row.try_get(offset + 11)?;
-    let ip: Option<String> = row.try_get(offset + 12)?;
-    let user_agent: Option<String> = row.try_get(offset + 13)?;
-    let recorded_at: DateTime<Utc> = row.try_get(offset + 8)?;
+    let actor: &str = row.try_get_unchecked(offset + 11)?;
+    let ip: Option<String> = row.try_get_unchecked(offset + 12)?;
+    let user_agent: Option<String> = row.try_get_unchecked(offset + 13)?;
     Ok(RecordedEvent {
-        position: row.try_get::<i64, _>(offset)? as u64,
-        id: row.try_get(offset + 1)?,
-        tenant_id: row.try_get(offset + 2)?,
+        position: row.try_get_unchecked::<i64, _>(offset)? as u64,
+        id: row.try_get_unchecked(offset + 1)?,
+        tenant_id: row.try_get_unchecked(offset + 2)?,
         stream: StreamId {
-            kind: row.try_get(offset + 3)?,
-            id: row.try_get(offset + 4)?,
+            kind: row.try_get_unchecked(offset + 3)?,
+            id: row.try_get_unchecked(offset + 4)?,
         },
-        version: row.try_get::<i64, _>(offset + 5)? as u64,
-        event_type: row.try_get(offset + 6)?,
-        schema_version: row.try_get::<i32, _>(offset + 7)? as u32,
-        recorded_at,
-        correlation_id: row.try_get(offset + 9)?,
-        causation_id: row.try_get(offset + 10)?,
+        version: row.try_get_unchecked::<i64, _>(offset + 5)? as u64,
+        event_type: row.try_get_unchecked(offset + 6)?,
+        schema_version: row.try_get_unchecked::<i32, _>(offset + 7)? as u32,
+        recorded_at: row.try_get_unchecked(offset + 8)?,
+        correlation_id: row.try_get_unchecked(offset + 9)?,
+        causation_id: row.try_get_unchecked(offset + 10)?,
         actor: actor.parse::<Actor>().map_err(StoreError::Backend)?,
         context: (ip.is_some() || user_agent.is_some()).then_some(ClientContext { ip, user_agent }),
         payload: row
-            .try_get::<sqlx::types::Json<Box<serde_json::value::RawValue>>, _>(offset + 14)?
+            .try_get_unchecked::<sqlx::types::Json<Box<serde_json::value::RawValue>>, _>(
+                offset + 14,
+            )?
             .0,
     })
 }
