@@ -1334,9 +1334,9 @@ fn decode_seal(row: &PgRow) -> Result<Seal, StoreError> {
 ///
 /// The columns' types are fixed by the migrations and [`COLUMNS`], so each value is decoded
 /// without sqlx's per-value type check (`try_get_unchecked`): over a rebuild's million rows
-/// that check cost about as much as decoding the values (`perf`). A value of another type
-/// still fails to decode (the binary formats differ in length or encoding), and every test
-/// that reads an event goes through here.
+/// that check cost about as much as decoding the values (`perf`). A column whose type changed
+/// would mostly fail to decode (the binary formats differ in length or encoding), and every
+/// test that reads an event from PostgreSQL decodes it here.
 fn decode(row: &PgRow, offset: usize) -> Result<RecordedEvent, StoreError> {
     let actor: &str = row.try_get_unchecked(offset + 11)?;
     let ip: Option<String> = row.try_get_unchecked(offset + 12)?;
