@@ -116,7 +116,8 @@ pub struct Rows {
     pub table: String,
     /// Column names, in the order of `values`.
     pub columns: Vec<&'static str>,
-    /// What a row whose key exists does: `ON CONFLICT (…) DO …` (may be empty).
+    /// What a row whose key exists does: `ON CONFLICT (…) DO …`; empty for plain rows (a
+    /// rebuild loading a table before its key), which PostgreSQL takes in with `COPY`.
     pub on_conflict: String,
     /// One entry per column, each as long as the others.
     pub values: Vec<Column>,
