@@ -982,9 +982,15 @@ impl EventStore for PgStore {
                         } else if let Ok(value) = row.try_get::<Option<i32>, _>(i) {
                             Ok(SqlValue::Int(i64::from(value.unwrap_or(0))))
                         } else {
-                            Ok(SqlValue::Text(
-                                row.try_get::<Option<String>, _>(i)?.unwrap_or_default(),
-                            ))
+                            let text = match row.try_get::<Option<String>, _>(i) {
+                                Ok(text) => text,
+                                // A `UUID` column reads as text, as it does on SQLite.
+                                Err(error) => row
+                                    .try_get::<Option<Uuid>, _>(i)
+                                    .map_err(|_| error)?
+                                    .map(|id| id.to_string()),
+                            };
+                            Ok(SqlValue::Text(text.unwrap_or_default()))
                         }
                     })
                     .collect()
@@ -1195,6 +1201,7 @@ async fn commit_read_model(
                     query = match column {
                         Column::Int(values) => query.bind(values),
                         Column::Text(values) => query.bind(values),
+                        Column::Uuid(values) => query.bind(values),
                     };
                 }
                 query.execute(&mut *tx).await?;
@@ -1237,6 +1244,12 @@ async fn copy_rows(
                     let _ = write!(data, "{}", values[row]);
                 }
                 Column::Text(values) => copy_text(&mut data, &values[row]),
+                Column::Uuid(values) => data.extend_from_slice(
+                    values[row]
+                        .hyphenated()
+                        .encode_lower(&mut Uuid::encode_buffer())
+                        .as_bytes(),
+                ),
             }
         }
         data.push(b'\n');
@@ -1284,6 +1297,7 @@ fn unnest_sql(rows: &Rows) -> String {
             let kind = match column {
                 Column::Int(_) => "bigint",
                 Column::Text(_) => "text",
+                Column::Uuid(_) => "uuid",
             };
             format!("${}::{kind}[]", i + 1)
         })
@@ -1311,6 +1325,7 @@ fn bind_all<'a>(
         query = match value {
             SqlValue::Int(value) => query.bind(*value),
             SqlValue::Text(text) => query.bind(text.clone()),
+            SqlValue::Uuid(id) => query.bind(*id),
         };
     }
     query

@@ -402,6 +402,7 @@ fn sql_value(value: &SqlValue) -> rusqlite::types::Value {
     match value {
         SqlValue::Int(value) => rusqlite::types::Value::Integer(*value),
         SqlValue::Text(text) => rusqlite::types::Value::Text(text.clone()),
+        SqlValue::Uuid(id) => rusqlite::types::Value::Text(id.to_string()),
     }
 }
 
@@ -448,6 +449,12 @@ fn insert_rows(connection: &Connection, rows: &Rows) -> Result<(), StoreError> {
                 Column::Text(values) => {
                     statement.raw_bind_parameter(index + 1, values[row].as_str())?
                 }
+                Column::Uuid(values) => statement.raw_bind_parameter(
+                    index + 1,
+                    &*values[row]
+                        .hyphenated()
+                        .encode_lower(&mut Uuid::encode_buffer()),
+                )?,
             }
         }
         statement.raw_execute()?;

@@ -349,6 +349,7 @@ fn by_column(
             .map(|value| match value {
                 SqlValue::Int(_) => Column::Int(Vec::with_capacity(rows.len())),
                 SqlValue::Text(_) => Column::Text(Vec::with_capacity(rows.len())),
+                SqlValue::Uuid(_) => Column::Uuid(Vec::with_capacity(rows.len())),
             })
             .collect(),
         None => return Ok(Vec::new()),
@@ -361,9 +362,10 @@ fn by_column(
             match (column, value) {
                 (Column::Int(values), SqlValue::Int(value)) => values.push(value),
                 (Column::Text(values), SqlValue::Text(value)) => values.push(value),
+                (Column::Uuid(values), SqlValue::Uuid(value)) => values.push(value),
                 _ => {
                     return Err(StoreError::Invalid(format!(
-                        "a column of {table} mixes integers and text"
+                        "a column of {table} mixes integers, text and UUIDs"
                     )));
                 }
             }

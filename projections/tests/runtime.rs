@@ -172,13 +172,18 @@ async fn query(
         .await?)
 }
 
+/// A tenant id of the truth as the value of a `UUID` column.
+fn id(tenant: &str) -> Result<SqlValue, Error> {
+    Ok(SqlValue::Uuid(Uuid::parse_str(tenant)?))
+}
+
 async fn sum(
     store: &Arc<dyn EventStore>,
     tenant: &str,
     metric: &str,
     dimension: Option<&str>,
 ) -> Result<i64, Error> {
-    let mut params = vec![tenant.into(), metric.into()];
+    let mut params = vec![id(tenant)?, metric.into()];
     let mut sql = "SELECT CAST(coalesce(SUM(count), 0) AS BIGINT) FROM {activity} WHERE tenant_id = ? AND metric = ?".to_string();
     if let Some(dimension) = dimension {
         sql.push_str(" AND dimension = ?");
@@ -213,7 +218,7 @@ async fn check(store: &Arc<dyn EventStore>, truth: &Truth, case: &str) -> Result
         let rows = query(
             store,
             "SELECT CAST(COUNT(DISTINCT user_id) AS BIGINT) FROM {active_users} WHERE tenant_id = ?",
-            vec![tenant.as_str().into()],
+            vec![id(tenant)?],
         )
         .await?;
         let got = rows
@@ -241,7 +246,7 @@ async fn check(store: &Arc<dyn EventStore>, truth: &Truth, case: &str) -> Result
         let rows = query(
             store,
             "SELECT CAST(COUNT(DISTINCT user_id) AS BIGINT) FROM {active_users} WHERE tenant_id = ? AND day = ?",
-            vec![tenant.as_str().into(), (*day).into()],
+            vec![id(tenant)?, (*day).into()],
         )
         .await?;
         let got = rows
@@ -259,7 +264,7 @@ async fn check(store: &Arc<dyn EventStore>, truth: &Truth, case: &str) -> Result
         let rows = query(
             store,
             "SELECT CAST(COUNT(*) AS BIGINT) FROM {active_users} WHERE tenant_id = ? AND application_id = ? AND day = ?",
-            vec![tenant.as_str().into(), app.as_str().into(), (*day).into()],
+            vec![id(tenant)?, app.as_str().into(), (*day).into()],
         )
         .await?;
         let got = rows

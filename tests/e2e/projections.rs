@@ -73,7 +73,7 @@ async fn scalar(store: &Arc<dyn EventStore>, sql: &str, tenant: Uuid) -> Result<
     let rows = store
         .read_model_query(Statement::new(
             runtime::substitute(sql, &names),
-            vec![tenant.to_string().into()],
+            vec![tenant.into()],
         ))
         .await?;
     Ok(rows

@@ -136,7 +136,7 @@ fn caller(
     dashboard: &Dashboard,
     headers: &HeaderMap,
     query: &HashMap<String, String>,
-) -> Result<(Caller, String), ApiError> {
+) -> Result<(Caller, uuid::Uuid), ApiError> {
     let caller = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -180,13 +180,13 @@ async fn summary(
         async {
             let (_, tenant) = caller(&d, &headers, &q)?;
             let request = pb::GetActivitySummaryRequest {
-                tenant_id: tenant.clone(),
+                tenant_id: tenant.to_string(),
                 from: param(&q, "from").into(),
                 to: param(&q, "to").into(),
                 application_id: param(&q, "application_id").into(),
                 min_position: number(&q, "min_position")?,
             };
-            d.insights.summary(&tenant, &request).await
+            d.insights.summary(tenant, &request).await
         }
         .await,
     )
@@ -201,7 +201,7 @@ async fn activity(
         async {
             let (_, tenant) = caller(&d, &headers, &q)?;
             let request = pb::QueryActivityRequest {
-                tenant_id: tenant.clone(),
+                tenant_id: tenant.to_string(),
                 from: param(&q, "from").into(),
                 to: param(&q, "to").into(),
                 granularity: param(&q, "granularity").into(),
@@ -211,7 +211,7 @@ async fn activity(
                 dimension: param(&q, "dimension").into(),
                 min_position: number(&q, "min_position")?,
             };
-            d.insights.series(&tenant, &request).await
+            d.insights.series(tenant, &request).await
         }
         .await,
     )
@@ -226,7 +226,7 @@ async fn sign_ins(
         async {
             let (_, tenant) = caller(&d, &headers, &q)?;
             let request = pb::ListSignInsRequest {
-                tenant_id: tenant.clone(),
+                tenant_id: tenant.to_string(),
                 from: param(&q, "from").into(),
                 to: param(&q, "to").into(),
                 user_id: param(&q, "user_id").into(),
@@ -238,7 +238,7 @@ async fn sign_ins(
                 page_token: param(&q, "page_token").into(),
                 min_position: number(&q, "min_position")?,
             };
-            d.insights.sign_ins(&tenant, &request).await
+            d.insights.sign_ins(tenant, &request).await
         }
         .await,
     )
@@ -253,7 +253,7 @@ async fn risky_users(
         async {
             let (caller, tenant) = caller(&d, &headers, &q)?;
             let mut request = tonic::Request::new(pb::ListRiskyUsersRequest {
-                tenant_id: tenant,
+                tenant_id: tenant.to_string(),
                 page_size: u32::try_from(number(&q, "page_size")?)
                     .map_err(|_| ApiError::invalid("page_size", "a page size"))?,
                 page_token: param(&q, "page_token").into(),

@@ -107,15 +107,15 @@ impl Insights {
     }
 
     /// The tenant a request reads (a tenant key: its own; the admin key: the one named).
-    pub fn tenant(caller: &Caller, tenant_id: &str) -> Result<String, ApiError> {
+    pub fn tenant(caller: &Caller, tenant_id: &str) -> Result<Uuid, ApiError> {
         match (caller, tenant_id) {
-            (Caller::Tenant { tenant_id, .. }, "") => Ok(tenant_id.to_string()),
+            (Caller::Tenant { tenant_id, .. }, "") => Ok(*tenant_id),
             (Caller::PlatformAdmin, "") => Err(ApiError::invalid("tenant_id", "required")),
             (_, text) => {
                 let id = Uuid::parse_str(text)
                     .map_err(|_| ApiError::invalid("tenant_id", "not a valid id"))?;
                 caller.require_tenant(id, "tenant")?;
-                Ok(id.to_string())
+                Ok(id)
             }
         }
     }
@@ -166,7 +166,7 @@ impl Insights {
     /// A period's headline numbers.
     pub async fn summary(
         &self,
-        tenant: &str,
+        tenant: Uuid,
         m: &pb::GetActivitySummaryRequest,
     ) -> Result<pb::ActivitySummary, ApiError> {
         let (from, to) = period(&m.from, &m.to, MAX_DAYS)?;
@@ -227,7 +227,7 @@ impl Insights {
     /// Time series.
     pub async fn series(
         &self,
-        tenant: &str,
+        tenant: Uuid,
         m: &pb::QueryActivityRequest,
     ) -> Result<pb::QueryActivityResponse, ApiError> {
         let granularity = match m.granularity.as_str() {
@@ -364,7 +364,7 @@ impl Insights {
     /// The sign-in log, newest first.
     pub async fn sign_ins(
         &self,
-        tenant: &str,
+        tenant: Uuid,
         m: &pb::ListSignInsRequest,
     ) -> Result<pb::ListSignInsResponse, ApiError> {
         let size = match m.page_size {
@@ -421,7 +421,7 @@ impl Insights {
             let bad = || ApiError::invalid("page_token", "not a token of this list");
             let (at, flow) = m.page_token.split_once('_').ok_or_else(bad)?;
             let at: i64 = at.parse().map_err(|_| bad())?;
-            let flow = Uuid::parse_str(flow).map_err(|_| bad())?.to_string();
+            let flow = Uuid::parse_str(flow).map_err(|_| bad())?;
             sql.push_str(" AND (started_at < ? OR (started_at = ? AND flow_id < ?))");
             params.extend([at.into(), at.into(), flow.into()]);
         }
@@ -487,7 +487,7 @@ impl InsightsService for Insights {
             async {
                 let caller = Caller::of(&request)?;
                 let tenant = Insights::tenant(&caller, &request.get_ref().tenant_id)?;
-                self.summary(&tenant, request.get_ref()).await
+                self.summary(tenant, request.get_ref()).await
             }
             .await,
         )
@@ -501,7 +501,7 @@ impl InsightsService for Insights {
             async {
                 let caller = Caller::of(&request)?;
                 let tenant = Insights::tenant(&caller, &request.get_ref().tenant_id)?;
-                self.series(&tenant, request.get_ref()).await
+                self.series(tenant, request.get_ref()).await
             }
             .await,
         )
@@ -515,7 +515,7 @@ impl InsightsService for Insights {
             async {
                 let caller = Caller::of(&request)?;
                 let tenant = Insights::tenant(&caller, &request.get_ref().tenant_id)?;
-                self.sign_ins(&tenant, request.get_ref()).await
+                self.sign_ins(tenant, request.get_ref()).await
             }
             .await,
         )
