@@ -8,13 +8,13 @@
 //! and one of that name with the locale `C` that a PostgreSQL migration creates).
 //!
 //! A column that always holds a UUID may be declared `UUID`. PostgreSQL stores its 16 bytes,
-//! which it compares and sorts as fixed-width values (building a key or index over UUIDs took
-//! half the time it took over their text, in `psql`). SQLite stores the lowercase hyphenated
-//! text: a declared type `UUID` has NUMERIC affinity, which leaves text that is not a number as
-//! it is, and a UUID's text never is. Both sort alike: a UUID's bytes and its lowercase text
-//! compare in the same order. Values for such a column are bound as [`SqlValue::Uuid`] (a
-//! PostgreSQL `uuid` is not comparable with `text`), and both stores read them back as
-//! [`SqlValue::Text`].
+//! which it compares and sorts as fixed-width values (in `psql`, keys and indexes over UUIDs
+//! built in 0.45 – 0.92 of the time they took over the same ids as text). SQLite stores the
+//! lowercase hyphenated text: a declared type `UUID` has NUMERIC affinity, which leaves text
+//! that is not a number as it is, and a UUID's text never is. Both sort alike: a UUID's bytes
+//! and its lowercase text compare in the same order. Values for such a column are bound as
+//! [`SqlValue::Uuid`] (a PostgreSQL `uuid` is not comparable with `text`), and both stores
+//! read them back as [`SqlValue::Text`].
 //!
 //! Many rows go to a table as one [`Rows`] write rather than as statements: PostgreSQL receives
 //! each column as one array (`INSERT … SELECT * FROM UNNEST(…)`: one short statement to parse,

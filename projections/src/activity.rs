@@ -16,8 +16,8 @@
 //!   monthly active users are exact `COUNT(DISTINCT user_id)` over it.
 //!
 //! Ids that are always UUIDs (flows, tenants, active users) are `UUID` columns: PostgreSQL
-//! compares and sorts them as 16 bytes. The sign-in log's user (none yet while a flow is
-//! identified by email alone) and app ids (none for risk detections) stay text.
+//! compares and sorts them as 16 bytes. The sign-in log's user (none when the email has no
+//! account) and app ids (none for risk detections) stay text, empty when there is none.
 //!
 //! A flow's later events do not repeat its app or user, so the projection remembers the flows
 //! still open (restored from `signins` rows still `pending` after a restart).
