@@ -18,7 +18,8 @@
 //!
 //! Many rows go to a table as one [`Rows`] write rather than as statements: PostgreSQL receives
 //! each column as one array (`INSERT … SELECT * FROM UNNEST(…)`: one short statement to parse,
-//! whatever the number of rows), SQLite runs one prepared statement per row.
+//! whatever the number of rows), or plain rows of a rebuild as `COPY … FROM STDIN`; SQLite
+//! runs one prepared statement per row.
 
 use uuid::Uuid;
 
